@@ -1,0 +1,152 @@
+"""One dispatch layer for every op: a registry of backends per op, each with its reasons for refusing.
+
+Backends declare what they cannot do as human-readable reasons (xFormers' ``not_supported_reasons``);
+``can_run(inputs, raise_error)`` wraps them. ``backend=None`` walks a priority list by device and takes
+the first backend with no reasons; a named backend (argument or ``VITKERNELS_BACKEND``) is checked and
+never silently replaced. Everything is read at call time, never at import.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from vitkernels import _ext
+
+BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
+ENV_VAR = "VITKERNELS_BACKEND"
+
+# Priority per device type; anything else (mps, xpu, meta, ...) only has the reference.
+_PRIORITY = {
+    "cuda": ("triton", "cuda", "reference"),
+    "cpu": ("cpu", "reference"),
+}
+
+
+class BackendUnavailableError(ValueError):
+    """A named backend cannot run these inputs (the message says why)."""
+
+
+@dataclass(frozen=True)
+class OpBackend:
+    """One backend's implementation of one op.
+
+    ``reasons(inputs) -> list[str]``: why these inputs cannot run here (empty: it can). Must be cheap:
+    no syncs, no allocations. ``run(inputs) -> Tensor`` computes the op (autograd included).
+    """
+
+    op: str
+    name: str
+    reasons: Callable[[Any], List[str]]
+    run: Callable[[Any], torch.Tensor]
+
+    def not_supported_reasons(self, inputs) -> List[str]:
+        ok, why = backend_environment(self.name)
+        return ([] if ok else [why]) + list(self.reasons(inputs))
+
+    def can_run(self, inputs, raise_error: bool = False) -> bool:
+        reasons = self.not_supported_reasons(inputs)
+        if reasons and raise_error:
+            raise BackendUnavailableError(
+                f"{self.op}: backend '{self.name}' cannot run these inputs ({inputs.describe()}): "
+                + "; ".join(reasons)
+            )
+        return not reasons
+
+
+_REGISTRY: Dict[str, Dict[str, OpBackend]] = {}
+
+
+def register(op: str, name: str, *, reasons: Callable[[Any], List[str]], run: Callable[[Any], torch.Tensor]) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"unknown backend name {name!r}; valid: {', '.join(BACKEND_NAMES)}")
+    _REGISTRY.setdefault(op, {})[name] = OpBackend(op, name, reasons, run)
+
+
+def backend_environment(name: str) -> Tuple[bool, str]:
+    """Whether this machine/build can run backend ``name`` at all, and why (not specific to an op)."""
+    if name == "reference":
+        return True, "pure PyTorch: any device, fp16/bf16/fp32/fp64"
+    if name == "cpu":
+        ext = _ext.extension()
+        if ext is None:
+            return False, _ext.extension_error()
+        return True, "C++ CPU kernels of vitkernels._C"
+    if name == "cuda":
+        if _ext.extension() is None:
+            return False, _ext.extension_error()
+        if not _ext.has_cuda_kernels():
+            return False, "vitkernels._C was built without CUDA kernels (build with CUDA_HOME set)"
+        if not torch.cuda.is_available():
+            return False, "no CUDA device is visible to torch"
+        return True, "CUDA kernels of vitkernels._C"
+    if name == "triton":
+        try:
+            import triton  # noqa: F401  (imported here, at call time, so TRITON_INTERPRET set later counts)
+        except Exception as exc:
+            return False, f"triton is not importable ({type(exc).__name__}: {exc})"
+        version = getattr(triton, "__version__", "?")
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return True, f"triton {version} under the interpreter (TRITON_INTERPRET=1)"
+        if not torch.cuda.is_available():
+            return False, (f"triton {version} is importable but no CUDA device is visible "
+                           "(set TRITON_INTERPRET=1 before triton is imported to run kernels on CPU)")
+        return True, f"triton {version} on {torch.cuda.get_device_name()}"
+    raise ValueError(f"unknown backend name {name!r}; valid: {', '.join(BACKEND_NAMES)}")
+
+
+def available_backends() -> Dict[str, Tuple[bool, str]]:
+    """Backend name -> (usable on this machine, why), with the ops each one implements."""
+    result = {}
+    for name in BACKEND_NAMES:
+        ok, why = backend_environment(name)
+        ops = sorted(op for op, impls in _REGISTRY.items() if name in impls)
+        if not ops:
+            result[name] = (False, f"{why}; no op has a {name} kernel yet")
+        else:
+            result[name] = (ok, f"{why}; ops: {', '.join(ops)}")
+    return result
+
+
+def _requested(backend: Optional[str]) -> Optional[str]:
+    if backend is not None:
+        if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+            raise ValueError(f"backend={backend!r} is not a backend; valid: {', '.join(BACKEND_NAMES)} "
+                             "(or None to let dispatch pick)")
+        return backend
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        if env not in BACKEND_NAMES:
+            raise ValueError(f"{ENV_VAR}={env!r} is not a backend; valid: {', '.join(BACKEND_NAMES)}")
+        return env
+    return None
+
+
+def select(op: str, inputs, backend: Optional[str] = None) -> OpBackend:
+    """The backend that runs ``op`` on ``inputs``: the named one (checked), or the first that can run."""
+    impls = _REGISTRY.get(op, {})
+    name = _requested(backend)
+    if name is not None:
+        impl = impls.get(name)
+        if impl is None:
+            source = f"backend={name!r}" if backend is not None else f"{ENV_VAR}={name!r}"
+            have = ", ".join(impls) or "none"
+            raise BackendUnavailableError(
+                f"{op}: {source} cannot run: the {name} backend has no {op} kernel yet "
+                f"(implemented for {op}: {have})")
+        impl.can_run(inputs, raise_error=True)
+        return impl
+    order = _PRIORITY.get(inputs.device.type, ("reference",))
+    refusals = []
+    for candidate in order:
+        impl = impls.get(candidate)
+        if impl is None:
+            refusals.append(f"{candidate}: no {op} kernel")
+            continue
+        reasons = impl.not_supported_reasons(inputs)
+        if not reasons:
+            return impl
+        refusals.append(f"{candidate}: " + "; ".join(reasons))
+    raise BackendUnavailableError(f"{op}: no backend can run {inputs.describe()}: " + " | ".join(refusals))

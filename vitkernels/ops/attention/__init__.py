@@ -1,0 +1,49 @@
+"""flash_attention: softmax(q k^T * scale + bias) v without an N x N matrix in memory."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vitkernels import dispatch
+from vitkernels.ops.attention.checks import OP, AttentionInputs, check_attention_inputs
+from vitkernels.ops.attention.reference import attention_reference
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Attention ``softmax(q @ k^T * scale + bias) @ v``, as
+    ``F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, dropout_p=dropout_p)``.
+
+    Args:
+        q: (B, H, Nq, D); k, v: (B, H, Nk, D). Any strides with a unit last stride (the permuted views of
+            one ``(B, N, 3, H, D)`` qkv tensor go in as they are). fp16/bf16/fp32 (fp64 on ``reference``).
+            D: a multiple of 8 from 16 to 256.
+        bias: additive, broadcastable to (B, H, Nq, Nk), dtype of q; gets a gradient (summed over the
+            broadcast dims) when it requires one. A 0/-inf key-padding mask is a (B, 1, 1, Nk) bias.
+        scale: default ``D ** -0.5``.
+        dropout_p: dropout on the probabilities, drawn from torch's RNG.
+        backend: None (dispatch picks), "reference", "triton", "cuda" or "cpu".
+
+    Returns:
+        (B, H, Nq, D) in q's dtype. A row whose logits are all -inf gives zeros, never NaN.
+    """
+    inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
+    return dispatch.select(OP, inputs, backend).run(inputs)
+
+
+def _reference_run(inputs: AttentionInputs) -> torch.Tensor:
+    return attention_reference(inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale, inputs.dropout_p)
+
+
+dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
+
+__all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs"]

@@ -1,0 +1,66 @@
+"""patch_embed: patchify + projection + bias (+ pos_embed, prefix tokens) in one op."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from vitkernels import dispatch
+from vitkernels.ops.patch_embed.checks import OP, PatchEmbedInputs, check_patch_embed_inputs
+from vitkernels.ops.patch_embed.function import PatchEmbedFunction
+from vitkernels.ops.patch_embed.gather_gemm import GatherGemmKernels
+from vitkernels.ops.patch_embed.reference import patch_embed_reference
+
+
+def patch_embed(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    pos_embed: Optional[torch.Tensor] = None,
+    prefix_tokens: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Patch embedding ``cat(prefix_tokens.expand(B), patches @ W^T + bias) + pos_embed``: a strided
+    Conv2d/Conv3d (kernel == stride == patch) + flatten + transpose + cat + add, in one op.
+
+    Args:
+        x: (B, C, H, W) image or (B, C, T, H, W) video, any strides (channels-last too).
+        weight: (E, C, ph, pw) or (E, C, pt, ph, pw), timm's ``PatchEmbed.proj.weight``; the patch size is
+            ``weight.shape[2:]`` and must divide the map.
+        bias: (E,). prefix_tokens: (1, P, E) (cls, or cls + dist), prepended.
+        pos_embed: (1, P + Np, E), or (1, Np, E) when the prefix tokens get no position.
+        backend: None (dispatch picks), "reference", "triton", "cuda" or "cpu".
+
+    Returns:
+        (B, P + Np, E) in x's dtype; patches in row-major (t, h, w) order.
+    """
+    inputs = check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens)
+    return dispatch.select(OP, inputs, backend).run(inputs)
+
+
+def _reference_run(inputs: PatchEmbedInputs) -> torch.Tensor:
+    return patch_embed_reference(inputs.x, inputs.weight, inputs.bias, inputs.pos_embed, inputs.prefix_tokens)
+
+
+def _gather_gemm_run(inputs: PatchEmbedInputs) -> torch.Tensor:
+    return PatchEmbedFunction.apply(GatherGemmKernels, inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
+                                    inputs.prefix_tokens)
+
+
+def _device_reasons(device_type: str):
+    def reasons(inputs: PatchEmbedInputs) -> List[str]:
+        out = []
+        if inputs.device.type != device_type:
+            out.append(f"tensors are on {inputs.device}, this backend needs {device_type} tensors")
+        if not inputs.weight.is_contiguous():
+            out.append(f"weight must be contiguous (a Conv weight), got strides {tuple(inputs.weight.stride())}")
+        return out
+    return reasons
+
+
+dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
+dispatch.register(OP, "cpu", reasons=_device_reasons("cpu"), run=_gather_gemm_run)
+dispatch.register(OP, "cuda", reasons=_device_reasons("cuda"), run=_gather_gemm_run)
+
+__all__ = ["patch_embed", "patch_embed_reference", "check_patch_embed_inputs", "PatchEmbedInputs"]

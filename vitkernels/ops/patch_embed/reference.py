@@ -1,0 +1,54 @@
+"""Pure-PyTorch reference of ``patch_embed``: patchify + projection + bias, prefix tokens, pos_embed."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+
+def patchify(x: torch.Tensor, patch) -> torch.Tensor:
+    """(B, C, [T,] H, W) -> (B, Np, C * prod(patch)): patches in row-major (t, h, w) order, each flattened
+    (c, [pt,] ph, pw) as Conv2d/Conv3d see it."""
+    B, C, nd = x.shape[0], x.shape[1], len(patch)
+    split = []
+    for s, p in zip(x.shape[2:], patch):
+        split += [s // p, p]
+    x = x.reshape(B, C, *split)  # B, C, n1, p1, n2, p2, [n3, p3]
+    perm = [0] + [2 + 2 * d for d in range(nd)] + [1] + [3 + 2 * d for d in range(nd)]
+    return x.permute(perm).reshape(B, -1, C * math.prod(patch))
+
+
+def unpatchify(patches: torch.Tensor, x_shape, patch) -> torch.Tensor:
+    """The inverse of ``patchify``: (B, Np, C * prod(patch)) -> x_shape."""
+    B, C, nd = x_shape[0], x_shape[1], len(patch)
+    grid = [s // p for s, p in zip(x_shape[2:], patch)]
+    x = patches.reshape(B, *grid, C, *patch)
+    perm = [0, 1 + nd]
+    for d in range(nd):
+        perm += [1 + d, 2 + nd + d]
+    return x.permute(perm).reshape(x_shape)
+
+
+def patch_embed_reference(
+    x: torch.Tensor,  # B, C, H, W  or  B, C, T, H, W
+    weight: torch.Tensor,  # E, C, ph, pw  or  E, C, pt, ph, pw
+    bias: Optional[torch.Tensor] = None,  # E
+    pos_embed: Optional[torch.Tensor] = None,  # 1, P + Np, E  or  1, Np, E
+    prefix_tokens: Optional[torch.Tensor] = None,  # 1, P, E
+) -> torch.Tensor:  # B, P + Np, E
+    """cat(prefix_tokens.expand(B), patches @ W^T + bias) + pos_embed."""
+    E = weight.shape[0]
+    patches = patchify(x, weight.shape[2:])  # B, Np, K
+    tokens = torch.matmul(patches, weight.reshape(E, -1).t())  # B, Np, E
+    if bias is not None:
+        tokens = tokens + bias
+    num_patches = tokens.shape[1]
+    if pos_embed is not None and pos_embed.shape[1] == num_patches:
+        tokens = tokens + pos_embed  # prefix tokens get no position
+        pos_embed = None
+    if prefix_tokens is not None:
+        tokens = torch.cat([prefix_tokens.expand(x.shape[0], -1, -1), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed
+    return tokens

@@ -1,0 +1,54 @@
+"""window_attention: Swin / Video Swin shifted-window attention over a whole feature map."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from vitkernels import dispatch
+from vitkernels.ops.window_attention.checks import OP, WindowInputs, check_window_inputs
+from vitkernels.ops.window_attention.reference import window_attention_reference
+
+IntOrTuple = Union[int, Sequence[int]]
+
+
+def window_attention(
+    qkv: torch.Tensor,
+    *,
+    num_heads: int,
+    window_size: IntOrTuple,
+    shift_size: IntOrTuple = 0,
+    rel_pos_bias: Optional[torch.Tensor] = None,
+    qkv_bias: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Shifted-window attention with cyclic shift, padding, partition, relative-position bias, shift
+    mask and window reverse inside.
+
+    Args:
+        qkv: (B, H, W, 3C) (2-D) or (B, T, H, W, 3C) (3-D): the qkv Linear applied to the unpadded map,
+            channels [q | k | v], each C = num_heads * head_dim, heads major.
+        num_heads: heads; window_size, shift_size: int or tuple of 2 (3); 0 <= shift < window. A window
+            not smaller than the map along a dim is clipped to the map, with no shift there (timm).
+        rel_pos_bias: table ((2wh-1)(2ww-1), num_heads) for the window used (2-D, as timm builds it) or
+            ((2wt-1)(2wh-1)(2ww-1), num_heads) for the configured window (3-D, as Video Swin). Gets a grad.
+        qkv_bias: (3C,), the value padded tokens take; None: zeros.
+        scale: default head_dim ** -0.5.
+        backend: None (dispatch picks), "reference", "triton", "cuda" or "cpu".
+
+    Returns:
+        (B, H, W, C) or (B, T, H, W, C): attention output before ``proj`` at the original positions.
+    """
+    inputs = check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias, qkv_bias, scale)
+    return dispatch.select(OP, inputs, backend).run(inputs)
+
+
+def _reference_run(inputs: WindowInputs) -> torch.Tensor:
+    return window_attention_reference(inputs.qkv, inputs.num_heads, inputs.window_size, inputs.shift_size,
+                                      inputs.rel_pos_bias, inputs.qkv_bias, inputs.scale)
+
+
+dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
+
+__all__ = ["window_attention", "window_attention_reference", "check_window_inputs", "WindowInputs"]

@@ -1,0 +1,87 @@
+"""Input checks of ``window_attention``, shared by every backend (backends add their own limits in
+``can_run``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from vitkernels.ops import _checks as C
+from vitkernels.ops.window_attention import geometry
+
+OP = "window_attention"
+
+
+@dataclass
+class WindowInputs:
+    qkv: torch.Tensor  # B, H, W, 3C  or  B, T, H, W, 3C
+    num_heads: int
+    head_dim: int
+    window_size: Tuple[int, ...]  # as given (unclipped)
+    shift_size: Tuple[int, ...]  # as given
+    window: Tuple[int, ...]  # used on this map (clipped)
+    shift: Tuple[int, ...]  # used on this map (0 where clipped)
+    table_window: Tuple[int, ...]  # the window the table and its index are laid out for
+    rel_pos_bias: Optional[torch.Tensor]  # table_rows(table_window), num_heads
+    qkv_bias: Optional[torch.Tensor]  # 3C
+    scale: float
+
+    @property
+    def device(self) -> torch.device:
+        return self.qkv.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.qkv.dtype
+
+    @property
+    def spatial(self) -> Tuple[int, ...]:
+        return tuple(self.qkv.shape[1:-1])
+
+    def describe(self) -> str:
+        return (f"qkv {tuple(self.qkv.shape)} {C.dtype_name(self.dtype)} on {self.device}, "
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}, window {self.window}, shift {self.shift}")
+
+
+def check_window_inputs(qkv, num_heads, window_size, shift_size=0, rel_pos_bias=None, qkv_bias=None,
+                        scale=None) -> WindowInputs:
+    """Validate the arguments of ``window_attention``; raise ValueError/TypeError naming the argument."""
+    C.require_tensor(OP, "qkv", qkv)
+    C.require_rank(OP, "qkv", qkv, (4, 5), "((B, H, W, 3C) for 2-D, (B, T, H, W, 3C) for 3-D)")
+    C.require_float_dtype(OP, "qkv", qkv)
+    nd = qkv.dim() - 2
+    spatial = tuple(qkv.shape[1:-1])
+    if any(s < 1 for s in spatial):
+        raise ValueError(f"{OP}: qkv's map must be at least 1 in every spatial dim, got shape {tuple(qkv.shape)}")
+    num_heads = C.require_int(OP, "num_heads", num_heads, minimum=1)
+    c3 = qkv.shape[-1]
+    if c3 % (3 * num_heads) != 0:
+        raise ValueError(f"{OP}: qkv's last dim must be 3 * num_heads * head_dim = a multiple of "
+                         f"{3 * num_heads} for num_heads={num_heads}, got {c3}")
+    channels = c3 // 3
+    head_dim = channels // num_heads
+    window_size = C.int_tuple(OP, "window_size", window_size, nd, minimum=1)
+    shift_size = C.int_tuple(OP, "shift_size", shift_size, nd, minimum=0)
+    if any(s >= w for s, w in zip(shift_size, window_size)):
+        raise ValueError(f"{OP}: shift_size {shift_size} must be smaller than window_size {window_size} "
+                         "in every dim")
+    window, shift = geometry.resolve_window_shift(spatial, window_size, shift_size)
+    # 2-D: timm builds the table for the clipped window; 3-D: Video Swin keeps the configured window's.
+    table_window = window if nd == 2 else window_size
+    if rel_pos_bias is not None:
+        C.require_tensor(OP, "rel_pos_bias", rel_pos_bias)
+        C.require_same_dtype(OP, "rel_pos_bias", rel_pos_bias, "qkv", qkv)
+        C.require_same_device(OP, "rel_pos_bias", rel_pos_bias, "qkv", qkv)
+        expected = (geometry.table_rows(table_window), num_heads)
+        terms = "*".join(f"(2*{w}-1)" for w in table_window)
+        C.require_shape(OP, "rel_pos_bias", rel_pos_bias, expected,
+                        f"({terms}, num_heads) for window {table_window}")
+    if qkv_bias is not None:
+        C.require_tensor(OP, "qkv_bias", qkv_bias)
+        C.require_same_dtype(OP, "qkv_bias", qkv_bias, "qkv", qkv)
+        C.require_same_device(OP, "qkv_bias", qkv_bias, "qkv", qkv)
+        C.require_shape(OP, "qkv_bias", qkv_bias, (c3,), "(3 * C, qkv's last dim)")
+    scale = C.optional_scale(OP, scale)
+    return WindowInputs(qkv, num_heads, head_dim, window_size, shift_size, window, shift, tuple(table_window),
+                        rel_pos_bias, qkv_bias, head_dim ** -0.5 if scale is None else scale)

@@ -65,6 +65,11 @@ def register(op: str, name: str, *, reasons: Callable[[Any], List[str]], run: Ca
     _REGISTRY.setdefault(op, {})[name] = OpBackend(op, name, reasons, run)
 
 
+def implementations(op: str) -> Dict[str, OpBackend]:
+    """Backend name -> implementation of ``op`` (only the backends that have a kernel for it)."""
+    return dict(_REGISTRY.get(op, {}))
+
+
 def backend_environment(name: str) -> Tuple[bool, str]:
     """Whether this machine/build can run backend ``name`` at all, and why (not specific to an op)."""
     if name == "reference":

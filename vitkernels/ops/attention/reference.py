@@ -23,10 +23,16 @@ def attention_reference(
 
     Leading dims are free (B, H for the op; B, windows, H for window attention). ``dropout_mask``
     replaces torch's RNG draw so a kernel's own mask can be replayed; kept probabilities are scaled by
-    1 / (1 - dropout_p).
+    1 / (1 - dropout_p). fp16/bf16 inputs are computed in fp32 and the result cast back, as SDPA's math
+    backend does (the error is then PyTorch's own same-dtype error, not that of fp16 logits/softmax).
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
+    out_dtype = q.dtype
+    acc = _acc_dtype(q.dtype)
+    q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    if bias is not None:
+        bias = bias.to(acc)
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale  # ..., Nq, Nk
     if bias is not None:
         scores = scores + bias
@@ -42,23 +48,30 @@ def attention_reference(
             dropout_mask = torch.rand_like(probs, dtype=torch.float32) >= dropout_p
         keep_scale = 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
         probs = probs * dropout_mask.to(probs.dtype) * keep_scale
-    return torch.matmul(probs, v)
+    return torch.matmul(probs, v).to(out_dtype)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp16/bf16/fp32 -> fp32; fp64 stays fp64 (never a silent downcast of an fp64 oracle).
+    return torch.promote_types(dtype, torch.float32)
 
 
 def attention_forward_math(q, k, v, bias=None, scale=None):
     """The FlashAttention-2 forward contract, written plainly: returns (out, lse).
 
     ``lse`` (..., Nq) float32 is the row log-sum-exp of the scaled, biased logits: the one float per
-    row a fused forward saves for its backward (-inf for a row of all -inf logits). No dropout.
+    row a fused forward saves for its backward (-inf for a row of all -inf logits); float64 for fp64
+    inputs. No dropout.
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    acc = _acc_dtype(q.dtype)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
     if bias is not None:
-        scores = scores + bias.float()
+        scores = scores + bias.to(acc)
     lse = torch.logsumexp(scores, dim=-1)  # ..., Nq
     probs = _probs_from_lse(scores, lse)
-    out = torch.matmul(probs, v.float()).to(q.dtype)
+    out = torch.matmul(probs, v.to(acc)).to(q.dtype)
     return out, lse
 
 
@@ -67,17 +80,18 @@ def attention_backward_math(dout, q, k, v, bias, out, lse, scale=None, bias_requ
     (dq, dk, dv, dbias); dbias is summed over the dims ``bias`` broadcasts (None unless asked)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    acc = _acc_dtype(q.dtype)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
     if bias is not None:
-        scores = scores + bias.float()
-    probs = _probs_from_lse(scores, lse)  # recomputed, never stored by a fused forward
-    dout = dout.float()
-    delta = (dout * out.float()).sum(dim=-1, keepdim=True)  # ..., Nq, 1 = rowsum(dO * O)
+        scores = scores + bias.to(acc)
+    probs = _probs_from_lse(scores, lse.to(acc))  # recomputed, never stored by a fused forward
+    dout = dout.to(acc)
+    delta = (dout * out.to(acc)).sum(dim=-1, keepdim=True)  # ..., Nq, 1 = rowsum(dO * O)
     dv = torch.matmul(probs.transpose(-2, -1), dout)
-    dprobs = torch.matmul(dout, v.float().transpose(-2, -1))
+    dprobs = torch.matmul(dout, v.to(acc).transpose(-2, -1))
     dscores = probs * (dprobs - delta)  # softmax backward
-    dq = torch.matmul(dscores, k.float()) * scale
-    dk = torch.matmul(dscores.transpose(-2, -1), q.float()) * scale
+    dq = torch.matmul(dscores, k.to(acc)) * scale
+    dk = torch.matmul(dscores.transpose(-2, -1), q.to(acc)) * scale
     dbias = None
     if bias is not None and bias_requires_grad:
         dbias = dscores.sum_to_size(bias.shape).to(bias.dtype)

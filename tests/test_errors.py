@@ -1,0 +1,104 @@
+"""One test per error of API.md: every bad input raises ValueError/TypeError naming the argument,
+the expected and the actual value."""
+import pytest
+import torch
+
+from vitkernels import flash_attention, patch_embed, window_attention
+
+f32, f64 = torch.float32, torch.float64
+
+
+def qkv4(B=1, H=2, N=5, D=16, dtype=f32):
+    return [torch.randn(B, H, N, D, dtype=dtype) for _ in range(3)]
+
+
+def attn(**over):
+    q, k, v = qkv4()
+    args = dict(q=q, k=k, v=v)
+    args.update(over)
+    return lambda: flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def win(qkv=None, **over):
+    qkv = torch.randn(1, 8, 8, 3 * 32) if qkv is None else qkv
+    kw = dict(num_heads=2, window_size=4, shift_size=2)
+    kw.update(over)
+    return lambda: window_attention(qkv, **kw)
+
+
+def pe(x=None, weight=None, **kw):
+    x = torch.randn(2, 3, 32, 32) if x is None else x
+    weight = torch.randn(8, 3, 16, 16) if weight is None else weight
+    return lambda: patch_embed(x, weight, **kw)
+
+
+CASES = [
+    # flash_attention
+    ("q not a tensor", attn(q=[1.0]), TypeError, ["q must be a torch.Tensor", "list"]),
+    ("q rank", attn(q=torch.randn(2, 5, 16)), ValueError, ["q must have 4 dims", "(B, H, N, D)", "(2, 5, 16)"]),
+    ("q int dtype", attn(q=torch.ones(1, 2, 5, 16, dtype=torch.int32)), TypeError, ["q must have dtype in", "int32"]),
+    ("k dtype differs", attn(k=torch.randn(1, 2, 5, 16, dtype=f64)), TypeError, ["k must have the dtype of q", "float32", "float64"]),
+    ("v device differs", attn(v=torch.randn(1, 2, 5, 16, device="meta")), ValueError, ["v must be on the device of q", "meta"]),
+    ("B/H mismatch", attn(k=torch.randn(1, 3, 5, 16)), ValueError, ["share (B, H)", "(1, 3, 5, 16)"]),
+    ("k/v Nk mismatch", attn(v=torch.randn(1, 2, 6, 16)), ValueError, ["same number of keys", "(1, 2, 6, 16)"]),
+    ("k head dim mismatch", attn(k=torch.randn(1, 2, 5, 24)), ValueError, ["head dim D of k and v must equal q's (16)", "(1, 2, 5, 24)"]),
+    ("head dim unsupported", attn(**dict(zip("qkv", qkv4(D=12)))), ValueError, ["head dim D=12", "multiples of 8 from 16 to 256"]),
+    ("head dim too big", attn(**dict(zip("qkv", qkv4(D=264)))), ValueError, ["head dim D=264", "16 to 256"]),
+    ("q last stride", attn(q=torch.randn(1, 2, 16, 5).transpose(-1, -2)), ValueError, ["q must have unit stride in its last", "(160, 80, 1, 5)"]),
+    ("bias not a tensor", attn(bias=3.0), TypeError, ["bias must be a torch.Tensor", "float"]),
+    ("bias bool", attn(bias=torch.ones(1, 1, 5, 5, dtype=torch.bool)), TypeError, ["bias must be an additive float tensor", "bool"]),
+    ("bias dtype", attn(bias=torch.zeros(1, 2, 5, 5, dtype=f64)), TypeError, ["bias must have the dtype of q", "float64"]),
+    ("bias shape", attn(bias=torch.zeros(1, 2, 5, 4)), ValueError, ["bias must be broadcastable to (B, H, Nq, Nk) = (1, 2, 5, 5)", "(1, 2, 5, 4)"]),
+    ("bias rank", attn(bias=torch.zeros(1, 1, 2, 5, 5)), ValueError, ["bias must be broadcastable", "(1, 1, 2, 5, 5)"]),
+    ("scale type", attn(scale="x"), TypeError, ["scale must be a float or None", "str"]),
+    ("scale nan", attn(scale=float("nan")), ValueError, ["scale must be finite", "nan"]),
+    ("dropout type", attn(dropout_p=None), TypeError, ["dropout_p must be a float", "NoneType"]),
+    ("dropout range", attn(dropout_p=1.5), ValueError, ["dropout_p must be in [0, 1]", "1.5"]),
+    # window_attention
+    ("qkv not a tensor", win(qkv="x"), TypeError, ["qkv must be a torch.Tensor", "str"]),
+    ("qkv rank", win(qkv=torch.randn(8, 8, 96)), ValueError, ["qkv must have 4 or 5 dims", "(8, 8, 96)"]),
+    ("qkv dtype", win(qkv=torch.ones(1, 8, 8, 96, dtype=torch.int64)), TypeError, ["qkv must have dtype in", "int64"]),
+    ("qkv empty map", win(qkv=torch.randn(1, 0, 8, 96)), ValueError, ["at least 1 in every spatial dim", "(1, 0, 8, 96)"]),
+    ("num_heads type", win(num_heads=2.0), TypeError, ["num_heads must be an int", "float"]),
+    ("num_heads zero", win(num_heads=0), ValueError, ["num_heads must be >= 1", "got 0"]),
+    ("channels vs heads", win(num_heads=5), ValueError, ["multiple of 15 for num_heads=5", "got 96"]),
+    ("window tuple length", win(window_size=(4, 4, 4)), ValueError, ["window_size must be an int or a tuple of 2 ints", "(4, 4, 4)"]),
+    ("window type", win(window_size="7"), TypeError, ["window_size must be an int or a tuple of 2 ints", "str"]),
+    ("window zero", win(window_size=0, shift_size=0), ValueError, ["window_size must be >= 1 in every dim", "(0, 0)"]),
+    ("shift negative", win(shift_size=-1), ValueError, ["shift_size must be >= 0 in every dim", "(-1, -1)"]),
+    ("shift >= window", win(window_size=7, shift_size=7), ValueError, ["shift_size (7, 7) must be smaller than window_size (7, 7) in every dim"]),
+    ("3-D shift >= window", win(qkv=torch.randn(1, 4, 8, 8, 96), window_size=(2, 4, 4), shift_size=(2, 1, 1)), ValueError,
+     ["shift_size (2, 1, 1) must be smaller than window_size (2, 4, 4)"]),
+    ("table shape", win(rel_pos_bias=torch.randn(50, 2)), ValueError,
+     ["rel_pos_bias must have shape (49, 2)", "((2*4-1)*(2*4-1), num_heads) for window (4, 4)", "got (50, 2)"]),
+    ("table heads", win(rel_pos_bias=torch.randn(49, 3)), ValueError, ["rel_pos_bias must have shape (49, 2)", "got (49, 3)"]),
+    ("table clipped window", win(qkv=torch.randn(1, 5, 5, 96), window_size=7, shift_size=3, rel_pos_bias=torch.randn(169, 2)),
+     ValueError, ["rel_pos_bias must have shape (81, 2)", "window (5, 5)", "got (169, 2)"]),
+    ("table dtype", win(rel_pos_bias=torch.randn(49, 2, dtype=f64)), TypeError, ["rel_pos_bias must have the dtype of qkv", "float64"]),
+    ("qkv_bias shape", win(qkv_bias=torch.randn(32)), ValueError, ["qkv_bias must have shape (96,)", "got (32,)"]),
+    ("qkv_bias device", win(qkv_bias=torch.randn(96, device="meta")), ValueError, ["qkv_bias must be on the device of qkv", "meta"]),
+    # patch_embed
+    ("x not a tensor", pe(x=1), TypeError, ["x must be a torch.Tensor", "int"]),
+    ("x rank", pe(x=torch.randn(3, 32, 32)), ValueError, ["x must have 4 or 5 dims", "(3, 32, 32)"]),
+    ("weight rank", pe(weight=torch.randn(8, 3, 16)), ValueError, ["weight must have 4 dims (E, C, ph, pw)", "(8, 3, 16)"]),
+    ("weight channels", pe(weight=torch.randn(8, 4, 16, 16)), ValueError, ["input channels", "x's channels 3", "(8, 4, 16, 16)"]),
+    ("weight dtype", pe(weight=torch.randn(8, 3, 16, 16, dtype=f64)), TypeError, ["weight must have the dtype of x", "float64"]),
+    ("not a multiple of the patch", pe(x=torch.randn(2, 3, 30, 32)), ValueError, ["H=30 is not a multiple of the patch size 16"]),
+    ("video not a multiple", pe(x=torch.randn(1, 3, 3, 32, 32), weight=torch.randn(8, 3, 2, 16, 16)), ValueError,
+     ["T=3 is not a multiple of the patch size 2"]),
+    ("bias shape", pe(bias=torch.randn(7)), ValueError, ["bias must have shape (8,)", "got (7,)"]),
+    ("prefix shape", pe(prefix_tokens=torch.randn(1, 8)), ValueError, ["prefix_tokens must have shape (1, P, E=8)", "(1, 8)"]),
+    ("pos shape", pe(pos_embed=torch.randn(1, 5, 8), prefix_tokens=torch.randn(1, 2, 8)), ValueError,
+     ["pos_embed must have shape (1, P + Np, E) = (1, 6, 8) or (1, Np, E) = (1, 4, 8)", "got (1, 5, 8)"]),
+    ("pos dtype", pe(pos_embed=torch.randn(1, 4, 8, dtype=f64)), TypeError, ["pos_embed must have the dtype of x", "float64"]),
+]
+
+
+@pytest.mark.parametrize("name,call,exc,fragments", CASES, ids=[c[0] for c in CASES])
+def test_error_names_argument_expected_and_actual(name, call, exc, fragments):
+    with pytest.raises(exc) as info:
+        call()
+    message = str(info.value)
+    assert message.split(":")[0] in ("flash_attention", "window_attention", "patch_embed"), message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

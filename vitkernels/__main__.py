@@ -1,0 +1,5 @@
+import sys
+
+from vitkernels.demo import main
+
+sys.exit(main())

@@ -1,4 +1,6 @@
 // The one binding file of vitkernels._C: device dispatch of each kernel and the build flags.
+#include <torch/extension.h>
+
 #include "patch_embed.h"
 
 namespace vitkernels {

@@ -5,7 +5,7 @@
 // (c, dt, dh, dw) as Conv3d's weight is.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <array>
 

@@ -17,14 +17,17 @@ def extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = ["csrc/bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
+    def rel(pattern):  # setuptools wants paths relative to setup.py
+        return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+    sources = ["csrc/bindings.cpp"] + rel("csrc/cpu/*.cpp")
     cxx_flags = ["-O3"]
     cuda_home = os.environ.get("CUDA_HOME", "")
     with_cuda = bool(cuda_home) and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     if with_cuda:
         ext = CUDAExtension(
             "vitkernels._C",
-            sources + sorted(glob.glob("csrc/cuda/*.cu", root_dir=ROOT)),
+            sources + rel("csrc/cuda/*.cu"),
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         )

@@ -8,6 +8,7 @@ import sys
 def test_demo_prints_backends_and_every_op_with_its_error():
     env = dict(os.environ)
     env.pop("VITKERNELS_BACKEND", None)
+    env.pop("TRITON_INTERPRET", None)  # as `make demo` runs it: interpreted triton at ViT sizes takes minutes
     result = subprocess.run([sys.executable, "-m", "vitkernels", "--small", "--reps", "1", "--device", "cpu"],
                             capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -46,9 +46,18 @@ def test_unknown_backend_lists_the_valid_ones():
 
 
 def test_backend_without_a_kernel_says_so():
-    with pytest.raises(BackendUnavailableError, match=r"flash_attention: backend='triton' cannot run: the triton "
+    with pytest.raises(BackendUnavailableError, match=r"flash_attention: backend='cuda' cannot run: the cuda "
                                                       r"backend has no flash_attention kernel yet"):
-        vitkernels.flash_attention(*attn_inputs(), backend="triton")
+        vitkernels.flash_attention(*attn_inputs(), backend="cuda")
+
+
+def test_can_run_raises_with_the_reasons():
+    x, w = patch_inputs()
+    impl = dispatch.implementations("patch_embed")["cuda"]
+    inputs = check_patch_embed_inputs(x, w)
+    assert impl.can_run(inputs) is False
+    with pytest.raises(BackendUnavailableError, match=r"patch_embed: backend 'cuda' cannot run these inputs .*needs cuda"):
+        impl.can_run(inputs, raise_error=True)
 
 
 def test_backend_that_cannot_run_these_inputs_says_why():
@@ -56,7 +65,7 @@ def test_backend_that_cannot_run_these_inputs_says_why():
     with pytest.raises(BackendUnavailableError) as info:
         vitkernels.patch_embed(x, w, backend="cuda")
     message = str(info.value)
-    assert "patch_embed: backend 'cuda' cannot run these inputs" in message
+    assert "patch_embed: backend='cuda' cannot run these inputs" in message
     assert "x (2, 3, 16, 16) float32 on cpu" in message
     assert "needs cuda tensors" in message
 
@@ -84,8 +93,8 @@ def test_environment_variable_forces_a_backend_and_is_read_at_call_time(monkeypa
     inputs = check_patch_embed_inputs(x, w)
     monkeypatch.setenv("VITKERNELS_BACKEND", "reference")
     assert dispatch.select("patch_embed", inputs).name == "reference"
-    monkeypatch.setenv("VITKERNELS_BACKEND", "triton")
-    with pytest.raises(BackendUnavailableError, match=r"VITKERNELS_BACKEND='triton' cannot run"):
+    monkeypatch.setenv("VITKERNELS_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailableError, match=r"VITKERNELS_BACKEND='cuda' cannot run"):
         vitkernels.patch_embed(x, w)
     monkeypatch.setenv("VITKERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match=r"VITKERNELS_BACKEND='nope' is not a backend; valid: reference"):

@@ -134,14 +134,17 @@ def select(op: str, inputs, backend: Optional[str] = None) -> OpBackend:
     impls = _REGISTRY.get(op, {})
     name = _requested(backend)
     if name is not None:
+        source = f"backend={name!r}" if backend is not None else f"{ENV_VAR}={name!r}"
         impl = impls.get(name)
         if impl is None:
-            source = f"backend={name!r}" if backend is not None else f"{ENV_VAR}={name!r}"
             have = ", ".join(impls) or "none"
             raise BackendUnavailableError(
                 f"{op}: {source} cannot run: the {name} backend has no {op} kernel yet "
                 f"(implemented for {op}: {have})")
-        impl.can_run(inputs, raise_error=True)
+        reasons = impl.not_supported_reasons(inputs)
+        if reasons:
+            raise BackendUnavailableError(
+                f"{op}: {source} cannot run these inputs ({inputs.describe()}): " + "; ".join(reasons))
         return impl
     order = _PRIORITY.get(inputs.device.type, ("reference",))
     refusals = []

@@ -1,13 +1,15 @@
 """flash_attention: softmax(q k^T * scale + bias) v without an N x N matrix in memory."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 from vitkernels import dispatch
 from vitkernels.ops.attention.checks import OP, AttentionInputs, check_attention_inputs
+from vitkernels.ops.attention.function import AttentionFunction
 from vitkernels.ops.attention.reference import attention_reference
+from vitkernels.ops.triton_limits import triton_reasons
 
 
 def flash_attention(
@@ -44,6 +46,18 @@ def _reference_run(inputs: AttentionInputs) -> torch.Tensor:
     return attention_reference(inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale, inputs.dropout_p)
 
 
+def _triton_reasons(inputs: AttentionInputs) -> List[str]:
+    return triton_reasons(inputs.device, inputs.dtype)
+
+
+def _triton_run(inputs: AttentionInputs) -> torch.Tensor:
+    from vitkernels.ops.attention.triton import TritonAttentionKernels  # imports triton: only when used
+
+    return AttentionFunction.apply(TritonAttentionKernels, inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale,
+                                   inputs.dropout_p)
+
+
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
+dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run)
 
 __all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs"]

@@ -1,0 +1,549 @@
+"""Triton flash attention (FlashAttention-2 scheme) with a learnable broadcast bias and Philox dropout.
+
+Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias a broadcast view of
+(B, H, Nq, Nk) read by strides (stride 0 on broadcast dims), lse (B, H, Nq) float32.
+
+- Forward: online softmax in base 2 (scale and bias pre-multiplied by log2(e)); saves the row
+  log-sum-exp (natural log), nothing N x N.
+- Backward: delta = rowsum(O * dO); dK/dV kernel (one program per key block, loops over queries);
+  dQ kernel (one program per query block, loops over keys); dBias kernel (one program per bias tile,
+  loops over the dims the bias broadcasts). No atomics: every gradient is written by exactly one
+  program in a fixed order, so gradients are bitwise deterministic.
+- Dropout: keep-mask from Philox with counters (query row, key column, b*H + h), so the backward
+  regenerates exactly the forward's mask without storing it.
+- A row whose logits are all -inf gets zeros (m = -inf is shifted by 0, l = 0 divides as 1) and lse
+  -inf, which the backward turns into probability 0.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autotuning: a config list pruned by head dim, keyed on the sizes that move the best choice (the
+# tensors' dtypes join the key automatically). Under the interpreter one small config keeps tests quick.
+
+
+def _configs(block_ms, block_ns, warps, stages):
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm in block_ms for bn in block_ns for w in warps for s in stages]
+
+
+def _prune(configs, named_args, **kwargs):
+    # Large head dims need smaller tiles to fit shared memory / registers.
+    d = named_args["HEAD_DIM"]
+    n_q, n_k = named_args["N_Q"], named_args["N_K"]
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        if d > 128 and bm * bn > 64 * 64:
+            continue
+        if bm > max(16, triton.next_power_of_2(n_q)) or bn > max(16, triton.next_power_of_2(n_k)):
+            continue  # tiles larger than the sequence only waste work
+        kept.append(c)
+    return kept or configs[:1]
+
+
+FWD_CONFIGS = _configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
+BWD_CONFIGS = _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
+TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared tile helpers
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, dropout_p):
+    """Keep-mask of the (rows x cols) tile: uniform(philox(seed; row, col, bh)) >= p. ``rows`` and
+    ``cols`` are already broadcast to the tile's shape (either orientation)."""
+    zero = tl.zeros_like(rows)
+    r0, _, _, _ = tl.philox(seed, rows, cols, zero + bh, zero)
+    return tl.uint_to_uniform_float(r0) >= dropout_p
+
+
+@triton.jit
+def _bias_tile(bias_base, rows, cols, mask, stride_bias_m, stride_bias_n):
+    """Bias values (float32, times log2(e)) of a tile; int64 offsets since Nq * Nk can pass 2^31."""
+    ptrs = bias_base + rows.to(tl.int64) * stride_bias_m + cols.to(tl.int64) * stride_bias_n
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * 1.4426950408889634
+
+
+@triton.jit
+def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale,
+                stride_bias_m, stride_bias_n,
+                HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """P = exp2(q k^T * scale * log2e + bias * log2e - lse * log2e) for an (M x N) tile, 0 outside
+    the valid rows/cols and on rows whose lse is -inf (all logits -inf)."""
+    qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+    valid = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        qk += _bias_tile(bias_base, offs_m[:, None], offs_n[None, :], valid, stride_bias_m, stride_bias_n)
+    lse_safe = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    p = tl.math.exp2(qk - lse_safe[:, None])
+    return tl.where(valid, p, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attn_fwd_kernel(
+    Q, K, V, Bias, Out, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, N_Q, N_K, HEAD_DIM,
+    sm_scale, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask_d = offs_d < HEAD_DIM  # head dims like 40, 80, 96 run in a padded power-of-two block
+
+    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm \
+        + offs_d[None, :] * stride_qd
+    kT_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+    bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634  # base-2 softmax: exp2(x * log2e) == exp(x)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < N_K
+        kT = tl.load(kT_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            qk += _bias_tile(bias_base, offs_m[:, None], cols[None, :], mask_m[:, None] & mask_n[None, :],
+                             stride_biasm, stride_biasn)
+        qk = tl.where(mask_n[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row with no finite logit yet has m = -inf: shift by 0 so exp2 gives 0, not NaN.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
+        acc = acc * alpha[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * cols[None, :],
+                                 cols[None, :] + 0 * offs_m[:, None], dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+        kT_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    if HAS_DROPOUT:
+        acc = acc * (1.0 / (1.0 - dropout_p))
+    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log; -inf for an all -inf row
+    tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
+    o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om \
+        + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _flash_attn_bwd_preprocess_kernel(
+    Out, DOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    H, N_Q, HEAD_DIM,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(O * dO) (B, H, Nq) float32: the softmax-backward term of every row."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < N_Q)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(Out + off_b * stride_ob + off_h * stride_oh + rows * stride_om + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attn_bwd_dkdv_kernel(
+    Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, N_Q, N_K, HEAD_DIM,
+    sm_scale, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program per key block: dV = P_drop^T dO, dK = dS^T Q * scale, looping over all queries.
+    Tiles are held transposed (keys x queries) so both products are plain dots."""
+    start_n = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_n = offs_n < N_K
+    mask_d = offs_d < HEAD_DIM
+    rows_n = offs_n[:, None].to(tl.int64)
+
+    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows_n * stride_kn + offs_d[None, :] * stride_kd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows_n * stride_vn + offs_d[None, :] * stride_vd,
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    qT_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
+    do_ptrs = DOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom \
+        + offs_d[None, :] * stride_dod
+    bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+    row_base = off_bh.to(tl.int64) * N_Q
+    qk_scale = sm_scale * 1.4426950408889634
+    keep_scale = 1.0 / (1.0 - dropout_p)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N_Q, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < N_Q
+        qT = tl.load(qT_ptrs, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        lse2 = tl.load(LSE + row_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0)
+        # pT[n, m] = P[m, n]: the transposed probability tile
+        pT = tl.trans(_probs_tile(tl.trans(qT), tl.trans(k), lse2, bias_base, rows, offs_n, mask_m, mask_n,
+                                  qk_scale, stride_biasm, stride_biasn, HAS_BIAS, INPUT_PRECISION))
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
+        if HAS_DROPOUT:
+            keepT = _dropout_keep(seed, off_bh, rows[None, :] + 0 * offs_n[:, None],
+                                  offs_n[:, None] + 0 * rows[None, :], dropout_p)
+            p_dropT = tl.where(keepT, pT * keep_scale, 0.0)
+            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
+        else:
+            p_dropT = pT
+        dv = tl.dot(p_dropT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        qT_ptrs += BLOCK_M * stride_qm
+        do_ptrs += BLOCK_M * stride_dom
+
+    dk = dk * sm_scale
+    mask_out = mask_n[:, None] & mask_d[None, :]
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask_out)
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows_n * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask_out)
+
+
+@triton.jit
+def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, cols, mask_n, mask_d,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_biasm, stride_biasn,
+                  qk_scale, dropout_p, seed,
+                  HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """dS = P * (dP - delta) for an (M x N) tile, and the key tile used (for dQ = dS K). ``K``/``V``
+    point at this (b, h)'s rows."""
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_mask = mask_n[:, None] & mask_d[None, :]
+    rows_n = cols[:, None].to(tl.int64)
+    k = tl.load(K + rows_n * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
+    v = tl.load(V + rows_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    p = _probs_tile(q, tl.trans(k), lse2, bias_base, offs_m, cols, mask_m, mask_n, qk_scale,
+                    stride_biasm, stride_biasn, HAS_BIAS, INPUT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * cols[None, :], cols[None, :] + 0 * offs_m[:, None],
+                             dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    return p * (dp - delta[:, None]), k
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attn_bwd_dq_kernel(
+    Q, K, V, Bias, DOut, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, N_Q, N_K, HEAD_DIM,
+    sm_scale, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program per query block: dQ = dS K * scale, looping over all keys."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // H).to(tl.int64)
+    off_h = (off_bh % H).to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < N_Q
+    mask_d = offs_d < HEAD_DIM
+    rows = offs_m[:, None].to(tl.int64)
+    qd_mask = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
+                mask=qd_mask, other=0.0)
+    do = tl.load(DOut + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=qd_mask, other=0.0)
+    row_base = off_bh.to(tl.int64) * N_Q
+    lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    v_base = V + off_b * stride_vb + off_h * stride_vh
+    bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + offs_n
+        ds, k = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m, cols,
+                              cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                              stride_biasm, stride_biasn, qk_scale, dropout_p, seed,
+                              HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq = dq * sm_scale
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _flash_attn_bwd_dbias_kernel(
+    Q, K, V, Bias, DOut, LSE, Delta, DBias,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    H, N_Q, N_K, HEAD_DIM,
+    BIAS_H, LOOP_B, LOOP_H,
+    sm_scale, dropout_p, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dBias = dS summed over the dims the bias broadcasts, one program per tile of dBias.
+
+    The program owns one (bias b, bias h, query block, key block) tile and walks the broadcast dims in
+    a fixed order (b, h, query blocks if REDUCE_M, key blocks if REDUCE_N), recomputing dS: a
+    deterministic reduction without atomics and without a (B, H, Nq, Nk) temporary."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    bias_b = pid_bh // BIAS_H
+    bias_h = pid_bh % BIAS_H
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    qk_scale = sm_scale * 1.4426950408889634
+    if REDUCE_M:  # this program walks every query block
+        loop_m = tl.cdiv(N_Q, BLOCK_M)
+    else:
+        loop_m = 1
+    if REDUCE_N:  # ... and/or every key block
+        loop_n = tl.cdiv(N_K, BLOCK_N)
+    else:
+        loop_n = 1
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for ib in range(0, LOOP_B):
+        off_b = (bias_b + ib).to(tl.int64)
+        for ih in range(0, LOOP_H):
+            off_h = (bias_h + ih).to(tl.int64)
+            off_bh = (off_b * H + off_h).to(tl.int32)
+            bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+            k_base = K + off_b * stride_kb + off_h * stride_kh
+            v_base = V + off_b * stride_vb + off_h * stride_vh
+            row_base = off_b * H * N_Q + off_h * N_Q
+            for im in range(0, loop_m):
+                offs_m = (pid_m + im) * BLOCK_M + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < N_Q
+                rows = offs_m[:, None].to(tl.int64)
+                qd_mask = mask_m[:, None] & mask_d[None, :]
+                q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm
+                            + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+                do = tl.load(DOut + off_b * stride_dob + off_h * stride_doh + rows * stride_dom
+                             + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+                lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+                delta = tl.load(Delta + row_base + offs_m, mask=mask_m, other=0.0)
+                for jn in range(0, loop_n):
+                    cols = (pid_n + jn) * BLOCK_N + tl.arange(0, BLOCK_N)
+                    ds, _ = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m,
+                                          cols, cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
+                                          stride_biasm, stride_biasn, qk_scale, dropout_p, seed,
+                                          True, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
+                    acc += ds
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    db_base = DBias + bias_b.to(tl.int64) * stride_dbb + bias_h.to(tl.int64) * stride_dbh
+    if REDUCE_M:
+        if REDUCE_N:
+            tl.store(db_base, tl.sum(tl.sum(acc, 1), 0).to(DBias.dtype.element_ty))
+        else:
+            tl.store(db_base + offs_n.to(tl.int64) * stride_dbn, tl.sum(acc, 0).to(DBias.dtype.element_ty),
+                     mask=offs_n < N_K)
+    else:
+        if REDUCE_N:
+            tl.store(db_base + offs_m.to(tl.int64) * stride_dbm, tl.sum(acc, 1).to(DBias.dtype.element_ty),
+                     mask=offs_m < N_Q)
+        else:
+            ptrs = db_base + offs_m[:, None].to(tl.int64) * stride_dbm + offs_n[None, :].to(tl.int64) * stride_dbn
+            tl.store(ptrs, acc.to(DBias.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_n < N_K)[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _bias4(bias: Optional[torch.Tensor], q: torch.Tensor, n_k: int):
+    """The bias as a 4-D view with leading 1s, and its broadcast to (B, H, Nq, Nk) (stride-0 dims)."""
+    if bias is None:
+        return None, None
+    bias4 = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    B, H, n_q = q.shape[:3]
+    return bias4, bias4.expand(B, H, n_q, n_k)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 in IEEE so its error matches PyTorch's
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed)."""
+    B, H, n_q, d = q.shape
+    n_k = k.shape[2]
+    out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64)) if dropout_p > 0 else 0  # torch's CPU RNG
+    _, bias_b = _bias4(bias, q, n_k)
+    bias_strides = bias_b.stride() if bias_b is not None else (0, 0, 0, 0)
+
+    def grid(meta):
+        return (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)
+
+    _flash_attn_fwd_kernel[grid](
+        q, k, v, bias_b if bias_b is not None else q, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
+        H, n_q, n_k, d,
+        scale, dropout_p, seed,
+        BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+        INPUT_PRECISION=_precision(q.dtype),
+    )
+    return out, lse, seed
+
+
+def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: int, scale: float, dropout_p: float,
+                               bias_requires_grad: bool):
+    """Backward: returns (dq, dk, dv, dbias); dbias has bias's shape (None unless asked for)."""
+    B, H, n_q, d = q.shape
+    n_k = k.shape[2]
+    block_d = _block_d(d)
+    delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+    _flash_attn_bwd_preprocess_kernel[(triton.cdiv(n_q, 64), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, n_q, d, BLOCK_M=64, BLOCK_D=block_d,
+    )
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    bias4, bias_b = _bias4(bias, q, n_k)
+    bias_arg = bias_b if bias_b is not None else q
+    bias_strides = bias_b.stride() if bias_b is not None else (0, 0, 0, 0)
+    common = dict(BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+                  INPUT_PRECISION=_precision(q.dtype))
+    _flash_attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)](
+        q, k, v, bias_arg, dout, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
+        H, n_q, n_k, d, scale, dropout_p, seed, **common,
+    )
+    _flash_attn_bwd_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)](
+        q, k, v, bias_arg, dout, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dq.stride(),
+        H, n_q, n_k, d, scale, dropout_p, seed, **common,
+    )
+    dbias = None
+    if bias_requires_grad:
+        bb, bh, bm, bn = bias4.shape
+        dbias4 = torch.empty(bias4.shape, dtype=bias.dtype, device=bias.device)
+        reduce_m, reduce_n = bm == 1 and n_q > 1, bn == 1 and n_k > 1
+
+        def grid(meta):
+            return (1 if reduce_n else triton.cdiv(n_k, meta["BLOCK_N"]),
+                    1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]), bb * bh)
+
+        _flash_attn_bwd_dbias_kernel[grid](
+            q, k, v, bias_b, dout, lse, delta, dbias4,
+            *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dbias4.stride(),
+            H, n_q, n_k, d,
+            bh, B if bb == 1 else 1, H if bh == 1 else 1,
+            scale, dropout_p, seed,
+            BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
+            INPUT_PRECISION=_precision(q.dtype),
+        )
+        dbias = dbias4.view(bias.shape)
+    return dq, dk, dv, dbias
+
+
+
+class TritonAttentionKernels:
+    """flash_attention's Triton forward/backward, in the shape ``AttentionFunction`` expects."""
+
+    forward = staticmethod(flash_attention_fwd_triton)
+
+    @staticmethod
+    def backward(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad):
+        return flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad)

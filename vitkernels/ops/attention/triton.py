@@ -442,6 +442,21 @@ def _flash_attn_bwd_dbias_kernel(
             tl.store(ptrs, acc.to(DBias.dtype.element_ty), mask=(offs_m < N_Q)[:, None] & (offs_n < N_K)[None, :])
 
 
+@triton.jit
+def _dropout_mask_kernel(Mask, H, N_Q, N_K, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Materialises the keep-mask the attention kernels draw for (seed, p): for tests and debugging
+    only (the kernels themselves never store it)."""
+    start_m = tl.program_id(0)
+    off_bh = tl.program_id(1)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    for start_n in range(0, N_K, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        keep = _dropout_keep(seed, off_bh, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None],
+                             dropout_p)
+        ptrs = Mask + off_bh.to(tl.int64) * N_Q * N_K + rows[:, None].to(tl.int64) * N_K + cols[None, :]
+        tl.store(ptrs, keep.to(tl.int8), mask=(rows < N_Q)[:, None] & (cols < N_K)[None, :])
+
+
 # ----------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -463,13 +478,19 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def draw_dropout_seed() -> int:
+    """The Philox seed of one dropout call, drawn from torch's default (CPU) generator: reproducible
+    under torch.manual_seed, and no device sync."""
+    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+
+
 def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed)."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.int64)) if dropout_p > 0 else 0  # torch's CPU RNG
+    seed = draw_dropout_seed() if dropout_p > 0 else 0
     _, bias_b = _bias4(bias, q, n_k)
     bias_strides = bias_b.stride() if bias_b is not None else (0, 0, 0, 0)
 
@@ -537,6 +558,13 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: int, scale: 
         dbias = dbias4.view(bias.shape)
     return dq, dk, dv, dbias
 
+
+
+def dropout_mask_triton(seed: int, B: int, H: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
+    """(B, H, Nq, Nk) bool: True where the kernels keep a probability for this seed and p."""
+    mask = torch.empty((B, H, n_q, n_k), dtype=torch.int8, device=device)
+    _dropout_mask_kernel[(triton.cdiv(n_q, 32), B * H)](mask, H, n_q, n_k, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+    return mask.bool()
 
 
 class TritonAttentionKernels:

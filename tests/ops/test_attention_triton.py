@@ -1,0 +1,243 @@
+"""The triton backend of flash_attention against the float64 reference (interpreter on CPU, small
+shapes; the GPU-marked cases run the same checks at full size when a GPU is present).
+
+Criterion (flash-attn's): |triton - ref64| <= 2 x |reference in the same dtype - ref64| + floor, for the
+output and the gradients of q, k, v and bias."""
+import os
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import BackendUnavailableError
+from vitkernels.ops.attention.reference import attention_reference
+
+from tests.utils import assert_close_2x, qkv_views
+
+pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+BF16_INTERPRETER = pytest.mark.skipif(
+    INTERPRET, reason="bf16 tl.dot returns garbage under the Triton interpreter: bf16 is verified on a GPU only")
+
+
+def dtype_params(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    return [pytest.param(d, id=str(d).replace("torch.", ""),
+                         marks=[BF16_INTERPRETER] if d == torch.bfloat16 else []) for d in dtypes]
+
+
+def floor_for(dtype):
+    return {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}[dtype]
+
+
+def check_against_reference(q, k, v, bias=None, scale=None, dout=None, bias_grad=True, factor=2.0, grad_factor=3.0):
+    """Run triton, the same-dtype reference and the fp64 reference on the same leaves; compare output and
+    every gradient with the 2x criterion. q, k, v, bias: leaf tensors (not requiring grad)."""
+    dtype = q.dtype
+    leaves = {"q": q, "k": k, "v": v}
+    if bias is not None:
+        leaves["bias"] = bias
+    results = {}
+    for name, cast, backend in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"),
+                                ("tri", dtype, "triton")):
+        ts = {n: t.detach().to(cast).requires_grad_(n != "bias" or bias_grad) for n, t in leaves.items()}
+        out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), scale=scale, backend=backend)
+        g = dout if dout is not None else torch.ones_like(out)
+        out.backward(g.to(cast))
+        results[name] = (out, {n: t.grad for n, t in ts.items()})
+    out_ref, g_ref = results["ref"]
+    out_pt, g_pt = results["pt"]
+    out_tri, g_tri = results["tri"]
+    assert out_tri.dtype == dtype
+    fl = floor_for(dtype)
+    assert_close_2x(out_tri, out_pt, out_ref, factor=factor, floor=fl, name="out")
+    for n in g_ref:
+        if g_ref[n] is None:
+            assert g_tri[n] is None, n
+            continue
+        assert g_tri[n].shape == leaves[n].shape, n
+        assert_close_2x(g_tri[n], g_pt[n], g_ref[n], factor=grad_factor, floor=fl * 10, name=f"d{n}")
+    return results
+
+
+SHAPES = [(n, d) for n in (1, 49, 197) for d in (32, 40, 64, 80, 96, 128)]
+
+
+@pytest.mark.parametrize("n,d", SHAPES, ids=[f"N{n}-D{d}" for n, d in SHAPES])
+def test_matches_reference_with_relative_position_bias_fp32(n, d):
+    B, H = 1, 2
+    q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)
+    bias = torch.randn(1, H, n, n, device=DEVICE)
+    check_against_reference(q, k, v, bias, dout=torch.randn(B, H, n, d, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("n,d", [(49, 64), (197, 40), (197, 80), (1, 128)], ids=["N49-D64", "N197-D40", "N197-D80",
+                                                                               "N1-D128"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+def test_matches_reference_per_dtype(dtype, n, d, with_bias):
+    B, H = 2, 2
+    q, k, v, _ = qkv_views(B, H, n, d, dtype=dtype, device=DEVICE)
+    bias = torch.randn(1, H, n, n, dtype=dtype, device=DEVICE) if with_bias else None
+    check_against_reference(q, k, v, bias, dout=torch.randn(B, H, n, d, dtype=dtype, device=DEVICE))
+
+
+@pytest.mark.parametrize("bias_shape", [(2, 3, 49, 77), (1, 3, 49, 77), (2, 1, 1, 77), (49, 77), (1, 1, 1, 77),
+                                        (2, 3, 49, 1), (1, 1, 1, 1)],
+                         ids=["full", "1H", "keypad", "2d", "keys-only", "queries-only", "scalar"])
+def test_broadcast_bias_and_its_reduced_gradient_nq_ne_nk(bias_shape):
+    B, H, nq, nk, d = 2, 3, 49, 77, 40
+    q = torch.randn(B, H, nq, d, device=DEVICE)
+    k, v = (torch.randn(B, H, nk, d, device=DEVICE) for _ in range(2))
+    bias = torch.randn(bias_shape, device=DEVICE)
+    check_against_reference(q, k, v, bias, scale=0.3, dout=torch.randn(B, H, nq, d, device=DEVICE))
+
+
+def test_key_padding_mask_with_minus_inf():
+    B, H, n, d = 2, 2, 49, 32
+    q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)
+    bias = torch.zeros(B, 1, 1, n, device=DEVICE)
+    bias[0, ..., 40:] = float("-inf")
+    bias[1, ..., :5] = float("-inf")
+    check_against_reference(q, k, v, bias, bias_grad=False, dout=torch.randn(B, H, n, d, device=DEVICE))
+
+
+def test_strided_views_of_one_qkv_tensor_are_read_in_place_and_padding_is_never_read():
+    # q, k, v are views of a wider NaN-filled buffer: any read outside them would put NaN in the output.
+    B, H, n, d = 2, 2, 49, 40
+    buf = torch.full((B, n, 3, H, d + 8), float("nan"), device=DEVICE)
+    buf[..., :d] = torch.randn(B, n, 3, H, d, device=DEVICE)
+    q, k, v = buf[..., :d].permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    out = vitkernels.flash_attention(q, k, v, backend="triton")
+    assert torch.isfinite(out).all()
+    check_against_reference(q, k, v, dout=torch.randn(B, H, n, d, device=DEVICE))
+
+
+def test_non_contiguous_output_gradient():
+    B, H, n, d = 2, 2, 49, 32
+    q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)
+    dout = torch.randn(B, n, H, d, device=DEVICE).transpose(1, 2)  # as from out.transpose(1, 2) downstream
+    assert not dout.is_contiguous()
+    check_against_reference(q, k, v, torch.randn(1, H, n, n, device=DEVICE), dout=dout)
+
+
+def test_all_minus_inf_rows_give_zeros_and_zero_gradients():
+    B, H, n, d = 1, 2, 49, 32
+    q, k, v = (torch.randn(B, H, n, d, device=DEVICE, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, H, n, n, device=DEVICE)
+    bias[..., 3, :] = float("-inf")
+    bias[..., 40, :] = float("-inf")
+    bias = bias.requires_grad_()
+    out = vitkernels.flash_attention(q, k, v, bias=bias, backend="triton")
+    out.backward(torch.randn_like(out))
+    for t in (out, q.grad, k.grad, v.grad, bias.grad):
+        assert torch.isfinite(t).all()
+    assert (out[..., [3, 40], :] == 0).all()
+    assert (q.grad[..., [3, 40], :] == 0).all() and (bias.grad[..., [3, 40], :] == 0).all()
+    check_against_reference(q, k, v, bias.detach(), bias_grad=False)
+
+
+def test_nan_in_a_query_row_stays_in_that_row():
+    B, H, n, d = 1, 1, 49, 32
+    q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
+    clean = vitkernels.flash_attention(q, k, v, backend="triton")
+    q[0, 0, 7, 3] = float("nan")
+    out = vitkernels.flash_attention(q, k, v, backend="triton")
+    assert torch.isnan(out[0, 0, 7]).all()
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[7] = False
+    assert torch.equal(out[0, 0, rest], clean[0, 0, rest])
+
+
+def test_backward_is_deterministic_bitwise():
+    B, H, n, d = 2, 2, 77, 40
+    q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
+    bias = torch.randn(1, H, n, n, device=DEVICE)
+    g = torch.randn(B, H, n, d, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = vitkernels.flash_attention(*ts[:3], bias=ts[3], backend="triton")
+        out.backward(g)
+        runs.append([out] + [t.grad for t in ts])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keeps_one_minus_p_and_matches_the_reference_given_the_same_mask(p):
+    from vitkernels.ops.attention.triton import draw_dropout_seed, dropout_mask_triton
+
+    B, H, n, d = 2, 2, 77, 32
+    q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
+    bias = torch.randn(1, H, n, n, device=DEVICE)
+    torch.manual_seed(123)
+    seed = draw_dropout_seed()
+    mask = dropout_mask_triton(seed, B, H, n, n, p, DEVICE)
+    count = mask.numel()
+    kept = mask.float().mean().item()
+    sigma = (p * (1 - p) / count) ** 0.5
+    assert abs(kept - (1 - p)) < 6 * sigma, (kept, 1 - p)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    torch.manual_seed(123)  # the kernel draws the same seed from torch's generator
+    out = vitkernels.flash_attention(*leaves[:3], bias=leaves[3], dropout_p=p, backend="triton")
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v, bias)]
+    ref = attention_reference(*ref_leaves[:3], ref_leaves[3], None, p, dropout_mask=mask)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
+    for name, a, b in zip("q k v bias".split(), leaves, ref_leaves):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=0, atol=1e-4, msg=lambda m: f"d{name}: {m}")
+
+    torch.manual_seed(123)
+    again = vitkernels.flash_attention(q, k, v, bias=bias, dropout_p=p, backend="triton")
+    assert torch.equal(again, out.detach())  # same seed, same result
+    torch.manual_seed(124)
+    other = vitkernels.flash_attention(q, k, v, bias=bias, dropout_p=p, backend="triton")
+    assert not torch.equal(other, out.detach())
+
+
+def test_triton_refuses_float64_with_the_reason():
+    q = torch.randn(1, 1, 5, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="float64 is not supported by the triton kernels"):
+        vitkernels.flash_attention(q, q, q, backend="triton")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the refusal applies under the interpreter only")
+def test_triton_refuses_bfloat16_under_the_interpreter():
+    q = torch.randn(1, 1, 5, 16, dtype=torch.bfloat16)
+    with pytest.raises(BackendUnavailableError, match="bfloat16 tl.dot gives wrong results under the Triton"):
+        vitkernels.flash_attention(q, q, q, backend="triton")
+
+
+# ---- full-size checks, GPU only --------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", dtype_params((torch.float16, torch.bfloat16, torch.float32)))
+@pytest.mark.parametrize("n,d", [(197, 64), (577, 64), (1025, 80), (4096, 64)])
+def test_gpu_vit_shapes(dtype, n, d):
+    B, H = 4, 6
+    q, k, v, _ = qkv_views(B, H, n, d, dtype=dtype, device="cuda")
+    bias = torch.randn(1, H, n, n, dtype=dtype, device="cuda")
+    check_against_reference(q, k, v, bias, dout=torch.randn(B, H, n, d, dtype=dtype, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_long_sequence_memory_is_linear():
+    B, H, n, d = 1, 2, 65536, 64
+    q, k, v = (torch.randn(B, H, n, d, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = vitkernels.flash_attention(q, k, v, backend="triton")
+    out.backward(torch.randn_like(out))
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 16 * q.numel() * q.element_size(), peak  # O(N * D), nowhere near N^2 = 8.6e9 elements

@@ -36,30 +36,60 @@ def interpreting() -> bool:
 # tensors' dtypes join the key automatically). Under the interpreter one small config keeps tests quick.
 
 
-def _configs(block_ms, block_ns, warps, stages):
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+# Search spaces: (BLOCK_M, BLOCK_N, num_warps, num_stages) choices.
+FWD_SPACE = ((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
+BWD_SPACE = ((32, 64, 128), (32, 64, 128), (4, 8), (1, 2))
+
+
+def full_configs(space):
+    block_ms, block_ns, warps, stages = space
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm in block_ms for bn in block_ns for w in warps for s in stages]
 
 
-def _prune(configs, named_args, **kwargs):
-    # Large head dims need smaller tiles to fit shared memory / registers.
-    d = named_args["HEAD_DIM"]
-    n_q, n_k = named_args["N_Q"], named_args["N_K"]
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if d > 128 and bm * bn > 64 * 64:
-            continue
-        if bm > max(16, triton.next_power_of_2(n_q)) or bn > max(16, triton.next_power_of_2(n_k)):
-            continue  # tiles larger than the sequence only waste work
-        kept.append(c)
-    return kept or configs[:1]
+def _configs(space):
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
+    return full_configs(space)
 
 
-FWD_CONFIGS = _configs([64, 128], [32, 64, 128], [4, 8], [2, 3, 4])
-BWD_CONFIGS = _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
+SHARED_MEMORY_BUDGET = 200 * 1024  # below the 227 KB per block of an H100 (163 KB on an A100 prunes later)
+
+
+def shared_memory_estimate(block_m: int, block_n: int, block_d: int, num_stages: int, elem: int,
+                           backward: bool = False) -> int:
+    """Bytes of shared memory a config needs, roughly (fitted to ptxas on sm_90 at D=128): forward holds
+    the query tile and pipelined key/value tiles; backward holds both tile pairs plus layout shuffles."""
+    if backward:
+        return elem * block_d * (block_m + block_n) * (4 + max(1, num_stages)) // 2
+    return elem * block_d * (block_m + 2 * block_n * max(1, num_stages))
+
+
+def _pruner(backward: bool):
+    def prune(configs, named_args, **kwargs):
+        # Big head dims and fp32 need smaller tiles to fit shared memory; tiles larger than the sequence
+        # only waste work. The smallest config always stays, so something runs.
+        d, n_q, n_k = named_args["HEAD_DIM"], named_args["N_Q"], named_args["N_K"]
+        elem = named_args["Q"].element_size()
+        block_d = max(16, triton.next_power_of_2(d))
+        kept = []
+        for c in configs:
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            if shared_memory_estimate(bm, bn, block_d, c.num_stages, elem, backward) > SHARED_MEMORY_BUDGET:
+                continue
+            if bm > max(16, triton.next_power_of_2(n_q)) or bn > max(16, triton.next_power_of_2(n_k)):
+                continue
+            kept.append(c)
+        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    return prune
+
+
+_prune_fwd = _pruner(backward=False)
+_prune_bwd = _pruner(backward=True)
+
+
+FWD_CONFIGS = _configs(FWD_SPACE)
+BWD_CONFIGS = _configs(BWD_SPACE)
 TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]
 
 
@@ -102,7 +132,7 @@ def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale
 # Forward
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _flash_attn_fwd_kernel(
     Q, K, V, Bias, Out, LSE,
@@ -204,7 +234,7 @@ def _flash_attn_bwd_preprocess_kernel(
     tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _flash_attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
@@ -303,7 +333,7 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
     return p * (dp - delta[:, None]), k
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _flash_attn_bwd_dq_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DQ,
@@ -356,7 +386,7 @@ def _flash_attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _flash_attn_bwd_dbias_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DBias,

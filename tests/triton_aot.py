@@ -1,0 +1,67 @@
+"""Ahead-of-time compilation of Triton kernels for real GPU targets, without a GPU.
+
+The interpreter runs kernel code as numpy and accepts things the compiler rejects; compiling each kernel
+to a cubin with Triton's own ptxas for sm_80 and sm_90 catches those, and reports the shared memory
+and registers a config needs. Run in a process without TRITON_INTERPRET (kernels must be JITFunctions).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.autotuner import Autotuner
+
+FLOAT_SCALARS = {"sm_scale", "dropout_p"}
+INT64_SCALARS = {"seed"}
+FP32_POINTERS = {"LSE", "Delta"}
+INT8_POINTERS = {"Mask"}
+# tensors of the op's dtype; every other non-constexpr argument not named above is an int32 size/stride
+DATA_POINTERS = {"Q", "K", "V", "Bias", "Out", "DOut", "DQ", "DK", "DV", "DBias"}
+
+
+def signature(fn, dtype: str, constexprs: dict) -> dict:
+    sig = {}
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in DATA_POINTERS:
+            sig[name] = f"*{dtype}"
+        elif name in FP32_POINTERS:
+            sig[name] = "*fp32"
+        elif name in INT8_POINTERS:
+            sig[name] = "*i8"
+        elif name in FLOAT_SCALARS:
+            sig[name] = "fp32"
+        elif name in INT64_SCALARS:
+            sig[name] = "i64"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_kernel(kernel, dtype: str, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> dict:
+    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel  # compile the jitted function under @autotune
+    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=num_warps, num_stages=num_stages))
+    return {"shared": compiled.metadata.shared, "n_regs": getattr(compiled, "n_regs", None)}
+
+
+def _compile_case(case) -> dict:
+    import importlib
+
+    module, name, dtype, constexprs, arch, warps, stages = case
+    return compile_kernel(getattr(importlib.import_module(module), name), dtype, constexprs, arch, warps, stages)
+
+
+if __name__ == "__main__":
+    # argv[1]: JSON list of [module, kernel name, dtype, constexprs, arch, warps, stages]
+    from concurrent.futures import ProcessPoolExecutor
+
+    cases = json.loads(sys.argv[1])
+    with ProcessPoolExecutor(max_workers=2) as pool:  # ptxas is single-threaded
+        results = list(pool.map(_compile_case, cases))
+    print(json.dumps(results))

@@ -114,18 +114,42 @@ def _bias_tile(bias_base, rows, cols, mask, stride_bias_m, stride_bias_n):
 
 
 @triton.jit
+def online_softmax_step(qk, m_i, l_i, acc):
+    """One key tile of the online softmax. ``qk``: (M, N) logits in log2 units, -inf where masked.
+    Returns (p, m_new, l_new, acc rescaled to m_new); the caller adds p @ v to acc."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # A row with no finite logit yet has m = -inf: shift by 0 so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def finalize_rows(acc, m_i, l_i):
+    """Normalised output rows and their natural-log log-sum-exp (-inf, with zero rows, when all -inf)."""
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    return acc / l_safe[:, None], (m_i + tl.math.log2(l_i)) * 0.6931471805599453
+
+
+@triton.jit
+def probs_from_lse(qk, lse2, valid):
+    """P = exp2(qk - lse2) for a tile of log2-unit logits, 0 where not ``valid`` and on rows whose lse is
+    -inf (all logits -inf)."""
+    lse_safe = tl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return tl.where(valid, tl.math.exp2(qk - lse_safe[:, None]), 0.0)
+
+
+@triton.jit
 def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale,
                 stride_bias_m, stride_bias_n,
                 HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """P = exp2(q k^T * scale * log2e + bias * log2e - lse * log2e) for an (M x N) tile, 0 outside
-    the valid rows/cols and on rows whose lse is -inf (all logits -inf)."""
+    """P of an (M x N) tile recomputed from the saved row log-sum-exp (log2 units)."""
     qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
     valid = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         qk += _bias_tile(bias_base, offs_m[:, None], offs_n[None, :], valid, stride_bias_m, stride_bias_n)
-    lse_safe = tl.where(lse2 == float("-inf"), float("inf"), lse2)
-    p = tl.math.exp2(qk - lse_safe[:, None])
-    return tl.where(valid, p, 0.0)
+    return probs_from_lse(qk, lse2, valid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -178,13 +202,7 @@ def _flash_attn_fwd_kernel(
             qk += _bias_tile(bias_base, offs_m[:, None], cols[None, :], mask_m[:, None] & mask_n[None, :],
                              stride_biasm, stride_biasn)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with no finite logit yet has m = -inf: shift by 0 so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
-        acc = acc * alpha[:, None]
+        p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)  # l_i counts dropped entries too
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * cols[None, :],
                                  cols[None, :] + 0 * offs_m[:, None], dropout_p)
@@ -195,11 +213,9 @@ def _flash_attn_fwd_kernel(
         kT_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    acc = acc / l_safe[:, None]
+    acc, lse = finalize_rows(acc, m_i, l_i)
     if HAS_DROPOUT:
         acc = acc * (1.0 / (1.0 - dropout_p))
-    lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # natural log; -inf for an all -inf row
     tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om \
         + offs_d[None, :] * stride_od

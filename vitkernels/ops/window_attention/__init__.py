@@ -1,12 +1,14 @@
 """window_attention: Swin / Video Swin shifted-window attention over a whole feature map."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
 from vitkernels import dispatch
+from vitkernels.ops.triton_limits import triton_reasons
 from vitkernels.ops.window_attention.checks import OP, WindowInputs, check_window_inputs
+from vitkernels.ops.window_attention.function import window_attention_function
 from vitkernels.ops.window_attention.reference import window_attention_reference
 
 IntOrTuple = Union[int, Sequence[int]]
@@ -49,6 +51,24 @@ def _reference_run(inputs: WindowInputs) -> torch.Tensor:
                                       inputs.rel_pos_bias, inputs.qkv_bias, inputs.scale)
 
 
+def _triton_reasons(inputs: WindowInputs) -> List[str]:
+    reasons = triton_reasons(inputs.device, inputs.dtype)
+    if inputs.qkv.stride(-1) != 1:
+        reasons.append(f"qkv must have unit stride in its channel dim, got strides {tuple(inputs.qkv.stride())}")
+    if inputs.qkv_bias is not None and inputs.qkv_bias.stride(0) != 1:
+        reasons.append(f"qkv_bias must have unit stride, got {inputs.qkv_bias.stride(0)}")
+    if inputs.head_dim > 256:
+        reasons.append(f"head_dim={inputs.head_dim} (supported up to 256)")
+    return reasons
+
+
+def _triton_run(inputs: WindowInputs) -> torch.Tensor:
+    from vitkernels.ops.window_attention.triton import TritonWindowKernels  # imports triton: only when used
+
+    return window_attention_function(TritonWindowKernels, inputs)
+
+
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
+dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run)
 
 __all__ = ["window_attention", "window_attention_reference", "check_window_inputs", "WindowInputs"]

@@ -1,0 +1,593 @@
+"""Triton Swin / Video Swin window attention: cyclic shift, padding, partition, relative-position bias,
+shift mask and window reverse all folded into index arithmetic. No rolled, padded or partitioned copy,
+and no bias or mask tensor, ever exists in memory.
+
+Every map is handled as 3-D (T, H, W) (2-D: T = 1, window 1, shift 0). One program owns a block of query
+tokens of one (batch, window, head). A window token's position in the shifted, padded map is
+``p = window * w + i``; its source in the unpadded map is ``(p + s) mod L`` with L the map size (2-D, timm:
+roll, then pad) or the padded size (3-D, Video Swin: pad, then roll), and it is padding when it falls
+outside the map; padding tokens take ``qkv_bias``. The shift-mask region of ``p`` is timm's
+``[0, L-w) | [L-w, L-s) | [L-s, L)`` per dim; the table row of a pair is computed from the tokens'
+coordinates in the table's window (Video Swin's ``index[:N, :N]`` when a 3-D window is clipped).
+
+Backward: dQKV is written once per token at its source position (each token belongs to one window);
+padding tokens' dK/dV partial sums go to a small per-program buffer reduced in a fixed order into
+d(qkv_bias); d(table) sums dS over all windows and batches in one program per (head, query block, key
+block), walking the windows in order, then gathers the (N x N) sums into table rows: no atomics, so
+every gradient is bitwise deterministic.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from vitkernels.ops.attention.triton import (
+    _configs,
+    _precision,
+    finalize_rows,
+    online_softmax_step,
+    probs_from_lse,
+)
+from vitkernels.ops.window_attention import geometry
+
+WINDOW_SPACE = ((32, 64), (32, 64), (2, 4), (1, 2))
+FWD_CONFIGS = _configs(WINDOW_SPACE)
+BWD_CONFIGS = _configs(WINDOW_SPACE)
+TUNE_KEY = ["N_TOK", "HEAD_DIM"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token geometry
+
+
+@triton.jit
+def _region(p, P, W, s):
+    """Shift-mask region of shifted-padded coordinate p along one dim (padded size P, window W, shift s)."""
+    r = (p >= P - W).to(tl.int32) + (p >= P - s).to(tl.int32)
+    return tl.where(s == 0, 2, r)
+
+
+@triton.jit
+def _window_tokens(n, win_t, win_h, win_w,
+                   WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+                   ROLL_FIRST: tl.constexpr):
+    """For token numbers ``n`` of the window at grid position (win_t, win_h, win_w): source coordinates
+    in the unpadded map, whether each is a real token (else padding) and its shift-mask region."""
+    pt = win_t * WT + n // (WH * WW)
+    ph = win_h * WH + (n // WW) % WH
+    pw = win_w * WW + n % WW
+    if ROLL_FIRST:  # timm 2-D: roll the map, then pad its end
+        real = (pt < ST) & (ph < SH) & (pw < SW)
+        src_t = (pt + SHIFT_T) % ST
+        src_h = (ph + SHIFT_H) % SH
+        src_w = (pw + SHIFT_W) % SW
+    else:  # Video Swin 3-D: pad, then roll the padded volume
+        src_t = (pt + SHIFT_T) % PT
+        src_h = (ph + SHIFT_H) % PH
+        src_w = (pw + SHIFT_W) % PW
+        real = (src_t < ST) & (src_h < SH) & (src_w < SW)
+    region = (_region(pt, PT, WT, SHIFT_T) * 3 + _region(ph, PH, WH, SHIFT_H)) * 3 + _region(pw, PW, WW, SHIFT_W)
+    return src_t, src_h, src_w, real, region
+
+
+@triton.jit
+def _token_offsets(src_t, src_h, src_w, stride_t, stride_h, stride_w):
+    return src_t.to(tl.int64) * stride_t + src_h.to(tl.int64) * stride_h + src_w.to(tl.int64) * stride_w
+
+
+@triton.jit
+def _load_tokens(QKV, QKVBias, row_off, real, in_window, col0, offs_d, mask_d, HAS_QKV_BIAS: tl.constexpr):
+    """(tokens, D) slice [col0, col0 + D) of qkv for the given tokens; padding tokens take qkv_bias."""
+    x = tl.load(QKV + row_off[:, None] + col0 + offs_d[None, :], mask=real[:, None] & mask_d[None, :], other=0.0)
+    if HAS_QKV_BIAS:
+        bias = tl.load(QKVBias + col0 + offs_d, mask=mask_d, other=0.0)
+        pad = in_window & (real == 0)
+        x = tl.where(pad[:, None] & mask_d[None, :], bias[None, :], x)
+    return x
+
+
+@triton.jit
+def _table_rows(n_i, n_j, TT, TH, TW):
+    """Table row of each (query, key) pair: relative offsets of their coordinates in the table's window."""
+    ti = n_i // (TH * TW)
+    hi = (n_i // TW) % TH
+    wi = n_i % TW
+    tj = n_j // (TH * TW)
+    hj = (n_j // TW) % TH
+    wj = n_j % TW
+    return ((ti[:, None] - tj[None, :] + TT - 1) * (2 * TH - 1) + (hi[:, None] - hj[None, :] + TH - 1)) \
+        * (2 * TW - 1) + (wi[:, None] - wj[None, :] + TW - 1)
+
+
+@triton.jit
+def _window_scores(q, kT, n_i, n_j, in_i, in_j, region_i, region_j, Table, stride_tr, qk_scale,
+                   TT, TH, TW,
+                   HAS_TABLE: tl.constexpr, HAS_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """Logits of a (query tile x key tile) in log2 units: q k^T * scale + table bias, -inf on keys outside
+    the window and on pairs the shift mask separates. ``Table`` points at this head's column."""
+    qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+    pair = in_i[:, None] & in_j[None, :]
+    if HAS_TABLE:
+        rows = _table_rows(n_i, n_j, TT, TH, TW)
+        qk += tl.load(Table + rows * stride_tr, mask=pair, other=0.0).to(tl.float32) * 1.4426950408889634
+    keep = in_j[None, :] & (n_i[:, None] >= 0)
+    if HAS_SHIFT:
+        keep = keep & (region_i[:, None] == region_j[None, :])
+    return tl.where(keep, qk, float("-inf"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _window_attn_fwd_kernel(
+    QKV, QKVBias, Table, Out, LSE,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_tr, stride_th,
+    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_bw = tl.program_id(0)  # b * NUM_WIN + window (axis 0: no 65535 grid limit)
+    head = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bw // NUM_WIN
+    w = pid_bw % NUM_WIN
+    win_t = w // (NW_H * NW_W)
+    win_h = (w // NW_W) % NW_H
+    win_w = w % NW_W
+
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_m = offs_m < N_TOK
+    st, sh, sw, real_m, region_m = _window_tokens(offs_m, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
+                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+    real_m = real_m & in_m
+    x_base = QKV + b.to(tl.int64) * stride_xb
+    q = _load_tokens(x_base, QKVBias, _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw), real_m, in_m,
+                     head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_TOK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N_TOK
+        kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH,
+                                                      PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+        real_n = real_n & in_n
+        rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
+        k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d,
+                         HAS_QKV_BIAS)
+        qk = _window_scores(q, tl.trans(k), offs_m, offs_n, in_m, in_n, region_m, region_n, Table + head * stride_th, stride_tr,
+                            qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
+        p, m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+
+    acc, lse = finalize_rows(acc, m_i, l_i)
+    tl.store(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs_m, lse, mask=in_m)
+    o_rows = _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=real_m[:, None] & mask_d[None, :])  # padding is cropped
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _window_bwd_delta_kernel(
+    Out, DOut, Delta,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    ST, SH, SW, HEAD_DIM, NUM_HEADS, NUM_TOKENS,
+    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta = rowsum(O * dO) per (token, head) of the map, (B, T, H, W, heads) float32."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # token number in (b, t, h, w) order
+    head = tl.program_id(1)
+    ok = offs < NUM_TOKENS
+    b = offs // (ST * SH * SW)
+    t = (offs // (SH * SW)) % ST
+    h = (offs // SW) % SH
+    w = offs % SW
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    col = head * HEAD_DIM + offs_d[None, :]
+    o = tl.load(Out + (b.to(tl.int64) * stride_ob + _token_offsets(t, h, w, stride_ot, stride_oh, stride_ow))[:, None]
+                + col, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOut + (b.to(tl.int64) * stride_db + _token_offsets(t, h, w, stride_dt, stride_dh, stride_dw))[:, None]
+                 + col, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Delta + offs.to(tl.int64) * NUM_HEADS + head, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _load_query_side(QKV, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
+                     stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
+                     C, HEAD_DIM, NUM_HEADS, N_TOK,
+                     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+                     BLOCK_D: tl.constexpr, ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
+    """Everything the backward needs of a query block: q, dO (0 on padding: it is cropped), lse (log2
+    units), delta, and the tokens' geometry."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    in_m = offs_m < N_TOK
+    st, sh, sw, real_m, region_m = _window_tokens(offs_m, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
+                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+    real_m = real_m & in_m
+    q = _load_tokens(QKV, QKVBias, _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw), real_m, in_m,
+                     head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    d_rows = b.to(tl.int64) * stride_db + _token_offsets(st, sh, sw, stride_dt, stride_dh, stride_dw)
+    do = tl.load(DOut + d_rows[:, None] + head * HEAD_DIM + offs_d[None, :], mask=real_m[:, None] & mask_d[None, :],
+                 other=0.0)
+    lse2 = tl.load(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs_m, mask=in_m, other=0.0) \
+        * 1.4426950408889634
+    tok = ((b.to(tl.int64) * ST + st) * SH + sh) * SW + sw
+    delta = tl.load(Delta + tok * NUM_HEADS + head, mask=real_m, other=0.0)
+    return q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m
+
+
+@triton.jit
+def _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n, Table, stride_tr,
+                    qk_scale, TT, TH, TW,
+                    HAS_TABLE: tl.constexpr, HAS_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(P, dS) of a (query tile x key tile) of one window-head: dS = P * (dO V^T - delta)."""
+    qk = _window_scores(q, tl.trans(k), offs_m, offs_n, in_m, in_n, region_m, region_n, Table, stride_tr,
+                        qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
+    p = probs_from_lse(qk, lse2, in_m[:, None] & in_n[None, :])
+    dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _window_attn_bwd_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_tr, stride_th,
+    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (batch-window, head, key block): dK, dV of its keys (looping over the window's
+    queries); real tokens' gradients go to their source positions in dQKV, padding tokens' sums to DPad
+    (B*nW, heads, key blocks, 2, D) for d(qkv_bias). Query gradients: ``_window_attn_bwd_dq_kernel``."""
+    pid_bw = tl.program_id(0)
+    head = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    b = pid_bw // NUM_WIN
+    w = pid_bw % NUM_WIN
+    win_t = w // (NW_H * NW_W)
+    win_h = (w // NW_W) % NW_H
+    win_w = w % NW_W
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    x_base = QKV + b.to(tl.int64) * stride_xb
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N_TOK
+    kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
+                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+    real_n = real_n & in_n
+    rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
+    k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for start_m in range(0, N_TOK, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
+            x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
+            stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
+            C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+            BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
+        p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
+                                Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
+    dk = dk * sm_scale
+
+    g_rows = b.to(tl.int64) * stride_gb + _token_offsets(kt, kh, kw, stride_gt, stride_gh, stride_gw)
+    g_mask = real_n[:, None] & mask_d[None, :]
+    tl.store(DQKV + g_rows[:, None] + C + head * HEAD_DIM + offs_d[None, :], dk.to(DQKV.dtype.element_ty),
+             mask=g_mask)
+    tl.store(DQKV + g_rows[:, None] + 2 * C + head * HEAD_DIM + offs_d[None, :], dv.to(DQKV.dtype.element_ty),
+             mask=g_mask)
+    if GRAD_PAD:
+        pad = (in_n & (real_n == 0))[:, None]
+        slots = tl.cdiv(N_TOK, 16)
+        pad_base = DPad + ((pid_bw.to(tl.int64) * NUM_HEADS + head) * slots + pid_n * (BLOCK_N // 16)) * 2 * HEAD_DIM
+        tl.store(pad_base + offs_d, tl.sum(tl.where(pad, dk, 0.0), 0), mask=mask_d)
+        tl.store(pad_base + HEAD_DIM + offs_d, tl.sum(tl.where(pad, dv, 0.0), 0), mask=mask_d)
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _window_attn_bwd_dq_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_tr, stride_th,
+    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (query block, head, batch-window): dQ = dS K * scale of its real queries (padding
+    queries are cropped from the output, so their dQ is 0 and never stored)."""
+    pid_bw = tl.program_id(0)
+    head = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bw // NUM_WIN
+    w = pid_bw % NUM_WIN
+    win_t = w // (NW_H * NW_W)
+    win_h = (w // NW_W) % NW_H
+    win_w = w % NW_W
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    x_base = QKV + b.to(tl.int64) * stride_xb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
+        x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
+        stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
+        C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+        BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for start_n in range(0, N_TOK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N_TOK
+        kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH,
+                                                      PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+        real_n = real_n & in_n
+        rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
+        k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d,
+                         HAS_QKV_BIAS)
+        p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
+                                Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+    dq = dq * sm_scale
+    g_rows = b.to(tl.int64) * stride_gb + _token_offsets(st, sh, sw, stride_gt, stride_gh, stride_gw)
+    tl.store(DQKV + g_rows[:, None] + head * HEAD_DIM + offs_d[None, :], dq.to(DQKV.dtype.element_ty),
+             mask=real_m[:, None] & mask_d[None, :])
+
+
+@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
+@triton.jit
+def _window_attn_bwd_dtable_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DSSum,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_tr, stride_th,
+    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dS summed over every batch and window, (heads, N, N) float32: one program per (key block, query
+    block, head) walks the windows in a fixed order (the d(table) reduction without atomics)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    head = tl.program_id(2)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_n = offs_n < N_TOK
+    qk_scale = sm_scale * 1.4426950408889634
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for i_bw in range(0, NUM_BW):
+        pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable is a plain int)
+        b = pid_bw // NUM_WIN
+        w = pid_bw % NUM_WIN
+        win_t = w // (NW_H * NW_W)
+        win_h = (w // NW_W) % NW_H
+        win_w = w % NW_W
+        x_base = QKV + b.to(tl.int64) * stride_xb
+        q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
+            x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
+            stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
+            C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+            BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
+        kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH,
+                                                      PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+        real_n = real_n & in_n
+        rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
+        k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d,
+                         HAS_QKV_BIAS)
+        p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
+                                Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, True, HAS_SHIFT, INPUT_PRECISION)
+        acc += ds
+    ptrs = DSSum + (head.to(tl.int64) * N_TOK + offs_m[:, None]) * N_TOK + offs_n[None, :]
+    tl.store(ptrs, acc, mask=(offs_m < N_TOK)[:, None] & in_n[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launchers
+
+
+class _Geometry:
+    """The kernels' view of a map: everything as 3-D (T, H, W)."""
+
+    def __init__(self, inputs):
+        nd = len(inputs.spatial)
+        pad1 = (1,) * (3 - nd)
+        self.roll_first = nd == 2
+        self.spatial = pad1 + inputs.spatial
+        self.window = pad1 + inputs.window
+        self.shift = (0,) * (3 - nd) + inputs.shift
+        self.table_window = pad1 + inputs.table_window
+        self.padded = geometry.padded_size(self.spatial, self.window)
+        self.grid = tuple(p // w for p, w in zip(self.padded, self.window))
+        self.num_windows = math.prod(self.grid)
+        self.n_tok = math.prod(self.window)
+        self.has_pad = self.padded != self.spatial
+
+    def args(self):
+        return (*self.window, *self.spatial, *self.padded, *self.shift, *self.table_window)
+
+
+def _as_3d(x: torch.Tensor) -> torch.Tensor:
+    return x.unsqueeze(1) if x.dim() == 4 else x  # (B, H, W, ...) -> (B, 1, H, W, ...): a view
+
+
+def window_attention_fwd_triton(inputs) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Forward: (out (B, *S, C) in qkv's dtype, lse (B * nW, heads, N) float32)."""
+    qkv = inputs.qkv
+    g = _Geometry(inputs)
+    B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
+    C = heads * hd
+    out = torch.empty(qkv.shape[:-1] + (C,), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty((B * g.num_windows, heads, g.n_tok), dtype=torch.float32, device=qkv.device)
+    table = inputs.rel_pos_bias
+    x3, o3 = _as_3d(qkv), _as_3d(out)
+
+    def grid(meta):
+        return (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"]))
+
+    _window_attn_fwd_kernel[grid](
+        x3, inputs.qkv_bias if inputs.qkv_bias is not None else x3, table if table is not None else x3, o3, lse,
+        *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)),
+        C, hd, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(),
+        inputs.scale,
+        BLOCK_D=max(16, triton.next_power_of_2(hd)), ROLL_FIRST=g.roll_first, HAS_SHIFT=any(g.shift),
+        HAS_TABLE=table is not None, HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype),
+    )
+    return out, lse
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs_by_table_row(window: Tuple[int, ...], table_window: Tuple[int, ...], device: str):
+    """For each table row, the flat (i * N + j) pairs that read it, padded with N*N (a zero slot):
+    (rows, max pairs) long, for a deterministic gather-sum of dS into d(table)."""
+    index = geometry.window_bias_index(window, table_window).reshape(-1)  # N*N
+    rows = geometry.table_rows(table_window)
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=rows)
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(index.numel()) - starts[index[order]]
+    pairs = torch.full((rows, width), index.numel(), dtype=torch.long)
+    pairs[index[order], slot] = order
+    return pairs.to(device)
+
+
+def window_attention_bwd_triton(dout, inputs, out, lse, needs):
+    """Backward: (dqkv (B, *S, 3C) | None, dtable | None, dqkv_bias | None)."""
+    need_qkv, need_table, need_bias = needs
+    qkv, table, qkv_bias = inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias
+    g = _Geometry(inputs)
+    B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
+    C = heads * hd
+    block_d = max(16, triton.next_power_of_2(hd))
+    if dout.stride(-1) != 1:  # the kernels read channels with unit stride; autograd rarely hands us another
+        dout = dout.contiguous()
+    x3, d3 = _as_3d(qkv), _as_3d(dout)
+    o3 = _as_3d(out)
+    num_tokens = B * math.prod(g.spatial)
+    delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
+    _window_bwd_delta_kernel[(triton.cdiv(num_tokens, 64), heads)](
+        o3, d3, delta, *o3.stride()[:4], *d3.stride()[:4], *g.spatial, hd, heads, num_tokens,
+        BLOCK=64, BLOCK_D=block_d,
+    )
+    flags = dict(BLOCK_D=block_d, ROLL_FIRST=g.roll_first, HAS_SHIFT=any(g.shift), HAS_QKV_BIAS=qkv_bias is not None,
+                 INPUT_PRECISION=_precision(qkv.dtype))
+    table_arg = table if table is not None else x3
+    bias_arg = qkv_bias if qkv_bias is not None else x3
+    table_strides = table.stride() if table is not None else (0, 0)
+    geo = (C, hd, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2])
+    dqkv = dbias = dtable = None
+    if need_qkv or need_bias:
+        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        g3 = _as_3d(dqkv)
+        grad_pad = need_bias and g.has_pad
+        dpad = None
+        if grad_pad:
+            dpad = torch.zeros((B * g.num_windows, heads, triton.cdiv(g.n_tok, 16), 2, hd), dtype=torch.float32,
+                               device=qkv.device)
+
+        def grid_kv(meta):
+            return (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_N"]))
+
+        _window_attn_bwd_kernel[grid_kv](
+            x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse,
+            *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides,
+            *geo, *g.args(), inputs.scale, HAS_TABLE=table is not None, GRAD_PAD=grad_pad, **flags,
+        )
+
+        def grid_q(meta):
+            return (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"]))
+
+        _window_attn_bwd_dq_kernel[grid_q](
+            x3, bias_arg, table_arg, d3, lse, delta, g3,
+            *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides,
+            *geo, *g.args(), inputs.scale, HAS_TABLE=table is not None, **flags,
+        )
+        if need_bias:
+            # Only padding tokens read qkv_bias. q's share is 0 (padding queries are cropped from the
+            # output); k's and v's are the per-program sums, reduced here in a fixed order.
+            dbias = torch.zeros(3 * C, dtype=torch.float32, device=qkv.device)
+            if grad_pad:
+                pad_kv = dpad.sum(dim=(0, 2))  # heads, 2, hd
+                dbias[C:] = pad_kv.permute(1, 0, 2).reshape(2 * C)
+            dbias = dbias.to(qkv_bias.dtype)
+        if not need_qkv:
+            dqkv = None
+    if need_table:
+        ds_sum = torch.empty((heads, g.n_tok, g.n_tok), dtype=torch.float32, device=qkv.device)
+
+        def grid_t(meta):
+            return (triton.cdiv(g.n_tok, meta["BLOCK_N"]), triton.cdiv(g.n_tok, meta["BLOCK_M"]), heads)
+
+        _window_attn_bwd_dtable_kernel[grid_t](
+            x3, bias_arg, table, d3, lse, delta, ds_sum,
+            *x3.stride()[:4], *d3.stride()[:4], *table_strides,
+            *geo, B * g.num_windows, *g.args(), inputs.scale, **flags,
+        )
+        pairs = _pairs_by_table_row(inputs.window, inputs.table_window, str(qkv.device))
+        flat = torch.cat([ds_sum.view(heads, -1), ds_sum.new_zeros(heads, 1)], dim=1)  # slot N*N is zero
+        dtable = flat[:, pairs].sum(-1).t().to(table.dtype)  # rows, heads
+    return dqkv, dtable, dbias
+
+
+class TritonWindowKernels:
+    """window_attention's Triton forward/backward, in the shape ``WindowAttentionFunction`` expects."""
+
+    @staticmethod
+    def forward(inputs):
+        out, lse = window_attention_fwd_triton(inputs)
+        return out, (out, lse)
+
+    @staticmethod
+    def backward(dout, inputs, saved, needs):
+        out, lse = saved
+        return window_attention_bwd_triton(dout, inputs, out, lse, needs)

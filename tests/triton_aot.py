@@ -15,10 +15,10 @@ from triton.runtime.autotuner import Autotuner
 
 FLOAT_SCALARS = {"sm_scale", "dropout_p"}
 INT64_SCALARS = {"seed"}
-FP32_POINTERS = {"LSE", "Delta"}
+FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum"}
 INT8_POINTERS = {"Mask"}
 # tensors of the op's dtype; every other non-constexpr argument not named above is an int32 size/stride
-DATA_POINTERS = {"Q", "K", "V", "Bias", "Out", "DOut", "DQ", "DK", "DV", "DBias"}
+DATA_POINTERS = {"Q", "K", "V", "Bias", "Out", "DOut", "DQ", "DK", "DV", "DBias", "QKV", "QKVBias", "Table", "DQKV"}
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict:

@@ -1,0 +1,181 @@
+"""The triton backend of window_attention against the float64 reference (interpreter on CPU, small maps;
+GPU-marked cases at Swin sizes when a GPU is present). Criterion: |triton - ref64| <= 2x |reference in
+the same dtype - ref64| + floor, for the output and the gradients of qkv, the table and qkv_bias."""
+import math
+import os
+
+import pytest
+import torch
+
+import vitkernels
+from vitkernels import BackendUnavailableError
+
+from tests.utils import assert_close_2x
+
+pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+if DEVICE == "cpu" and not INTERPRET:
+    pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+BF16 = pytest.param(torch.bfloat16, id="bfloat16", marks=pytest.mark.skipif(
+    INTERPRET, reason="bf16 tl.dot returns garbage under the Triton interpreter: bf16 is verified on a GPU only"))
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def table_rows(window):
+    return math.prod(2 * w - 1 for w in window)
+
+
+def run_case(shape, heads, head_dim, window, shift, table_window=None, dtype=torch.float32, with_bias=True,
+             with_table=True, qkv=None):
+    """Compare triton with the reference; window/shift as given to the op, table_window the window the
+    table is laid out for (2-D: the clipped window; 3-D: the configured one)."""
+    B, *spatial = shape
+    nd = len(spatial)
+    window_t = (window,) * nd if isinstance(window, int) else tuple(window)
+    table_window = table_window or window_t
+    C = heads * head_dim
+    base_qkv = torch.randn(B, *spatial, 3 * C, device=DEVICE) if qkv is None else qkv
+    leaves = {"qkv": base_qkv}
+    if with_table:
+        leaves["rel_pos_bias"] = torch.randn(table_rows(table_window), heads, device=DEVICE)
+    if with_bias:
+        leaves["qkv_bias"] = torch.randn(3 * C, device=DEVICE)
+    dout = torch.randn(B, *spatial, C, device=DEVICE)
+    results = {}
+    for name, cast, backend in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"),
+                                ("tri", dtype, "triton")):
+        ts = {n: t.detach().to(cast).requires_grad_() for n, t in leaves.items()}
+        out = vitkernels.window_attention(ts["qkv"], num_heads=heads, window_size=window, shift_size=shift,
+                                          rel_pos_bias=ts.get("rel_pos_bias"), qkv_bias=ts.get("qkv_bias"),
+                                          backend=backend)
+        out.backward(dout.to(cast))
+        grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in ts.items()}
+        results[name] = (out, grads)
+    floor = FLOOR[dtype]
+    assert results["tri"][0].dtype == dtype
+    assert_close_2x(results["tri"][0], results["pt"][0], results["ref"][0], floor=floor, name="out")
+    for n in leaves:
+        assert_close_2x(results["tri"][1][n], results["pt"][1][n], results["ref"][1][n], factor=3.0, floor=floor * 10,
+                        name=f"d{n}")
+    return results
+
+
+CASES_2D = [
+    # (B, H, W), heads, head_dim, window, shift, table window
+    ((2, 14, 14), 2, 32, 7, 3, None),           # Swin stage, shifted
+    ((2, 14, 14), 2, 32, 7, 0, None),           # not shifted
+    ((1, 13, 10), 2, 32, 7, 3, None),           # padding in both dims
+    ((1, 5, 6), 2, 32, 7, 3, (5, 6)),           # window clipped to the map, shift dropped
+    ((1, 7, 20), 2, 40, 7, 3, (7, 7)),          # clipped in H only (7 <= 7)
+    ((1, 10, 13), 2, 32, (4, 8), (2, 4), None),  # non-square window
+    ((1, 9, 11), 3, 24, (4, 5), (0, 2), None),  # shift in one dim only, head_dim 24
+]
+
+
+@pytest.mark.parametrize("shape,heads,hd,window,shift,table_window", CASES_2D,
+                         ids=["14x14-w7-s3", "14x14-w7-s0", "13x10-pad", "5x6-clipped", "7x20-clipH", "10x13-w4x8",
+                              "9x11-shift0x2"])
+def test_2d_matches_reference(shape, heads, hd, window, shift, table_window):
+    run_case(shape, heads, hd, window, shift, table_window)
+
+
+CASES_3D = [
+    ((1, 4, 6, 5), 2, 32, (2, 3, 3), (1, 1, 1), None),
+    ((1, 3, 5, 5), 2, 32, (2, 3, 3), (1, 1, 2), None),  # padding in every dim
+    ((1, 2, 6, 6), 2, 32, (4, 3, 3), (2, 1, 1), (4, 3, 3)),  # T clipped: table of the configured window
+    ((1, 3, 3, 8), 2, 32, (4, 4, 3), (2, 2, 1), (4, 4, 3)),  # T and H clipped: Video Swin's index[:N, :N]
+    ((2, 4, 6, 6), 2, 32, (2, 3, 3), (0, 0, 0), None),
+]
+
+
+@pytest.mark.parametrize("shape,heads,hd,window,shift,table_window", CASES_3D,
+                         ids=["4x6x5-shift", "3x5x5-pad", "2x6x6-clipT", "3x3x8-clipTH", "4x6x6-noshift"])
+def test_3d_matches_reference(shape, heads, hd, window, shift, table_window):
+    run_case(shape, heads, hd, window, shift, table_window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=["float16", "bfloat16"])
+def test_low_precision(dtype):
+    run_case((1, 13, 10), 2, 32, 7, 3, dtype=dtype)
+    run_case((1, 3, 5, 5), 2, 32, (2, 3, 3), (1, 1, 2), dtype=dtype)
+
+
+@pytest.mark.parametrize("with_table,with_bias", [(False, True), (True, False), (False, False)],
+                         ids=["no-table", "no-qkv-bias", "neither"])
+def test_optional_table_and_qkv_bias(with_table, with_bias):
+    run_case((1, 13, 10), 2, 32, 7, 3, with_table=with_table, with_bias=with_bias)
+
+
+def test_strided_qkv_is_read_in_place_and_its_padding_never_read():
+    # qkv is a view of a wider NaN-filled buffer: reading outside it would put NaN in the output.
+    heads, hd = 2, 32
+    C = heads * hd
+    buf = torch.full((1, 13, 10, 3 * C + 16), float("nan"), device=DEVICE)
+    buf[..., : 3 * C] = torch.randn(1, 13, 10, 3 * C, device=DEVICE)
+    qkv = buf[..., : 3 * C]
+    assert not qkv.is_contiguous()
+    run_case((1, 13, 10), heads, hd, 7, 3, qkv=qkv)
+
+
+def test_backward_is_deterministic_bitwise():
+    heads, hd = 2, 32
+    qkv = torch.randn(2, 13, 10, 3 * heads * hd, device=DEVICE)
+    table = torch.randn(169, heads, device=DEVICE)
+    bias = torch.randn(3 * heads * hd, device=DEVICE)
+    g = torch.randn(2, 13, 10, heads * hd, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in (qkv, table, bias)]
+        out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=7, shift_size=3, rel_pos_bias=ts[1],
+                                          qkv_bias=ts[2], backend="triton")
+        out.backward(g)
+        runs.append([out] + [t.grad for t in ts])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_triton_refuses_what_it_cannot_run():
+    qkv = torch.randn(1, 8, 8, 96, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(BackendUnavailableError, match="float64 is not supported by the triton kernels"):
+        vitkernels.window_attention(qkv, num_heads=2, window_size=4, backend="triton")
+    strided = torch.randn(1, 8, 8, 192, device=DEVICE)[..., ::2]
+    with pytest.raises(BackendUnavailableError, match="qkv must have unit stride in its channel dim"):
+        vitkernels.window_attention(strided, num_heads=2, window_size=4, backend="triton")
+
+
+# ---- Swin sizes, GPU only ----------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("shape,heads,window,shift,table_window", [
+    ((8, 56, 56), 3, 7, 3, None), ((8, 28, 28), 6, 7, 3, None), ((8, 7, 7), 24, 7, 3, (7, 7)),
+    ((4, 24, 24), 8, 12, 6, None), ((2, 8, 28, 28), 3, (8, 7, 7), (4, 3, 3), None)],
+    ids=["swinT-s1", "swinT-s2", "swinT-s4", "swinB384-w12", "video-8x7x7"])
+def test_gpu_swin_shapes(dtype, shape, heads, window, shift, table_window):
+    run_case(shape, heads, 32, window, shift, table_window, dtype=dtype)
+
+
+def test_2d_matches_timm_block_with_the_same_weights():
+    timm_swin = pytest.importorskip("timm.models.swin_transformer")
+    heads, hd, (H, W) = 2, 32, (13, 10)
+    C = heads * hd
+    blocks = {}
+    for dtype in (torch.float64, torch.float32):
+        torch.manual_seed(1)
+        blk = timm_swin.SwinTransformerBlock(C, (H, W), num_heads=heads, window_size=7, shift_size=3).to(dtype)
+        with torch.no_grad():
+            blk.attn.relative_position_bias_table.normal_()
+            blk.attn.qkv.bias.normal_()
+        blk.attn.proj = torch.nn.Identity()
+        blocks[dtype] = blk.to(DEVICE)
+    x = torch.randn(2, H, W, C, device=DEVICE)
+    ref = blocks[torch.float64]._attn(x.double())
+    pt = blocks[torch.float32]._attn(x)
+    attn = blocks[torch.float32].attn
+    out = vitkernels.window_attention(attn.qkv(x), num_heads=heads, window_size=7, shift_size=3,
+                                      rel_pos_bias=attn.relative_position_bias_table, qkv_bias=attn.qkv.bias,
+                                      backend="triton")
+    assert_close_2x(out, pt, ref, floor=1e-6)

@@ -10,6 +10,7 @@ from vitkernels.ops.patch_embed.checks import OP, PatchEmbedInputs, check_patch_
 from vitkernels.ops.patch_embed.function import PatchEmbedFunction
 from vitkernels.ops.patch_embed.gather_gemm import GatherGemmKernels
 from vitkernels.ops.patch_embed.reference import patch_embed_reference
+from vitkernels.ops.triton_limits import triton_reasons
 
 
 def patch_embed(
@@ -59,7 +60,15 @@ def _device_reasons(device_type: str):
     return reasons
 
 
+def _triton_run(inputs: PatchEmbedInputs) -> torch.Tensor:
+    from vitkernels.ops.patch_embed.triton import TritonPatchEmbedKernels  # imports triton: only when used
+
+    return PatchEmbedFunction.apply(TritonPatchEmbedKernels, inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
+                                    inputs.prefix_tokens)
+
+
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
+dispatch.register(OP, "triton", reasons=lambda inputs: triton_reasons(inputs.device, inputs.dtype), run=_triton_run)
 dispatch.register(OP, "cpu", reasons=_device_reasons("cpu"), run=_gather_gemm_run)
 dispatch.register(OP, "cuda", reasons=_device_reasons("cuda"), run=_gather_gemm_run)
 

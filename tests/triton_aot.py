@@ -18,7 +18,8 @@ INT64_SCALARS = {"seed"}
 FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum"}
 INT8_POINTERS = {"Mask"}
 # tensors of the op's dtype; every other non-constexpr argument not named above is an int32 size/stride
-DATA_POINTERS = {"Q", "K", "V", "Bias", "Out", "DOut", "DQ", "DK", "DV", "DBias", "QKV", "QKVBias", "Table", "DQKV"}
+DATA_POINTERS = {"Q", "K", "V", "Bias", "Out", "DOut", "DQ", "DK", "DV", "DBias", "QKV", "QKVBias", "Table", "DQKV",
+                 "X", "W", "Pos", "Prefix", "DW", "DX"}
 
 
 def signature(fn, dtype: str, constexprs: dict) -> dict:

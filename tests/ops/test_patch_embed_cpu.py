@@ -108,19 +108,19 @@ def _run(backend, leaf, x, params, g):
     return out, [None if t is None else by_leaf.get(id(t)) for t in leaves]
 
 
-def _compare_2x(case: Case, dtype, *, x_grad=True):
+def _compare_2x(case: Case, dtype, *, x_grad=True, backend="cpu"):
     leaf, x, params, g = _inputs(case, dtype, x_grad=x_grad)
     out_ref, grads_ref = _run("reference", leaf, x, params, g)
     l_pt, x_pt, p_pt = _cast_like(case, leaf, x, params, dtype)
     out_pt, grads_pt = _run("reference", l_pt, x_pt, p_pt, g)
     l_c, x_c, p_c = _cast_like(case, leaf, x, params, dtype)
-    out, grads = _run("cpu", l_c, x_c, p_c, g)
+    out, grads = _run(backend, l_c, x_c, p_c, g)
 
     assert out.dtype == dtype and out.shape == out_ref.shape
     assert_close_2x(out, out_pt, out_ref, factor=2.0, floor=_floor(dtype, out_ref), name=f"forward {dtype}")
     for name, a, p, r in zip(NAMES, grads, grads_pt, grads_ref):
         if r is None:
-            assert a is None, f"d{name}: the cpu backend gave a gradient the reference does not have"
+            assert a is None, f"d{name}: the {backend} backend gave a gradient the reference does not have"
             continue
         assert a is not None, f"d{name} missing"
         assert a.dtype == dtype

@@ -12,6 +12,7 @@ triton = pytest.importorskip("triton")
 
 ATTN = "vitkernels.ops.attention.triton"
 WIN = "vitkernels.ops.window_attention.triton"
+PATCH = "vitkernels.ops.patch_embed.triton"
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max shared memory per block (A100, H100)
 PRECISION = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
 TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -58,6 +59,15 @@ EXTRA = [
     (WIN, "_window_attn_bwd_dq_kernel", "fp32", dict(HAS_TABLE=True, INPUT_PRECISION="ieee", **WINDOW_FLAGS), 90, 4, 2),
     (WIN, "_window_attn_bwd_dtable_kernel", "fp16", dict(INPUT_PRECISION="tf32", **WINDOW_FLAGS), 90, 4, 2),
     (WIN, "_window_bwd_delta_kernel", "fp16", dict(BLOCK=64, BLOCK_D=128), 90, 4, 1),
+    # patch embed: the largest GEMM tiles the pruner keeps (fp32: 3 stages, fp16: 4)
+    (PATCH, "_patch_embed_fwd_kernel", "fp32", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, HAS_BIAS=True, HAS_POS=True,
+                                                    POS_HAS_PREFIX=True, INPUT_PRECISION="ieee"), 90, 8, 3),
+    (PATCH, "_patch_embed_fwd_kernel", "fp16", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, HAS_BIAS=True, HAS_POS=True,
+                                                    POS_HAS_PREFIX=False, INPUT_PRECISION="tf32"), 90, 8, 4),
+    (PATCH, "_patch_embed_bwd_dw_kernel", "fp16", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION="tf32"),
+     90, 8, 4),
+    (PATCH, "_patch_embed_bwd_dx_kernel", "fp32", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION="ieee"),
+     90, 8, 3),
     (ATTN, "_flash_attn_bwd_preprocess_kernel", "fp16", dict(BLOCK_M=64, BLOCK_D=256), 90, 4, 1),
     (ATTN, "_flash_attn_bwd_dbias_kernel", "fp16", dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=64, INPUT_PRECISION="tf32",
                                                          REDUCE_M=True, REDUCE_N=True, HAS_DROPOUT=False), 90, 4, 2),

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.ops.attention.triton import _precision, interpreting
+from vitkernels.ops.attention.triton import SHARED_MEMORY_BUDGET, _precision, interpreting
 
 GEMM_SPACE = ((64, 128), (64, 128), (32, 64), (4, 8), (3, 4))
 
@@ -33,6 +33,19 @@ def _gemm_configs():
 
 GEMM_CONFIGS = _gemm_configs()
 TUNE_KEY = ["M", "N_EMB", "K_DIM"]
+
+
+def gemm_shared_memory_estimate(block_m: int, block_n: int, block_k: int, num_stages: int, elem: int) -> int:
+    """Bytes of shared memory of a pipelined GEMM config: (A tile + B tile) per stage."""
+    return elem * (block_m * block_k + block_k * block_n) * max(1, num_stages)
+
+
+def _prune_gemm(configs, named_args, **kwargs):
+    elem = named_args["W"].element_size()
+    kept = [c for c in configs if gemm_shared_memory_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
+                                                              c.kwargs["BLOCK_K"], c.num_stages, elem)
+            <= SHARED_MEMORY_BUDGET]
+    return kept or configs[:1]
 
 
 @triton.jit
@@ -58,7 +71,7 @@ def _patch_col_offsets(offs_k, PT, PH, PW, stride_c, stride_t, stride_h, stride_
     return c.to(tl.int64) * stride_c + dt * stride_t + dh * stride_h + dw * stride_w
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _patch_embed_fwd_kernel(
     X, W, Bias, Pos, Prefix, Out,
@@ -114,7 +127,7 @@ def _patch_embed_fwd_kernel(
         tl.store(Out + out_rows[:, None] + offs_e[None, :] * stride_oe, val.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _patch_embed_bwd_dw_kernel(
     X, DOut, DW,
@@ -148,7 +161,7 @@ def _patch_embed_bwd_dw_kernel(
              mask=mask_e[:, None] & mask_k[None, :])
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY)
+@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _patch_embed_bwd_dx_kernel(
     DOut, W, DX,

@@ -63,12 +63,8 @@ def attention_forward_math(q, k, v, bias=None, scale=None):
     row a fused forward saves for its backward (-inf for a row of all -inf logits); float64 for fp64
     inputs. No dropout.
     """
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
     acc = _acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
-    if bias is not None:
-        scores = scores + bias.to(acc)
+    scores = _scores(q, k, bias, scale, acc)
     lse = torch.logsumexp(scores, dim=-1)  # ..., Nq
     probs = _probs_from_lse(scores, lse)
     out = torch.matmul(probs, v.to(acc)).to(q.dtype)
@@ -81,9 +77,7 @@ def attention_backward_math(dout, q, k, v, bias, out, lse, scale=None, bias_requ
     if scale is None:
         scale = q.shape[-1] ** -0.5
     acc = _acc_dtype(q.dtype)
-    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
-    if bias is not None:
-        scores = scores + bias.to(acc)
+    scores = _scores(q, k, bias, scale, acc)
     probs = _probs_from_lse(scores, lse.to(acc))  # recomputed, never stored by a fused forward
     dout = dout.to(acc)
     delta = (dout * out.to(acc)).sum(dim=-1, keepdim=True)  # ..., Nq, 1 = rowsum(dO * O)
@@ -96,6 +90,14 @@ def attention_backward_math(dout, q, k, v, bias, out, lse, scale=None, bias_requ
     if bias is not None and bias_requires_grad:
         dbias = dscores.sum_to_size(bias.shape).to(bias.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+def _scores(q, k, bias, scale, acc):
+    """q k^T * scale + bias in the accumulation dtype (..., Nq, Nk)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * scale
+    return scores if bias is None else scores + bias.to(acc)
 
 
 def _probs_from_lse(scores, lse):

@@ -92,6 +92,30 @@ def _load_tokens(QKV, QKVBias, row_off, real, in_window, col0, offs_d, mask_d, H
 
 
 @triton.jit
+def _window_of(pid_bw, NUM_WIN, NW_H, NW_W):
+    """Batch index and window-grid coordinates of program row ``pid_bw = b * NUM_WIN + window``."""
+    w = pid_bw % NUM_WIN
+    return pid_bw // NUM_WIN, w // (NW_H * NW_W), (w // NW_W) % NW_H, w % NW_W
+
+
+@triton.jit
+def _load_key_side(x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw,
+                   C, HEAD_DIM, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+                   BLOCK_D: tl.constexpr, ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
+    """k and v of a key block of one window-head, with the keys' geometry."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    in_n = offs_n < N_TOK
+    kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
+                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+    real_n = real_n & in_n
+    rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
+    k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    return k, v, kt, kh, kw, real_n, in_n, region_n
+
+
+@triton.jit
 def _table_rows(n_i, n_j, TT, TH, TW):
     """Table row of each (query, key) pair: relative offsets of their coordinates in the table's window."""
     ti = n_i // (TH * TW)
@@ -142,11 +166,7 @@ def _window_attn_fwd_kernel(
     pid_bw = tl.program_id(0)  # b * NUM_WIN + window (axis 0: no 65535 grid limit)
     head = tl.program_id(1)
     pid_m = tl.program_id(2)
-    b = pid_bw // NUM_WIN
-    w = pid_bw % NUM_WIN
-    win_t = w // (NW_H * NW_W)
-    win_h = (w // NW_W) % NW_H
-    win_w = w % NW_W
+    b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
 
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -165,14 +185,9 @@ def _window_attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N_TOK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N_TOK
-        kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH,
-                                                      PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
-        real_n = real_n & in_n
-        rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
-        k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-        v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d,
-                         HAS_QKV_BIAS)
+        k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
+            x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
+            WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
         qk = _window_scores(q, tl.trans(k), offs_m, offs_n, in_m, in_n, region_m, region_n, Table + head * stride_th, stride_tr,
                             qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
         p, m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)
@@ -274,23 +289,15 @@ def _window_attn_bwd_kernel(
     pid_bw = tl.program_id(0)
     head = tl.program_id(1)
     pid_n = tl.program_id(2)
-    b = pid_bw // NUM_WIN
-    w = pid_bw % NUM_WIN
-    win_t = w // (NW_H * NW_W)
-    win_h = (w // NW_W) % NW_H
-    win_w = w % NW_W
+    b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     x_base = QKV + b.to(tl.int64) * stride_xb
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_n = offs_n < N_TOK
-    kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
-                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
-    real_n = real_n & in_n
-    rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
-    k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-    v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
+        x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
+        WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
     qk_scale = sm_scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -342,11 +349,7 @@ def _window_attn_bwd_dq_kernel(
     pid_bw = tl.program_id(0)
     head = tl.program_id(1)
     pid_m = tl.program_id(2)
-    b = pid_bw // NUM_WIN
-    w = pid_bw % NUM_WIN
-    win_t = w // (NW_H * NW_W)
-    win_h = (w // NW_W) % NW_H
-    win_w = w % NW_W
+    b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     x_base = QKV + b.to(tl.int64) * stride_xb
@@ -361,14 +364,9 @@ def _window_attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N_TOK, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_n = offs_n < N_TOK
-        kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH,
-                                                      PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
-        real_n = real_n & in_n
-        rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
-        k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-        v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d,
-                         HAS_QKV_BIAS)
+        k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
+            x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
+            WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
         p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
                                 Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
@@ -406,24 +404,16 @@ def _window_attn_bwd_dtable_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for i_bw in range(0, NUM_BW):
         pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable is a plain int)
-        b = pid_bw // NUM_WIN
-        w = pid_bw % NUM_WIN
-        win_t = w // (NW_H * NW_W)
-        win_h = (w // NW_W) % NW_H
-        win_w = w % NW_W
+        b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
         x_base = QKV + b.to(tl.int64) * stride_xb
         q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
             x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
             stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
             C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
             BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
-        kt, kh, kw, real_n, region_n = _window_tokens(offs_n, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH,
-                                                      PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
-        real_n = real_n & in_n
-        rows_n = _token_offsets(kt, kh, kw, stride_xt, stride_xh, stride_xw)
-        k = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-        v = _load_tokens(x_base, QKVBias, rows_n, real_n, in_n, 2 * C + head * HEAD_DIM, offs_d, mask_d,
-                         HAS_QKV_BIAS)
+        k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
+            x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
+            WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
         p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
                                 Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, True, HAS_SHIFT, INPUT_PRECISION)
         acc += ds

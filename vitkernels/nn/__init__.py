@@ -1,4 +1,15 @@
-"""Drop-in modules: ``MultiheadAttention`` / ``replace_mha`` for torch's, and timm-compatible layers."""
+"""Drop-in modules: ``MultiheadAttention`` / ``replace_mha`` for torch's, and timm's ``Attention``,
+``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock`` with ``patch_timm`` (these need timm)."""
 from vitkernels.nn.multihead_attention import MultiheadAttention, replace_mha
+from vitkernels.nn.timm_layers import patch_timm
 
-__all__ = ["MultiheadAttention", "replace_mha"]
+__all__ = ["MultiheadAttention", "replace_mha", "patch_timm", "Attention", "PatchEmbed", "WindowAttention",
+           "SwinTransformerBlock"]
+
+
+def __getattr__(name: str):
+    if name in ("Attention", "PatchEmbed", "WindowAttention", "SwinTransformerBlock"):
+        from vitkernels.nn import timm_layers
+
+        return getattr(timm_layers, name)
+    raise AttributeError(f"module 'vitkernels.nn' has no attribute {name!r}")

@@ -1,0 +1,105 @@
+"""timm drop-ins: vitkernels.models against timm (pretrained=False, random init, CPU), patch_timm on built
+timm models, and the fused ops actually being the ones that run."""
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+import vitkernels.nn as vnn  # noqa: E402
+from vitkernels import models  # noqa: E402
+from vitkernels.nn import timm_layers  # noqa: E402
+
+FAMILIES = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
+            "swin_tiny_patch4_window7_224"]
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls the drop-ins make to each fused op."""
+    calls = {"flash_attention": 0, "window_attention": 0, "patch_embed": 0}
+    for name in calls:
+        real = getattr(timm_layers, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(timm_layers, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_create_model_loads_timm_state_dict_strictly_and_matches_its_logits(name, op_calls):
+    torch.manual_seed(0)
+    reference = timm.create_model(name, pretrained=False).eval()
+    model = models.create_model(name).eval()
+    assert list(model.state_dict()) == list(reference.state_dict())
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference(x)
+        logits = model(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert op_calls["patch_embed"] == 1
+    if name.startswith("swin"):
+        assert op_calls["window_attention"] == len([m for m in model.modules()
+                                                    if isinstance(m, timm_layers.FusedSwinBlockMixin)])
+    else:
+        assert op_calls["flash_attention"] == len(model.blocks)
+
+
+@pytest.mark.parametrize("name", models.SUPPORTED)
+def test_every_supported_model_has_timms_state_dict_keys(name):
+    ours = models.create_model(name, device="meta")
+    theirs = timm.create_model(name, pretrained=False, device="meta")
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+
+
+def test_loading_at_another_image_size_resamples_positions():
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    model = models.create_model("vit_tiny_patch16_384")
+    models.load_state_dict(model, source.state_dict())
+    assert model.pos_embed.shape == (1, 1 + 24 * 24, 192)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 384, 384)).shape == (1, 1000)
+
+
+def test_patch_timm_keeps_outputs_parameters_and_gradients():
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, depth=2).train()
+    model.set_distilled_training(False)
+    x = torch.randn(2, 3, 224, 224)
+    expected = model.eval()(x)
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    params = [id(p) for p in model.parameters()]
+    model.zero_grad()
+    vnn.patch_timm(model)
+    assert [id(p) for p in model.parameters()] == params
+    out = model(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    out.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-3, atol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_unsupported_name_lists_the_supported_ones():
+    with pytest.raises(ValueError, match="unknown model 'vit_huge_patch14_224'; supported: vit_tiny_patch16_224"):
+        models.create_model("vit_huge_patch14_224")
+
+
+def test_fused_modules_are_timms_classes_with_timms_constructor():
+    attn = vnn.Attention(64, num_heads=4, qkv_bias=True)
+    assert isinstance(attn, timm.layers.Attention)
+    assert list(attn.state_dict()) == list(timm.layers.Attention(64, num_heads=4, qkv_bias=True).state_dict())
+    x = torch.randn(2, 10, 64)
+    plain = timm.layers.Attention(64, num_heads=4, qkv_bias=True)
+    plain.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(attn(x), plain(x), rtol=1e-5, atol=1e-5)
+    pe = vnn.PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16)
+    ref = timm.layers.PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16)
+    ref.load_state_dict(pe.state_dict())
+    img = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(pe(img), ref(img), rtol=1e-5, atol=1e-5)
+    block = vnn.SwinTransformerBlock(64, (14, 14), num_heads=2, window_size=7, shift_size=3)
+    assert isinstance(block, timm.models.swin_transformer.SwinTransformerBlock)

@@ -88,3 +88,22 @@ def optional_scale(op: str, scale) -> Optional[float]:
     if scale != scale or scale in (float("inf"), float("-inf")):
         raise ValueError(f"{op}: scale must be finite, got {scale}")
     return scale
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype when autocast is on for ``device_type`` (else None). The ops then take their
+    float inputs in that dtype (autocast's contract, as for matmuls) and run with autocast off inside."""
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: per-device functions
+        enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    if not enabled:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except (AttributeError, TypeError):
+        return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+
+
+def autocast_cast(dtype: torch.dtype, *tensors):
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)

@@ -5,10 +5,11 @@ from typing import List, Optional
 
 import torch
 
-from vitkernels import dispatch
+from vitkernels import dispatch, library
 from vitkernels.ops.attention.checks import OP, AttentionInputs, check_attention_inputs
 from vitkernels.ops.attention.function import AttentionFunction
 from vitkernels.ops.attention.reference import attention_reference
+from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.triton_limits import triton_reasons
 
 
@@ -37,8 +38,16 @@ def flash_attention(
 
     Returns:
         (B, H, Nq, D) in q's dtype. A row whose logits are all -inf gives zeros, never NaN.
+        Under autocast, float inputs are taken in the autocast dtype.
     """
+    if isinstance(q, torch.Tensor) and (ac := autocast_dtype(q.device.type)) is not None:
+        q, k, v, bias = autocast_cast(ac, q, k, v, bias)
+        with torch.autocast(q.device.type, enabled=False):
+            return flash_attention(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p, backend=backend)
     inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
+    if library.compiling():  # one opaque node for torch.compile
+        return library.flash_attention_op(q, k, v, bias, inputs.scale, inputs.dropout_p,
+                                          library.draw_seed(inputs.dropout_p), backend or "_")
     return dispatch.select(OP, inputs, backend).run(inputs)
 
 

@@ -5,11 +5,12 @@ from typing import List, Optional
 
 import torch
 
-from vitkernels import dispatch
+from vitkernels import dispatch, library
 from vitkernels.ops.patch_embed.checks import OP, PatchEmbedInputs, check_patch_embed_inputs
 from vitkernels.ops.patch_embed.function import PatchEmbedFunction
 from vitkernels.ops.patch_embed.gather_gemm import GatherGemmKernels
 from vitkernels.ops.patch_embed.reference import patch_embed_reference
+from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.triton_limits import triton_reasons
 
 
@@ -36,7 +37,13 @@ def patch_embed(
     Returns:
         (B, P + Np, E) in x's dtype; patches in row-major (t, h, w) order.
     """
+    if isinstance(x, torch.Tensor) and (ac := autocast_dtype(x.device.type)) is not None:
+        x, weight, bias, pos_embed, prefix_tokens = autocast_cast(ac, x, weight, bias, pos_embed, prefix_tokens)
+        with torch.autocast(x.device.type, enabled=False):
+            return patch_embed(x, weight, bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, backend=backend)
     inputs = check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens)
+    if library.compiling():  # one opaque node for torch.compile
+        return library.patch_embed_op(x, weight, bias, pos_embed, prefix_tokens, backend or "_")
     return dispatch.select(OP, inputs, backend).run(inputs)
 
 

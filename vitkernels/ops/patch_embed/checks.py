@@ -75,7 +75,7 @@ def check_patch_embed_inputs(x, weight, bias=None, pos_embed=None, prefix_tokens
         if s % p != 0:
             raise ValueError(f"{OP}: x's {name}={s} is not a multiple of the patch size {p} "
                              f"(patch {patch} from weight.shape, x {tuple(x.shape)})")
-    num_patches = math.prod(s // p for s, p in zip(x.shape[2:], patch))
+    num_patches = math.prod([s // p for s, p in zip(x.shape[2:], patch)])
     if bias is not None:
         C.require_tensor(OP, "bias", bias)
         C.require_same_dtype(OP, "bias", bias, "x", x)

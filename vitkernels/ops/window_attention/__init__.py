@@ -5,7 +5,8 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from vitkernels import dispatch
+from vitkernels import dispatch, library
+from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.triton_limits import triton_reasons
 from vitkernels.ops.window_attention.checks import OP, WindowInputs, check_window_inputs
 from vitkernels.ops.window_attention.function import window_attention_function
@@ -42,7 +43,15 @@ def window_attention(
     Returns:
         (B, H, W, C) or (B, T, H, W, C): attention output before ``proj`` at the original positions.
     """
+    if isinstance(qkv, torch.Tensor) and (ac := autocast_dtype(qkv.device.type)) is not None:
+        qkv, rel_pos_bias, qkv_bias = autocast_cast(ac, qkv, rel_pos_bias, qkv_bias)
+        with torch.autocast(qkv.device.type, enabled=False):
+            return window_attention(qkv, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
+                                    rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, scale=scale, backend=backend)
     inputs = check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias, qkv_bias, scale)
+    if library.compiling():  # one opaque node for torch.compile
+        return library.window_attention_op(qkv, rel_pos_bias, qkv_bias, num_heads, list(inputs.window_size),
+                                           list(inputs.shift_size), inputs.scale, backend or "_")
     return dispatch.select(OP, inputs, backend).run(inputs)
 
 

@@ -26,7 +26,7 @@ def padded_size(spatial: Sequence[int], window: Sequence[int]) -> Tuple[int, ...
 
 def table_rows(window: Sequence[int]) -> int:
     """Rows of the relative-position bias table of a window: prod(2 w - 1)."""
-    return math.prod(2 * w - 1 for w in window)
+    return math.prod([2 * w - 1 for w in window])
 
 
 def relative_position_index(window: Sequence[int], device=None) -> torch.Tensor:

@@ -103,3 +103,30 @@ def test_fused_modules_are_timms_classes_with_timms_constructor():
     torch.testing.assert_close(pe(img), ref(img), rtol=1e-5, atol=1e-5)
     block = vnn.SwinTransformerBlock(64, (14, 14), num_heads=2, window_size=7, shift_size=3)
     assert isinstance(block, timm.models.swin_transformer.SwinTransformerBlock)
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["plain", "shift-mask"])
+def test_window_attention_module_on_partitioned_windows(with_mask, op_calls):
+    from timm.models.swin_transformer import WindowAttention
+
+    torch.manual_seed(0)
+    ref = WindowAttention(64, num_heads=2, window_size=7).double().eval()
+    with torch.no_grad():
+        ref.relative_position_bias_table.normal_()
+    ours = vnn.WindowAttention(64, num_heads=2, window_size=7).double().eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    num_win, B = 4, 3
+    x = torch.randn(B * num_win, 49, 64, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if with_mask:
+        ids = torch.randint(0, 3, (num_win, 49))
+        mask = torch.zeros(num_win, 49, 49, dtype=torch.float64).masked_fill(ids[:, :, None] != ids[:, None, :], -100.0)
+    out = ours(x, mask=mask)
+    assert op_calls["flash_attention"] == 1  # the fused path ran
+    expected = ref(x, mask=mask)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, ours.relative_position_bias_table], g)
+    want = torch.autograd.grad(expected, [x, ref.relative_position_bias_table], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

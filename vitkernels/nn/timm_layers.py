@@ -12,7 +12,9 @@ op cannot take) runs timm's own code, so behaviour never changes, only speed.
 - VisionTransformer (ViT, DeiT, distilled DeiT): patchify + projection + cls/dist tokens + pos_embed in one
   ``patch_embed`` call; the model's patch_embed hands the raw image through to ``_pos_embed``.
 - SwinTransformerBlock: ``_attn`` = qkv Linear -> ``window_attention`` (shift, pad, partition, bias, mask,
-  reverse inside) -> proj.
+  reverse inside) -> proj. (Its WindowAttention is then not called.)
+- WindowAttention on its own (already partitioned windows): ``flash_attention`` with windows x heads on
+  one axis and the table bias + shift mask as one small (1, nW * heads, N, N) bias.
 """
 from __future__ import annotations
 
@@ -105,6 +107,28 @@ class FusedVisionTransformerMixin:
         return self.pos_drop(tokens)
 
 
+class FusedWindowAttentionMixin:
+    """timm Swin ``WindowAttention.forward`` (already partitioned windows) on ``flash_attention``: windows
+    become the head axis of one call, relative-position bias + shift mask one (1, nW * heads, N, N) bias."""
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B_, N, C = x.shape
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        num_win = 1 if mask is None else mask.shape[0]
+        if (not head_dim_supported(head_dim) or B_ % num_win != 0 or (self.training and self.attn_drop.p > 0)):
+            return super().forward(x, mask=mask)
+        B, H = B_ // num_win, self.num_heads
+        bias = self._get_rel_pos_bias().to(x.dtype)  # 1, H, N, N
+        if mask is not None:
+            bias = bias + mask.to(x.dtype).unsqueeze(1)  # nW, H, N, N
+        qkv = self.qkv(x).reshape(B, num_win, N, 3, H, head_dim)
+        # (B, nW, N, H, D) -> (B, nW * H, N, D): a strided view, windows and heads on one axis
+        q, k, v = (qkv[:, :, :, i].permute(0, 1, 3, 2, 4).reshape(B, num_win * H, N, head_dim) for i in range(3))
+        out = flash_attention(q, k, v, bias=bias.reshape(1, num_win * H, N, N), scale=self.scale)
+        out = out.view(B, num_win, H, N, head_dim).permute(0, 1, 3, 2, 4).reshape(B_, N, H * head_dim)
+        return self.proj_drop(self.proj(out))
+
+
 class FusedSwinBlockMixin:
     """Swin ``SwinTransformerBlock._attn`` on ``window_attention``."""
 
@@ -130,6 +154,8 @@ def fused_class(base: type) -> type:
         mixin = FusedSwinBlockMixin
     elif issubclass(base, t["PatchEmbed"]):
         mixin = FusedPatchEmbedMixin
+    elif issubclass(base, t["WindowAttention"]):
+        mixin = FusedWindowAttentionMixin
     elif issubclass(base, t["Attention"]):
         mixin = FusedAttentionMixin
     else:
@@ -142,7 +168,8 @@ def patch_timm(model: nn.Module) -> nn.Module:
     of ``model`` to their fused versions in place (same parameters, buffers and state_dict keys) and
     return the model."""
     t = _timm()
-    supported = (t["VisionTransformer"], t["SwinTransformerBlock"], t["PatchEmbed"], t["Attention"])
+    supported = (t["VisionTransformer"], t["SwinTransformerBlock"], t["PatchEmbed"], t["Attention"],
+                 t["WindowAttention"])
     for module in model.modules():
         cls = type(module)
         if cls.__module__ != __name__ and issubclass(cls, supported):
@@ -156,8 +183,6 @@ def patch_timm(model: nn.Module) -> nn.Module:
 def __getattr__(name: str):
     """``Attention``, ``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock``: timm's classes with the
     fused forward (created on first use, so importing vitkernels.nn does not need timm)."""
-    if name in ("Attention", "PatchEmbed", "SwinTransformerBlock"):
+    if name in ("Attention", "PatchEmbed", "WindowAttention", "SwinTransformerBlock"):
         return fused_class(_timm()[name])
-    if name == "WindowAttention":
-        return _timm()["WindowAttention"]  # its forward takes partitioned windows; SwinTransformerBlock fuses
     raise AttributeError(name)

@@ -13,10 +13,10 @@ endif
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
-DEPS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pytest pytest-benchmark ninja pybind11
+DEPS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pytest pytest-benchmark ninja pybind11 matplotlib
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install test test-slow demo clean
+.PHONY: install test test-slow demo bench bench-pytest clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,18 @@ test-slow: install
 
 demo: install
 	$(VPY) -m vitkernels
+
+# Op- and model-level tables against the peers (GPU: full sweeps; CPU: a small subset), saved under
+# benchmarks/results/ with plots.
+bench: install
+	$(VPY) -m vitkernels.bench attention --save --plot benchmarks/results/attention.png
+	$(VPY) -m vitkernels.bench attention --bias --mode fwd+bwd --limit 4 --save
+	$(VPY) -m vitkernels.bench window --save --plot benchmarks/results/window.png
+	$(VPY) -m vitkernels.bench patch --save
+	$(VPY) -m vitkernels.bench model --save
+
+bench-pytest: install
+	$(VPY) -m pytest benchmarks -q --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf build *.egg-info vitkernels/*.so $(VENV)/.installed

@@ -1,0 +1,1 @@
+"""Benchmarks as a user tool: ``python -m vitkernels.bench --help``."""

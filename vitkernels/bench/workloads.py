@@ -1,0 +1,440 @@
+"""Named workloads per op and the candidates timed on them: every vitkernels backend (refusals carry the
+backend's reason) and the peers users compare against (torch SDPA with each backend forced,
+FlexAttention compiled, timm's eager modules and their torch.compile, eager Conv2d patch embedding)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from vitkernels import dispatch
+from vitkernels.bench.core import Candidate
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILE_PEERS = {"enabled": True}  # __main__ turns compiled peers off on CPU unless --compile
+
+
+def _compile_skip() -> Optional[str]:
+    if COMPILE_PEERS["enabled"]:
+        return None
+    return "compiled peer off (torch.compile takes minutes per shape on CPU; pass --compile)"
+
+
+@dataclass
+class Workload:
+    name: str
+    shape: str
+    params: Dict
+
+
+def _gpu(device) -> bool:
+    return device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------------- attention
+# (name, heads, N, D); batch per device
+ATTENTION = {
+    "vit": [("ViT-S/16@224", 6, 197, 64), ("ViT-B/16@224", 12, 197, 64), ("ViT-L/16@224", 16, 197, 64),
+            ("ViT-B/16@384", 12, 577, 64), ("ViT-L/16@384", 16, 577, 64), ("ViT-H/14@224", 16, 257, 80),
+            ("ViT-B/16@512", 12, 1025, 64), ("SAM ViT-H global", 16, 4096, 80)],
+    "long": [("long 16k", 8, 16384, 64), ("long 64k", 4, 65536, 64)],
+}
+
+
+def attention_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
+    kinds = ["vit", "long"] if kind == "all" else [kind]
+    out = []
+    for k in kinds:
+        for name, heads, n, d in ATTENTION.get(k, []):
+            b = batch or (1 if n >= 16384 else (64 if _gpu(device) else 2))
+            out.append(Workload(name, f"B={b} H={heads} N={n} D={d}", dict(B=b, H=heads, N=n, D=d)))
+    return out
+
+
+def attention_cost(p, mode, dtype, with_bias) -> Tuple[float, float]:
+    fwd = 4.0 * p["B"] * p["H"] * p["N"] ** 2 * p["D"]
+    flops = fwd * (3.5 if mode == "fwd+bwd" else 1.0)  # backward = 2.5 x forward (recomputes QK^T)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    io = 4 * p["B"] * p["H"] * p["N"] * p["D"] * elem + (p["H"] * p["N"] ** 2 * elem if with_bias else 0)
+    return flops, io * (2 if mode == "fwd+bwd" else 1)
+
+
+def _dense_bytes(p, elem, extra=1):
+    return p["B"] * p["H"] * p["N"] ** 2 * elem * extra
+
+
+def attention_candidates(p, dtype, mode, device, backends, with_bias) -> List[Candidate]:
+    from vitkernels.ops.attention.checks import check_attention_inputs
+
+    B, H, N, D = p["B"], p["H"], p["N"], p["D"]
+    grad = mode == "fwd+bwd"
+
+    def make():
+        base = torch.randn(B, N, 3, H, D, device=device, dtype=dtype, requires_grad=grad)
+        bias = torch.randn(1, H, N, N, device=device, dtype=dtype, requires_grad=grad) if with_bias else None
+        return base, bias
+
+    def runner(call):
+        def build():
+            base, bias = make()
+            q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
+            g = torch.randn(B, H, N, D, device=device, dtype=dtype)
+
+            def run():
+                out = call(q, k, v, bias)
+                if grad:
+                    out.backward(g)
+            return run
+        return build
+
+    cands = []
+    probe = torch.empty(0, device=device, dtype=dtype)
+    q_probe = probe.new_empty(1, H, 1, D)
+    inputs = check_attention_inputs(q_probe, q_probe, q_probe)
+    dense_gb = _dense_bytes(p, probe.element_size(), 3 if grad else 2) / 2 ** 30
+    limit_gb = (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 * 0.8) if _gpu(device) else 8.0
+    for name, impl in dispatch.implementations("flash_attention").items():
+        if backends and name not in backends:
+            continue
+        reasons = impl.not_supported_reasons(inputs)
+        if not reasons and name == "reference" and dense_gb > limit_gb:
+            reasons = [f"materialises B*H*N*N scores (~{dense_gb:.0f} GB)"]
+        if not reasons and name == "triton" and not _gpu(device):
+            reasons = ["the Triton interpreter is a correctness tool, not timed"]
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip="; ".join(reasons) or None,
+                               build=runner(lambda q, k, v, b, _n=name: _flash(q, k, v, b, _n))))
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for label, be in (("math", SDPBackend.MATH), ("flash", SDPBackend.FLASH_ATTENTION),
+                      ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        skip = None
+        if not _gpu(device) and label in ("efficient", "cudnn"):
+            skip = f"SDPA {label} is CUDA-only"
+        elif label == "flash" and with_bias:
+            skip = "SDPA's flash backend takes no attn_mask (a bias sends SDPA to another backend)"
+        elif label == "math" and dense_gb > limit_gb:
+            skip = f"materialises B*H*N*N scores (~{dense_gb:.0f} GB)"
+
+        def call(q, k, v, b, _be=be):
+            with sdpa_kernel([_be]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=b)
+        cands.append(Candidate(f"sdpa:{label}", "peer", build=runner(call), skip=skip))
+    cands.append(_flex_candidate(runner, device, grad, with_bias))
+    return cands
+
+
+def _flash(q, k, v, bias, backend):
+    from vitkernels import flash_attention
+
+    return flash_attention(q, k, v, bias=bias, backend=backend)
+
+
+def _flex_candidate(runner, device, grad, with_bias) -> Candidate:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as exc:
+        return Candidate("flex (compiled)", "peer", skip=f"FlexAttention unavailable ({exc})")
+    if grad and not _gpu(device):
+        return Candidate("flex (compiled)", "peer", skip="FlexAttention has no backward on CPU")
+    if _compile_skip():
+        return Candidate("flex (compiled)", "peer", skip=_compile_skip())
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def call(q, k, v, bias):
+        if bias is None:
+            return compiled(q, k, v)
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx]
+        return compiled(q, k, v, score_mod=score_mod)
+    return Candidate("flex (compiled)", "peer", build=runner(call))
+
+
+# ---------------------------------------------------------------------------------------------------- window
+# (name, map (T,)H,W, C, heads, window, shift)
+WINDOW = {
+    "swin": [("Swin-T s1", (56, 56), 96, 3, 7, 3), ("Swin-T s2", (28, 28), 192, 6, 7, 3),
+             ("Swin-T s3", (14, 14), 384, 12, 7, 3), ("Swin-T s4", (7, 7), 768, 24, 7, 3),
+             ("Swin-B@384 s1", (96, 96), 128, 4, 12, 6), ("Swin-B@384 s3", (24, 24), 512, 16, 12, 6)],
+    "video": [("VideoSwin-T s1", (8, 56, 56), 96, 3, (8, 7, 7), (4, 3, 3)),
+              ("VideoSwin-T s3", (8, 14, 14), 384, 12, (8, 7, 7), (4, 3, 3))],
+}
+
+
+def window_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
+    kinds = ["swin", "video"] if kind == "all" else [kind]
+    out = []
+    for k in kinds:
+        for name, spatial, c, heads, w, s in WINDOW.get(k, []):
+            b = batch or (64 if _gpu(device) else 1)
+            if not _gpu(device) and len(spatial) == 3 and not batch:
+                b = 1
+            out.append(Workload(name, f"B={b} map={'x'.join(map(str, spatial))} C={c} heads={heads} w={w} s={s}",
+                                dict(B=b, spatial=spatial, C=c, heads=heads, window=w, shift=s)))
+    return out
+
+
+def window_cost(p, mode, dtype) -> Tuple[float, float]:
+    nd = len(p["spatial"])
+    window = (p["window"],) * nd if isinstance(p["window"], int) else p["window"]
+    n_tok = math.prod(window)
+    tokens = p["B"] * math.prod(math.ceil(s / w) * w for s, w in zip(p["spatial"], window))
+    attn = 4.0 * tokens * n_tok * p["C"]  # per token: N keys x 2 products x C channels (all heads)
+    linear = 2.0 * p["B"] * math.prod(p["spatial"]) * p["C"] * 3 * p["C"]
+    flops = (attn + linear) * (3.0 if mode == "fwd+bwd" else 1.0)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    io = p["B"] * math.prod(p["spatial"]) * p["C"] * 5 * elem  # x, qkv (3C), out
+    return flops, io * (2 if mode == "fwd+bwd" else 1)
+
+
+def window_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
+    from vitkernels import window_attention
+    from vitkernels.ops.window_attention.checks import check_window_inputs
+
+    B, spatial, C, heads = p["B"], p["spatial"], p["C"], p["heads"]
+    nd = len(spatial)
+    window = (p["window"],) * nd if isinstance(p["window"], int) else tuple(p["window"])
+    shift = (p["shift"],) * nd if isinstance(p["shift"], int) else tuple(p["shift"])
+    grad = mode == "fwd+bwd"
+    rows = math.prod(2 * w - 1 for w in window)
+
+    def params():
+        torch.manual_seed(0)
+        x = torch.randn(B, *spatial, C, device=device, dtype=dtype, requires_grad=grad)
+        lin = torch.nn.Linear(C, 3 * C, device=device, dtype=dtype)
+        table = torch.nn.Parameter(torch.randn(rows, heads, device=device, dtype=dtype) * 0.02)
+        return x, lin, table
+
+    def with_backward(fn, x):
+        g = torch.randn(*x.shape[:-1], C, device=device, dtype=dtype)
+
+        def run():
+            out = fn()
+            if grad:
+                out.backward(g)
+        return run
+
+    cands = []
+    probe = check_window_inputs(torch.empty(B, *spatial, 3 * C, device=device, dtype=dtype), heads, window, shift,
+                                torch.empty(rows, heads, device=device, dtype=dtype), None)
+    for name, impl in dispatch.implementations("window_attention").items():
+        if backends and name not in backends:
+            continue
+        reasons = impl.not_supported_reasons(probe)
+        if not reasons and name == "triton" and not _gpu(device):
+            reasons = ["the Triton interpreter is a correctness tool, not timed"]
+
+        def build(_name=name):
+            x, lin, table = params()
+            return with_backward(lambda: window_attention(lin(x), num_heads=heads, window_size=window, shift_size=shift,
+                                                          rel_pos_bias=table, qkv_bias=lin.bias, backend=_name), x)
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", build=build, skip="; ".join(reasons) or None))
+
+    if nd == 2:
+        def timm_block(compiled):
+            def build():
+                from timm.models.swin_transformer import SwinTransformerBlock
+
+                x, _, _ = params()
+                blk = SwinTransformerBlock(C, spatial, num_heads=heads, window_size=window, shift_size=shift,
+                                           device=device, dtype=dtype)
+                blk.attn.proj = torch.nn.Identity()  # the op stops before proj
+                fn = torch.compile(blk._attn) if compiled else blk._attn
+                return with_backward(lambda: fn(x), x)
+            return build
+        cands.append(Candidate("timm eager", "peer", build=timm_block(False)))
+        cands.append(Candidate("timm eager (compiled)", "peer", build=timm_block(True), skip=_compile_skip()))
+        cands.append(_flex_window_candidate(params, with_backward, spatial, C, heads, window, shift, device, grad))
+    else:
+        cands.append(Candidate("timm eager", "peer", skip="timm has no Video Swin block"))
+
+        def reference_build():
+            from vitkernels.ops.window_attention.reference import window_attention_reference
+
+            x, lin, table = params()
+            return with_backward(lambda: window_attention_reference(lin(x), heads, window, shift, table, lin.bias), x)
+        cands.append(Candidate("eager roll/pad/partition", "peer", build=reference_build))
+    return cands
+
+
+def _flex_window_candidate(params, with_backward, spatial, C, heads, window, shift, device, grad) -> Candidate:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+    except ImportError as exc:
+        return Candidate("flex (compiled)", "peer", skip=f"FlexAttention unavailable ({exc})")
+    if grad and not _gpu(device):
+        return Candidate("flex (compiled)", "peer", skip="FlexAttention has no backward on CPU")
+    if _compile_skip():
+        return Candidate("flex (compiled)", "peer", skip=_compile_skip())
+    from vitkernels.ops.window_attention import geometry
+    from vitkernels.ops.window_attention.reference import _partition, _reverse
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+
+    def build():
+        x, lin, table = params()
+        win, sh = geometry.resolve_window_shift(spatial, window, shift)
+        padded = geometry.padded_size(spatial, win)
+        n = math.prod(win)
+        index = geometry.relative_position_index(win, device)
+        ids = _partition(geometry.shift_region_ids(padded, win, sh, device)[None, ..., None], win)[0, :, :, 0]
+        num_win = ids.shape[0]
+
+        def fn():
+            qkv = lin(x)
+            if any(sh):
+                qkv = torch.roll(qkv, [-s for s in sh], (1, 2))
+            qkv = F.pad(qkv, (0, 0, 0, padded[1] - spatial[1], 0, padded[0] - spatial[0]))
+            w = _partition(qkv, win)  # B, nW, N, 3C
+            Bn = w.shape[0] * w.shape[1]
+            q, k, v = w.reshape(Bn, n, 3, heads, C // heads).permute(2, 0, 3, 1, 4).unbind(0)
+
+            def score_mod(score, b, h, q_idx, kv_idx):
+                rel = table[index[q_idx, kv_idx], h]
+                same = ids[b % num_win, q_idx] == ids[b % num_win, kv_idx]
+                return torch.where(same, score + rel, -float("inf"))
+            out = compiled(q, k, v, score_mod=score_mod)
+            out = out.permute(0, 2, 1, 3).reshape(x.shape[0], num_win, n, C)
+            out = _reverse(out, win, padded)[:, : spatial[0], : spatial[1]]
+            return torch.roll(out, list(sh), (1, 2)) if any(sh) else out
+        return with_backward(fn, x)
+    return Candidate("flex (compiled)", "peer", build=build)
+
+
+# ---------------------------------------------------------------------------------------------------- patch
+PATCH = {
+    "vit": [("ViT-B/16@224", (3, 224, 224), (16, 16), 768, 1), ("ViT-L/14@336", (3, 336, 336), (14, 14), 1024, 1),
+            ("Swin patch4", (3, 224, 224), (4, 4), 96, 0)],
+    "video": [("video 16x224 tubelet 2x16x16", (3, 16, 224, 224), (2, 16, 16), 768, 0)],
+}
+
+
+def patch_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
+    kinds = ["vit", "video"] if kind in ("all", "swin") else [kind]
+    out = []
+    for k in kinds:
+        for name, chw, patch, e, prefix in PATCH.get(k, []):
+            b = batch or ((256 if len(chw) == 3 else 16) if _gpu(device) else (8 if len(chw) == 3 else 1))
+            out.append(Workload(name, f"B={b} x={'x'.join(map(str, chw))} patch={'x'.join(map(str, patch))} E={e}",
+                                dict(B=b, chw=chw, patch=patch, E=e, P=prefix)))
+    return out
+
+
+def patch_cost(p, mode, dtype) -> Tuple[float, float]:
+    num = math.prod(s // q for s, q in zip(p["chw"][1:], p["patch"]))
+    k = p["chw"][0] * math.prod(p["patch"])
+    flops = 2.0 * p["B"] * num * k * p["E"] * (2.0 if mode == "fwd+bwd" else 1.0)  # + dW (images need no dX)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    io = (p["B"] * math.prod(p["chw"]) + p["E"] * k + p["B"] * (num + p["P"]) * p["E"]) * elem
+    return flops, io * (2 if mode == "fwd+bwd" else 1)
+
+
+def patch_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
+    from vitkernels import patch_embed
+    from vitkernels.ops.patch_embed.checks import check_patch_embed_inputs
+
+    B, chw, patch, E, P = p["B"], p["chw"], p["patch"], p["E"], p["P"]
+    num = math.prod(s // q for s, q in zip(chw[1:], patch))
+    grad = mode == "fwd+bwd"
+
+    def params():
+        x = torch.randn(B, *chw, device=device, dtype=dtype)
+        w = (torch.randn(E, chw[0], *patch, device=device, dtype=dtype) * 0.02).requires_grad_(grad)
+        b = torch.zeros(E, device=device, dtype=dtype, requires_grad=grad)
+        pos = (torch.randn(1, P + num, E, device=device, dtype=dtype) * 0.02).requires_grad_(grad)
+        cls = torch.zeros(1, P, E, device=device, dtype=dtype, requires_grad=grad) if P else None
+        return x, w, b, pos, cls
+
+    def runner(fn):
+        def build():
+            x, w, b, pos, cls = params()
+            g = torch.randn(B, P + num, E, device=device, dtype=dtype)
+
+            def run():
+                out = fn(x, w, b, pos, cls)
+                if grad:
+                    out.backward(g)
+            return run
+        return build
+
+    probe_x = torch.empty(1, *chw, device=device, dtype=dtype)
+    probe = check_patch_embed_inputs(probe_x, torch.empty(E, chw[0], *patch, device=device, dtype=dtype))
+    cands = []
+    for name, impl in dispatch.implementations("patch_embed").items():
+        if backends and name not in backends:
+            continue
+        reasons = impl.not_supported_reasons(probe)
+        if not reasons and name == "triton" and not _gpu(device):
+            reasons = ["the Triton interpreter is a correctness tool, not timed"]
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip="; ".join(reasons) or None,
+                               build=runner(lambda x, w, b, pos, cls, _n=name: patch_embed(
+                                   x, w, b, pos_embed=pos, prefix_tokens=cls, backend=_n))))
+
+    def eager(x, w, b, pos, cls):
+        conv = F.conv2d if x.dim() == 4 else F.conv3d
+        t = conv(x, w, b, stride=patch).flatten(2).transpose(1, 2)
+        if cls is not None:
+            t = torch.cat([cls.expand(x.shape[0], -1, -1), t], dim=1)
+        return t + pos
+    cands.append(Candidate("eager conv+cat+pos", "peer", build=runner(eager)))
+    compiled = torch.compile(eager)
+    cands.append(Candidate("eager (compiled)", "peer", build=runner(lambda *a: compiled(*a)), skip=_compile_skip()))
+    return cands
+
+
+# ---------------------------------------------------------------------------------------------------- model
+MODELS = {"vit": ["vit_base_patch16_224"], "swin": ["swin_tiny_patch4_window7_224"],
+          "all": ["vit_base_patch16_224", "swin_tiny_patch4_window7_224"]}
+
+
+def model_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
+    names = MODELS.get(kind, MODELS["all"])
+    b = batch or (64 if _gpu(device) else 2)
+    return [Workload(n, f"B={b} 3x224x224", dict(B=b, name=n)) for n in names]
+
+
+def model_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
+    import timm
+
+    from vitkernels import models
+
+    grad = mode == "fwd+bwd"
+
+    def runner(make):
+        def build():
+            torch.manual_seed(0)
+            model = make().to(device=device, dtype=dtype)
+            model.train(grad)
+            x = torch.randn(p["B"], 3, 224, 224, device=device, dtype=dtype)
+
+            def run():
+                if grad:
+                    model(x).float().mean().backward()
+                else:
+                    with torch.no_grad():
+                        model(x)
+            return run
+        return build
+
+    return [
+        Candidate("vitkernels.models", "vitkernels", build=runner(lambda: models.create_model(p["name"]))),
+        Candidate("timm (SDPA)", "peer", build=runner(lambda: timm.create_model(p["name"], pretrained=False))),
+        Candidate("timm + torch.compile", "peer", skip=_compile_skip(),
+                  build=runner(lambda: torch.compile(timm.create_model(p["name"], pretrained=False)))),
+    ]
+
+
+def model_cost(p, mode, dtype) -> Tuple[float, float]:
+    return 0.0, 0.0  # reported as images/s instead
+
+
+OPS: Dict[str, Tuple[Callable, Callable, Callable]] = {
+    "attention": (attention_workloads, attention_candidates, attention_cost),
+    "window": (window_workloads, window_candidates, window_cost),
+    "patch": (patch_workloads, patch_candidates, patch_cost),
+    "model": (model_workloads, model_candidates, model_cost),
+}
+DEFAULT_WORKLOAD = {"attention": "vit", "window": "swin", "patch": "vit", "model": "all"}

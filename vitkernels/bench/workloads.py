@@ -49,6 +49,8 @@ def attention_workloads(kind: str, device, batch: Optional[int]) -> List[Workloa
     out = []
     for k in kinds:
         for name, heads, n, d in ATTENTION.get(k, []):
+            if not _gpu(device) and n > 1025 and kind != "long":
+                continue  # CPU subset: the long sequences only when asked for (--workload long)
             b = batch or (1 if n >= 16384 else (64 if _gpu(device) else 2))
             out.append(Workload(name, f"B={b} H={heads} N={n} D={d}", dict(B=b, H=heads, N=n, D=d)))
     return out

@@ -134,16 +134,23 @@ def _flash(q, k, v, bias, backend):
     return flash_attention(q, k, v, bias=bias, backend=backend)
 
 
-def _flex_candidate(runner, device, grad, with_bias) -> Candidate:
+def _compiled_flex(device, grad):
+    """(compiled flex_attention, None), or (None, why it cannot run here)."""
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError as exc:
-        return Candidate("flex (compiled)", "peer", skip=f"FlexAttention unavailable ({exc})")
+        return None, f"FlexAttention unavailable ({exc})"
     if grad and not _gpu(device):
-        return Candidate("flex (compiled)", "peer", skip="FlexAttention has no backward on CPU")
+        return None, "FlexAttention has no backward on CPU"
     if _compile_skip():
-        return Candidate("flex (compiled)", "peer", skip=_compile_skip())
-    compiled = torch.compile(flex_attention, dynamic=False)
+        return None, _compile_skip()
+    return torch.compile(flex_attention, dynamic=False), None
+
+
+def _flex_candidate(runner, device, grad, with_bias) -> Candidate:
+    compiled, why = _compiled_flex(device, grad)
+    if why:
+        return Candidate("flex (compiled)", "peer", skip=why)
 
     def call(q, k, v, bias):
         if bias is None:
@@ -263,18 +270,11 @@ def window_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
 
 
 def _flex_window_candidate(params, with_backward, spatial, C, heads, window, shift, device, grad) -> Candidate:
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError as exc:
-        return Candidate("flex (compiled)", "peer", skip=f"FlexAttention unavailable ({exc})")
-    if grad and not _gpu(device):
-        return Candidate("flex (compiled)", "peer", skip="FlexAttention has no backward on CPU")
-    if _compile_skip():
-        return Candidate("flex (compiled)", "peer", skip=_compile_skip())
+    compiled, why = _compiled_flex(device, grad)
+    if why:
+        return Candidate("flex (compiled)", "peer", skip=why)
     from vitkernels.ops.window_attention import geometry
     from vitkernels.ops.window_attention.reference import _partition, _reverse
-
-    compiled = torch.compile(flex_attention, dynamic=False)
 
     def build():
         x, lin, table = params()

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime.autotuner import Autotuner
 
-FLOAT_SCALARS = {"sm_scale", "dropout_p"}
+FLOAT_SCALARS = {"sm_scale", "dropout_p", "keep_scale"}
 INT64_SCALARS = {"seed"}
 FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum"}
 INT8_POINTERS = {"Mask"}

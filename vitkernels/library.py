@@ -30,7 +30,9 @@ def _seeded(seed):
     if seed < 0:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    # manual_seed reseeds every device's generator: fork (and so restore) all of them
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
 

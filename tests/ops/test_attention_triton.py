@@ -204,6 +204,16 @@ def test_dropout_keeps_one_minus_p_and_matches_the_reference_given_the_same_mask
     assert not torch.equal(other, out.detach())
 
 
+def test_dropout_one_drops_everything_with_zero_gradients():
+    q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 33, 33, device=DEVICE, requires_grad=True)
+    out = vitkernels.flash_attention(q, k, v, bias=bias, dropout_p=1.0, backend="triton")
+    out.backward(torch.randn_like(out))
+    assert (out == 0).all()
+    for t in (q, k, v, bias):
+        assert (t.grad == 0).all()
+
+
 def test_triton_refuses_float64_with_the_reason():
     q = torch.randn(1, 1, 5, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(BackendUnavailableError, match="float64 is not supported by the triton kernels"):

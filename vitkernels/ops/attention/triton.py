@@ -166,12 +166,12 @@ def _flash_attn_fwd_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K, HEAD_DIM,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, keep_scale, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
+    start_m = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
 
@@ -215,7 +215,7 @@ def _flash_attn_fwd_kernel(
 
     acc, lse = finalize_rows(acc, m_i, l_i)
     if HAS_DROPOUT:
-        acc = acc * (1.0 / (1.0 - dropout_p))
+        acc = acc * keep_scale
     tl.store(LSE + off_bh.to(tl.int64) * N_Q + offs_m, lse, mask=mask_m)
     o_ptrs = Out + off_b * stride_ob + off_h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om \
         + offs_d[None, :] * stride_od
@@ -235,8 +235,8 @@ def _flash_attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(O * dO) (B, H, Nq) float32: the softmax-backward term of every row."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
+    start_m = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -262,14 +262,14 @@ def _flash_attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_K, HEAD_DIM,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, keep_scale, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program per key block: dV = P_drop^T dO, dK = dS^T Q * scale, looping over all queries.
     Tiles are held transposed (keys x queries) so both products are plain dots."""
-    start_n = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)
+    start_n = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
 
@@ -290,7 +290,6 @@ def _flash_attn_bwd_dkdv_kernel(
     bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
     row_base = off_bh.to(tl.int64) * N_Q
     qk_scale = sm_scale * 1.4426950408889634
-    keep_scale = 1.0 / (1.0 - dropout_p)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -329,7 +328,7 @@ def _flash_attn_bwd_dkdv_kernel(
 @triton.jit
 def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, cols, mask_n, mask_d,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_biasm, stride_biasn,
-                  qk_scale, dropout_p, seed,
+                  qk_scale, dropout_p, keep_scale, seed,
                   HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """dS = P * (dP - delta) for an (M x N) tile, and the key tile used (for dQ = dS K). ``K``/``V``
@@ -345,7 +344,7 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * cols[None, :], cols[None, :] + 0 * offs_m[:, None],
                              dropout_p)
-        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
     return p * (dp - delta[:, None]), k
 
 
@@ -360,13 +359,13 @@ def _flash_attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, HEAD_DIM,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, keep_scale, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program per query block: dQ = dS K * scale, looping over all keys."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
+    start_m = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -394,7 +393,7 @@ def _flash_attn_bwd_dq_kernel(
         cols = start_n + offs_n
         ds, k = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m, cols,
                               cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                              stride_biasm, stride_biasn, qk_scale, dropout_p, seed,
+                              stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, seed,
                               HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * sm_scale
@@ -414,7 +413,7 @@ def _flash_attn_bwd_dbias_kernel(
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
     H, N_Q, N_K, HEAD_DIM,
     BIAS_H, LOOP_B, LOOP_H,
-    sm_scale, dropout_p, seed,
+    sm_scale, dropout_p, keep_scale, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -424,9 +423,9 @@ def _flash_attn_bwd_dbias_kernel(
     The program owns one (bias b, bias h, query block, key block) tile and walks the broadcast dims in
     a fixed order (b, h, query blocks if REDUCE_M, key blocks if REDUCE_N), recomputing dS: a
     deterministic reduction without atomics and without a (B, H, Nq, Nk) temporary."""
-    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_n = tl.program_id(2)
     bias_b = pid_bh // BIAS_H
     bias_h = pid_bh % BIAS_H
     offs_d = tl.arange(0, BLOCK_D)
@@ -466,7 +465,7 @@ def _flash_attn_bwd_dbias_kernel(
                     cols = (pid_n + jn) * BLOCK_N + tl.arange(0, BLOCK_N)
                     ds, _ = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m,
                                           cols, cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                          stride_biasm, stride_biasn, qk_scale, dropout_p, seed,
+                                          stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, seed,
                                           True, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
                     acc += ds
 
@@ -492,8 +491,8 @@ def _flash_attn_bwd_dbias_kernel(
 def _dropout_mask_kernel(Mask, H, N_Q, N_K, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Materialises the keep-mask the attention kernels draw for (seed, p): for tests and debugging
     only (the kernels themselves never store it)."""
-    start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
+    off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
+    start_m = tl.program_id(1)
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, N_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -520,6 +519,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # fp32 in IEEE so its error matches PyTorch's
 
 
+def _keep_scale(dropout_p: float) -> float:
+    """Scale of kept probabilities: 1 / (1 - p), and 0 at p = 1 (everything dropped, output 0)."""
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
+
+
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
@@ -541,13 +545,13 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float) ->
     bias_strides = bias_b.stride() if bias_b is not None else (0, 0, 0, 0)
 
     def grid(meta):
-        return (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)
+        return (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))
 
     _flash_attn_fwd_kernel[grid](
         q, k, v, bias_b if bias_b is not None else q, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
         H, n_q, n_k, d,
-        scale, dropout_p, seed,
+        scale, dropout_p, _keep_scale(dropout_p), seed,
         BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
         INPUT_PRECISION=_precision(q.dtype),
     )
@@ -561,7 +565,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: int, scale: 
     n_k = k.shape[2]
     block_d = _block_d(d)
     delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    _flash_attn_bwd_preprocess_kernel[(triton.cdiv(n_q, 64), B * H)](
+    _flash_attn_bwd_preprocess_kernel[(B * H, triton.cdiv(n_q, 64))](
         out, dout, delta, *out.stride(), *dout.stride(), H, n_q, d, BLOCK_M=64, BLOCK_D=block_d,
     )
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -572,15 +576,15 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: int, scale: 
     bias_strides = bias_b.stride() if bias_b is not None else (0, 0, 0, 0)
     common = dict(BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
                   INPUT_PRECISION=_precision(q.dtype))
-    _flash_attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), B * H)](
+    _flash_attn_bwd_dkdv_kernel[lambda meta: (B * H, triton.cdiv(n_k, meta["BLOCK_N"]))](
         q, k, v, bias_arg, dout, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, n_q, n_k, d, scale, dropout_p, seed, **common,
+        H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed, **common,
     )
-    _flash_attn_bwd_dq_kernel[lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), B * H)](
+    _flash_attn_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))](
         q, k, v, bias_arg, dout, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dq.stride(),
-        H, n_q, n_k, d, scale, dropout_p, seed, **common,
+        H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed, **common,
     )
     dbias = None
     if bias_requires_grad:
@@ -589,15 +593,15 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: int, scale: 
         reduce_m, reduce_n = bm == 1 and n_q > 1, bn == 1 and n_k > 1
 
         def grid(meta):
-            return (1 if reduce_n else triton.cdiv(n_k, meta["BLOCK_N"]),
-                    1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]), bb * bh)
+            return (bb * bh, 1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]),
+                    1 if reduce_n else triton.cdiv(n_k, meta["BLOCK_N"]))
 
         _flash_attn_bwd_dbias_kernel[grid](
             q, k, v, bias_b, dout, lse, delta, dbias4,
             *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dbias4.stride(),
             H, n_q, n_k, d,
             bh, B if bb == 1 else 1, H if bh == 1 else 1,
-            scale, dropout_p, seed,
+            scale, dropout_p, _keep_scale(dropout_p), seed,
             BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
             INPUT_PRECISION=_precision(q.dtype),
         )
@@ -609,7 +613,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: int, scale: 
 def dropout_mask_triton(seed: int, B: int, H: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
     """(B, H, Nq, Nk) bool: True where the kernels keep a probability for this seed and p."""
     mask = torch.empty((B, H, n_q, n_k), dtype=torch.int8, device=device)
-    _dropout_mask_kernel[(triton.cdiv(n_q, 32), B * H)](mask, H, n_q, n_k, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+    _dropout_mask_kernel[(B * H, triton.cdiv(n_q, 32))](mask, H, n_q, n_k, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
 
 

@@ -322,11 +322,18 @@ def _window_attn_bwd_kernel(
     tl.store(DQKV + g_rows[:, None] + 2 * C + head * HEAD_DIM + offs_d[None, :], dv.to(DQKV.dtype.element_ty),
              mask=g_mask)
     if GRAD_PAD:
+        # Padding keys' dK/dV summed per granule of 16 keys: slot = key // 16 whatever BLOCK_N is, and every
+        # slot is rewritten by exactly one program on every launch (autotuning runs several configs on
+        # the same buffer: no stale slot may survive).
         pad = (in_n & (real_n == 0))[:, None]
+        dk_pad = tl.sum(tl.reshape(tl.where(pad, dk, 0.0), [BLOCK_N // 16, 16, BLOCK_D]), 1)
+        dv_pad = tl.sum(tl.reshape(tl.where(pad, dv, 0.0), [BLOCK_N // 16, 16, BLOCK_D]), 1)
         slots = tl.cdiv(N_TOK, 16)
-        pad_base = DPad + ((pid_bw.to(tl.int64) * NUM_HEADS + head) * slots + pid_n * (BLOCK_N // 16)) * 2 * HEAD_DIM
-        tl.store(pad_base + offs_d, tl.sum(tl.where(pad, dk, 0.0), 0), mask=mask_d)
-        tl.store(pad_base + HEAD_DIM + offs_d, tl.sum(tl.where(pad, dv, 0.0), 0), mask=mask_d)
+        granule = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
+        pad_rows = ((pid_bw.to(tl.int64) * NUM_HEADS + head) * slots + granule) * 2 * HEAD_DIM
+        pad_mask = (granule < slots)[:, None] & mask_d[None, :]
+        tl.store(DPad + pad_rows[:, None] + offs_d[None, :], dk_pad, mask=pad_mask)
+        tl.store(DPad + pad_rows[:, None] + HEAD_DIM + offs_d[None, :], dv_pad, mask=pad_mask)
 
 
 @triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)

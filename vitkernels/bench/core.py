@@ -176,37 +176,57 @@ def save(rows: List[Row], meta: Dict, json_path: Optional[str], md_path: Optiona
             f.write(markdown(rows, meta))
 
 
+def _token_count(shape: str) -> Optional[int]:
+    for part in shape.split():
+        if part.startswith("N="):
+            return int(part[2:])
+    return None
+
+
 def plot(rows: List[Row], path: str) -> str:
-    """Speedup over the best peer per workload and candidate (and peak memory when measured)."""
+    """Speedup over the best peer and peak memory (when measured) per candidate: against the token count
+    N when the workloads differ in N (a sequence-length sweep), else one bar group per workload."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "plot skipped: matplotlib is not installed"
-    shapes = list(dict.fromkeys(f"{r.workload}\n{r.shape}" for r in rows))
-    cands = list(dict.fromkeys(r.candidate for r in rows if r.median_ms))
-    has_mem = any(r.peak_mb for r in rows)
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(max(8, 1.6 * len(shapes)) * (2 if has_mem else 1), 5))
+    timed = [r for r in rows if r.median_ms]
+    if not timed:
+        return "plot skipped: nothing was timed"
+    cands = list(dict.fromkeys(r.candidate for r in timed))
+    has_mem = any(r.peak_mb for r in timed)
+    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(14 if has_mem else 8, 5))
     axes = list(axes) if has_mem else [axes]
-    width = 0.8 / max(1, len(cands))
+    labels = list(dict.fromkeys(f"{r.workload}\n{r.shape}" for r in timed))
+    counts = [_token_count(r.shape) for r in timed]
+    # lines against N when N is what varies across the workloads (a long-sequence sweep), else bars
+    by_n = all(counts) and len({_token_count(label) for label in labels}) == len(labels)
+    width = 0.8 / len(cands)
     for i, cand in enumerate(cands):
-        xs, sp, mem = [], [], []
-        for j, s in enumerate(shapes):
-            match = [r for r in rows if f"{r.workload}\n{r.shape}" == s and r.candidate == cand and r.median_ms]
-            if match:
-                xs.append(j + i * width)
-                sp.append(match[0].speedup_vs_best_peer or 0)
-                mem.append(match[0].peak_mb or 0)
-        axes[0].bar(xs, sp, width, label=cand)
-        if has_mem:
-            axes[1].bar(xs, mem, width, label=cand)
+        mine = [r for r in timed if r.candidate == cand]
+        if by_n:
+            mine.sort(key=lambda r: _token_count(r.shape))
+            xs = [_token_count(r.shape) for r in mine]
+            axes[0].plot(xs, [r.speedup_vs_best_peer or 0 for r in mine], marker="o", label=cand)
+            if has_mem:
+                axes[1].plot(xs, [r.peak_mb or 0 for r in mine], marker="o", label=cand)
+        else:
+            xs = [labels.index(f"{r.workload}\n{r.shape}") + i * width for r in mine]
+            axes[0].bar(xs, [r.speedup_vs_best_peer or 0 for r in mine], width, label=cand)
+            if has_mem:
+                axes[1].bar(xs, [r.peak_mb or 0 for r in mine], width, label=cand)
     for ax, title in zip(axes, ["speedup over the best peer (higher is better)", "peak memory, MB"]):
-        ax.set_xticks([j + width * (len(cands) - 1) / 2 for j in range(len(shapes))])
-        ax.set_xticklabels(shapes, fontsize=7)
+        if by_n:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens N")
+        else:
+            ax.set_xticks([j + width * (len(cands) - 1) / 2 for j in range(len(labels))])
+            ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(title)
+        ax.legend(fontsize=7)
     axes[0].axhline(1.0, color="gray", lw=0.8)
-    axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     return f"plot written to {path}"

@@ -9,6 +9,8 @@ from vitkernels.bench.__main__ import main
 @pytest.mark.parametrize("op,extra", [("attention", ["--bias", "--mode", "fwd+bwd"]), ("window", []), ("patch", []),
                                       ("model", ["--workload", "vit"])])
 def test_bench_writes_rows_for_every_candidate(op, extra, tmp_path, capsys):
+    if op in ("model", "window"):
+        pytest.importorskip("timm")  # the model and Swin peers are timm's
     out_json, out_md, out_png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
     argv = [op, "--limit", "1", "--batch", "1", "--reps", "1", "--warmup", "0", "--device", "cpu", "--no-compile",
             "--json", str(out_json), "--markdown", str(out_md), "--plot", str(out_png)] + extra

@@ -100,3 +100,45 @@ def test_autocast_takes_inputs_in_the_autocast_dtype():
     bias = torch.randn(1, 2, 9, 9)  # float32, as a parameter would be
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert vitkernels.flash_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), bias=bias).dtype == torch.bfloat16
+
+
+def test_compiled_triton_attention_calls_its_own_backward_kernels(monkeypatch):
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+    def no_replay(*args, **kwargs):
+        raise AssertionError("the compiled triton path must not replay the forward")
+    monkeypatch.setattr(library, "_replay_grads", no_replay)
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(2, 2, 49, 32, device=device, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 49, 49, device=device, requires_grad=True)
+    g = torch.randn(2, 2, 49, 32, device=device)
+
+    def f(q, k, v, bias):
+        return vitkernels.flash_attention(q, k, v, bias=bias, backend="triton")
+
+    eager = f(q, k, v, bias)
+    grads = torch.autograd.grad(eager, (q, k, v, bias), g)
+    compiled = torch.compile(f, fullgraph=True)(q, k, v, bias)
+    grads_c = torch.autograd.grad(compiled, (q, k, v, bias), g)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    for a, b in zip(grads_c, grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same kernels, bitwise
+
+
+def test_opcheck_triton_attention():
+    import os
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+    args = (torch.randn(1, 2, 17, 16, device=device, requires_grad=True),
+            torch.randn(1, 2, 19, 16, device=device, requires_grad=True),
+            torch.randn(1, 2, 19, 16, device=device, requires_grad=True),
+            torch.randn(1, 2, 17, 19, device=device, requires_grad=True), 0.25, 0.0)
+    torch.library.opcheck(library.flash_attention_triton_op, args)

@@ -2,15 +2,18 @@
 as a single opaque node (no graph break, no tracing into dispatch or Triton launches).
 
 Used only while compiling (``torch.compiler.is_compiling()``): eager calls keep the backends' own
-autograd.Functions. Inside an op, dispatch picks the backend exactly as in eager. Gradients come from a
-second custom op that replays the forward under autograd (like activation checkpointing: the compiled
-backward recomputes the forward once) with the same dropout seed, so any backend, the reference
-included, is differentiable under compile. Fake kernels give the output shapes.
+autograd.Functions. flash_attention on the triton backend compiles to its own forward (saving the row
+log-sum-exp) and backward kernels. Everything else: inside an op, dispatch picks the backend exactly as
+in eager, and gradients come from a second custom op that replays the forward under autograd (like
+activation checkpointing: the compiled backward recomputes the forward once) with the same dropout
+seed, so any backend, the reference included, is differentiable under compile. Fake kernels give the
+output shapes.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import List, Optional, Sequence
+import os
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -128,6 +131,83 @@ def _attention_backward(ctx, dout):
 
 
 flash_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# ---- flash_attention on the triton backend: its own forward/backward kernels, no replay ----------------
+
+
+def _constant_result(fn):
+    assume = getattr(getattr(torch, "_dynamo", None), "assume_constant_result", None)
+    return assume(fn) if assume is not None else fn
+
+
+@_constant_result
+def triton_attention_direct(device_type: str, dtype_name: str, backend: str) -> bool:
+    """Whether a compiled flash_attention call runs on the triton backend, so the graph can call its
+    forward/backward kernels directly (saving the log-sum-exp) instead of replaying the forward. Decided
+    once per compile from the device, dtype, backend argument and VITKERNELS_BACKEND."""
+    from vitkernels import dispatch
+    from vitkernels.ops.triton_limits import triton_reasons
+
+    forced = backend if backend != _EMPTY else (os.environ.get(dispatch.ENV_VAR, "").strip() or None)
+    if forced not in (None, "triton") or (forced is None and device_type != "cuda"):
+        return False
+    if not dispatch.backend_environment("triton")[0]:
+        return False
+    return not triton_reasons(torch.device(device_type), getattr(torch, dtype_name))
+
+
+@torch.library.custom_op("vitkernels::flash_attention_triton", mutates_args=())
+def flash_attention_triton_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
+                              dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, lse, dropout seed as a 0-d int64 CPU tensor)."""
+    from vitkernels.ops.attention.triton import flash_attention_fwd_triton
+
+    out, lse, seed = flash_attention_fwd_triton(q, k, v, bias, scale, dropout_p)
+    return out, lse, torch.tensor(seed, dtype=torch.int64)
+
+
+@flash_attention_triton_op.register_fake
+def _(q, k, v, bias, scale, dropout_p):
+    return (q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32),
+            torch.empty((), dtype=torch.int64))
+
+
+@torch.library.custom_op("vitkernels::flash_attention_triton_backward", mutates_args=())
+def flash_attention_triton_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                                       out: Tensor, lse: Tensor, seed: Tensor, scale: float, dropout_p: float,
+                                       bias_requires_grad: bool) -> List[Tensor]:
+    from vitkernels.ops.attention.triton import flash_attention_bwd_triton
+
+    dq, dk, dv, dbias = flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, int(seed), scale, dropout_p,
+                                                   bias_requires_grad)
+    return [dq, dk, dv, dbias if dbias is not None else dout.new_empty(0)]
+
+
+@flash_attention_triton_backward_op.register_fake
+def _(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad):
+    return [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            bias.new_empty(bias.shape) if bias_requires_grad else dout.new_empty(0)]
+
+
+def _triton_attention_setup(ctx, inputs, output):
+    q, k, v, bias, scale, dropout_p = inputs
+    out, lse, seed = output
+    ctx.mark_non_differentiable(lse, seed)
+    ctx.save_for_backward(q, k, v, bias, out, lse, seed)
+    ctx.attrs = (scale, dropout_p)
+
+
+def _triton_attention_backward(ctx, dout, _dlse, _dseed):
+    q, k, v, bias, out, lse, seed = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    scale, dropout_p = ctx.attrs
+    dq, dk, dv, dbias = flash_attention_triton_backward_op(dout, q, k, v, bias, out, lse, seed, scale, dropout_p,
+                                                           bias is not None and needs[3])
+    return _grads_or_none((dq, dk, dv, dbias), needs) + (None, None)
+
+
+flash_attention_triton_op.register_autograd(_triton_attention_backward, setup_context=_triton_attention_setup)
 
 
 # ---- window_attention ---------------------------------------------------------------------------------

@@ -46,6 +46,8 @@ def flash_attention(
             return flash_attention(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p, backend=backend)
     inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
     if library.compiling():  # one opaque node for torch.compile
+        if library.triton_attention_direct(q.device.type, str(q.dtype).replace("torch.", ""), backend or "_"):
+            return library.flash_attention_triton_op(q, k, v, bias, inputs.scale, inputs.dropout_p)[0]
         return library.flash_attention_op(q, k, v, bias, inputs.scale, inputs.dropout_p,
                                           library.draw_seed(inputs.dropout_p), backend or "_")
     return dispatch.select(OP, inputs, backend).run(inputs)

@@ -70,10 +70,9 @@ def _replay_grads(forward, tensors: Sequence[Optional[Tensor]], needs: Sequence[
             # custom-op outputs must have their fake's strides: those of the input (empty_like)
             if g is None:
                 result.append(torch.zeros_like(t))
-            elif g.stride() == torch.empty_like(t).stride():
-                result.append(g)
             else:
-                result.append(torch.empty_like(t).copy_(g))
+                like = torch.empty_like(t)
+                result.append(g if g.stride() == like.stride() else like.copy_(g))
         else:
             result.append(dout.new_empty(0))
     return result

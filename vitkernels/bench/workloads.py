@@ -34,6 +34,19 @@ def _gpu(device) -> bool:
     return device.type == "cuda"
 
 
+def _vitkernels_backends(op: str, probe, backends, device, extra=None):
+    """(name, why it cannot run or None) for each vitkernels backend of ``op`` that was asked for."""
+    for name, impl in dispatch.implementations(op).items():
+        if backends and name not in backends:
+            continue
+        reasons = impl.not_supported_reasons(probe)
+        if not reasons and extra is not None:
+            reasons = extra(name)
+        if not reasons and name == "triton" and not _gpu(device):
+            reasons = ["the Triton interpreter is a correctness tool, not timed"]
+        yield name, "; ".join(reasons) or None
+
+
 # ---------------------------------------------------------------------------------------------------- attention
 # (name, heads, N, D); batch per device
 ATTENTION = {
@@ -98,15 +111,11 @@ def attention_candidates(p, dtype, mode, device, backends, with_bias) -> List[Ca
     inputs = check_attention_inputs(q_probe, q_probe, q_probe)
     dense_gb = _dense_bytes(p, probe.element_size(), 3 if grad else 2) / 2 ** 30
     limit_gb = (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 * 0.8) if _gpu(device) else 8.0
-    for name, impl in dispatch.implementations("flash_attention").items():
-        if backends and name not in backends:
-            continue
-        reasons = impl.not_supported_reasons(inputs)
-        if not reasons and name == "reference" and dense_gb > limit_gb:
-            reasons = [f"materialises B*H*N*N scores (~{dense_gb:.0f} GB)"]
-        if not reasons and name == "triton" and not _gpu(device):
-            reasons = ["the Triton interpreter is a correctness tool, not timed"]
-        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip="; ".join(reasons) or None,
+    def too_big(name):
+        return [f"materialises B*H*N*N scores (~{dense_gb:.0f} GB)"] if name == "reference" and dense_gb > limit_gb else []
+
+    for name, skip in _vitkernels_backends("flash_attention", inputs, backends, device, too_big):
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip=skip,
                                build=runner(lambda q, k, v, b, _n=name: _flash(q, k, v, b, _n))))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -229,18 +238,12 @@ def window_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
     cands = []
     probe = check_window_inputs(torch.empty(B, *spatial, 3 * C, device=device, dtype=dtype), heads, window, shift,
                                 torch.empty(rows, heads, device=device, dtype=dtype), None)
-    for name, impl in dispatch.implementations("window_attention").items():
-        if backends and name not in backends:
-            continue
-        reasons = impl.not_supported_reasons(probe)
-        if not reasons and name == "triton" and not _gpu(device):
-            reasons = ["the Triton interpreter is a correctness tool, not timed"]
-
+    for name, skip in _vitkernels_backends("window_attention", probe, backends, device):
         def build(_name=name):
             x, lin, table = params()
             return with_backward(lambda: window_attention(lin(x), num_heads=heads, window_size=window, shift_size=shift,
                                                           rel_pos_bias=table, qkv_bias=lin.bias, backend=_name), x)
-        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", build=build, skip="; ".join(reasons) or None))
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", build=build, skip=skip))
 
     if nd == 2:
         def timm_block(compiled):
@@ -365,13 +368,8 @@ def patch_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
     probe_x = torch.empty(1, *chw, device=device, dtype=dtype)
     probe = check_patch_embed_inputs(probe_x, torch.empty(E, chw[0], *patch, device=device, dtype=dtype))
     cands = []
-    for name, impl in dispatch.implementations("patch_embed").items():
-        if backends and name not in backends:
-            continue
-        reasons = impl.not_supported_reasons(probe)
-        if not reasons and name == "triton" and not _gpu(device):
-            reasons = ["the Triton interpreter is a correctness tool, not timed"]
-        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip="; ".join(reasons) or None,
+    for name, skip in _vitkernels_backends("patch_embed", probe, backends, device):
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip=skip,
                                build=runner(lambda x, w, b, pos, cls, _n=name: patch_embed(
                                    x, w, b, pos_embed=pos, prefix_tokens=cls, backend=_n))))
 

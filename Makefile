@@ -16,7 +16,12 @@ export MAX_JOBS ?= 2
 DEPS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pytest pytest-benchmark ninja pybind11 matplotlib
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: install test test-slow demo bench bench-pytest clean
+# The lent GPU machines run triton 3.6: make test-slow also compiles every kernel ahead of time with it
+# (installed beside the venv, never imported by the venv itself).
+TRITON_SIDE_VERSION ?= 3.6.0
+TRITON_SIDE := $(VENV)/triton-$(TRITON_SIDE_VERSION)
+
+.PHONY: install test test-slow demo bench bench-pytest gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -31,11 +36,23 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	$(PIP) install -q --no-build-isolation -e .
 	touch $@
 
-test: install
-	VITKERNELS_REQUIRE_EXT=1 TRITON_INTERPRET=1 $(VPY) -m pytest -q -m "not slow" tests
+$(TRITON_SIDE)/.installed:
+	$(PIP) install -q --no-deps --target $(TRITON_SIDE) triton==$(TRITON_SIDE_VERSION)
+	touch $@
 
-test-slow: install
-	VITKERNELS_REQUIRE_EXT=1 TRITON_INTERPRET=1 $(VPY) -m pytest -q -m slow tests
+# CPU suite with Triton interpreted; on a machine with a CUDA device, then the gpu/triton tests compiled
+# (tools/testplan.py: two pytest processes, since TRITON_INTERPRET is read once per process).
+test: install
+	VITKERNELS_REQUIRE_EXT=1 $(VPY) -m tools.testplan
+
+test-slow: install $(TRITON_SIDE)/.installed
+	VITKERNELS_REQUIRE_EXT=1 VITKERNELS_AOT_TRITON_PATH=$(abspath $(TRITON_SIDE)) $(VPY) -m tools.testplan --slow
+
+# GPU validation in one command on any CUDA machine, with the Python that holds torch (no venv, no
+# downloads): builds vitkernels._C for the local GPU, runs the gpu tests compiled, times the benchmark
+# subset against the peers, writes benchmarks/results/<date>-<gpu>.{json,md}. ARGS=--quick | --dry-run.
+gpu-check:
+	$(PYTHON) -m tools.gpu_check $(ARGS)
 
 demo: install
 	$(VPY) -m vitkernels

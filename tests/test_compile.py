@@ -102,6 +102,7 @@ def test_autocast_takes_inputs_in_the_autocast_dtype():
         assert vitkernels.flash_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), bias=bias).dtype == torch.bfloat16
 
 
+@pytest.mark.triton
 def test_compiled_triton_attention_calls_its_own_backward_kernels(monkeypatch):
     import os
 
@@ -130,6 +131,7 @@ def test_compiled_triton_attention_calls_its_own_backward_kernels(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the same kernels, bitwise
 
 
+@pytest.mark.triton
 def test_opcheck_triton_attention():
     import os
 

@@ -144,9 +144,13 @@ def test_extension_is_built_when_required():
 
 
 @pytest.mark.gpu
+@pytest.mark.ext
 def test_cuda_patch_embed_matches_the_reference():
-    if not vitkernels._ext.has_cuda_kernels():
-        pytest.skip("vitkernels._C was built without CUDA kernels")
+    if os.environ.get("VITKERNELS_REQUIRE_EXT") == "1":
+        assert vitkernels._ext.has_cuda_kernels(), ("VITKERNELS_REQUIRE_EXT=1 but vitkernels._C has no CUDA kernels: "
+                                                    + (vitkernels._ext.extension_error() or "built without nvcc"))
+    elif not vitkernels._ext.has_cuda_kernels():
+        pytest.skip("vitkernels._C was built without CUDA kernels (set VITKERNELS_REQUIRE_EXT=1 to fail instead)")
     x = torch.randn(2, 3, 2, 32, 32, device="cuda").to(memory_format=torch.channels_last_3d).requires_grad_()
     w = torch.randn(16, 3, 2, 16, 16, device="cuda", requires_grad=True)
     b, pos, cls = (torch.randn(*s, device="cuda", requires_grad=True) for s in ((16,), (1, 9, 16), (1, 1, 16)))

@@ -2,21 +2,22 @@
 
 The interpreter runs kernel code as numpy and accepts things the compiler rejects; compiling each kernel
 to a cubin with Triton's own ptxas for sm_80 and sm_90 catches those, and reports the shared memory
-and registers a config needs. Run in a process without TRITON_INTERPRET (kernels must be JITFunctions).
+and registers a config needs. Run in a process without TRITON_INTERPRET (kernels must be JITFunctions). The stdout's last line is
+JSON: the Triton version that compiled and one {"shared", "n_regs"} per case.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.runtime.autotuner import Autotuner
 
 FLOAT_SCALARS = {"sm_scale", "dropout_p", "keep_scale"}
-INT64_SCALARS = {"seed"}
 FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum"}
 INT8_POINTERS = {"Mask"}
+INT64_POINTERS = {"Seed"}  # dropout's (seed, offset) on the device
 # tensors of the op's dtype; every other non-constexpr argument not named above is an int32 size/stride
 DATA_POINTERS = {"Q", "K", "V", "Bias", "Out", "DOut", "DQ", "DK", "DV", "DBias", "QKV", "QKVBias", "Table", "DQKV",
                  "X", "W", "Pos", "Prefix", "DW", "DX"}
@@ -36,16 +37,15 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
             sig[name] = "*i8"
         elif name in FLOAT_SCALARS:
             sig[name] = "fp32"
-        elif name in INT64_SCALARS:
-            sig[name] = "i64"
+        elif name in INT64_POINTERS:
+            sig[name] = "*i64"
         else:
             sig[name] = "i32"
     return sig
 
 
 def compile_kernel(kernel, dtype: str, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> dict:
-    fn = kernel.fn if isinstance(kernel, Autotuner) else kernel  # compile the jitted function under @autotune
-    src = triton.compiler.ASTSource(fn=fn, signature=signature(fn, dtype, constexprs), constexprs=constexprs)
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
     return {"shared": compiled.metadata.shared, "n_regs": getattr(compiled, "n_regs", None)}
@@ -63,6 +63,6 @@ if __name__ == "__main__":
     from concurrent.futures import ProcessPoolExecutor
 
     cases = json.loads(sys.argv[1])
-    with ProcessPoolExecutor(max_workers=2) as pool:  # ptxas is single-threaded
+    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:  # ptxas is single-threaded
         results = list(pool.map(_compile_case, cases))
-    print(json.dumps(results))
+    print(json.dumps({"triton": triton.__version__, "results": results}))

@@ -159,17 +159,16 @@ def triton_attention_direct(device_type: str, dtype_name: str, backend: str) -> 
 @torch.library.custom_op("vitkernels::flash_attention_triton", mutates_args=())
 def flash_attention_triton_op(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
                               dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """(out, lse, dropout seed as a 0-d int64 CPU tensor)."""
+    """(out, lse, dropout (seed, offset) as an int64 tensor of 2 on q's device)."""
     from vitkernels.ops.attention.triton import flash_attention_fwd_triton
 
-    out, lse, seed = flash_attention_fwd_triton(q, k, v, bias, scale, dropout_p)
-    return out, lse, torch.tensor(seed, dtype=torch.int64)
+    return flash_attention_fwd_triton(q, k, v, bias, scale, dropout_p)
 
 
 @flash_attention_triton_op.register_fake
 def _(q, k, v, bias, scale, dropout_p):
     return (q.new_empty(q.shape[:-1] + (v.shape[-1],)), q.new_empty(q.shape[:-1], dtype=torch.float32),
-            torch.empty((), dtype=torch.int64))
+            q.new_empty((2,), dtype=torch.int64))
 
 
 @torch.library.custom_op("vitkernels::flash_attention_triton_backward", mutates_args=())
@@ -178,7 +177,7 @@ def flash_attention_triton_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Te
                                        bias_requires_grad: bool) -> List[Tensor]:
     from vitkernels.ops.attention.triton import flash_attention_bwd_triton
 
-    dq, dk, dv, dbias = flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, int(seed), scale, dropout_p,
+    dq, dk, dv, dbias = flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed, scale, dropout_p,
                                                    bias_requires_grad)
     return [dq, dk, dv, dbias if dbias is not None else dout.new_empty(0)]
 

@@ -15,6 +15,7 @@ from vitkernels.ops.attention.reference import attention_reference
 from tests.utils import assert_close_2x, qkv_views
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton  # compiled on a GPU in make test's GPU step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
@@ -177,8 +178,9 @@ def test_dropout_keeps_one_minus_p_and_matches_the_reference_given_the_same_mask
     q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
     bias = torch.randn(1, H, n, n, device=DEVICE)
     torch.manual_seed(123)
-    seed = draw_dropout_seed()
-    mask = dropout_mask_triton(seed, B, H, n, n, p, DEVICE)
+    seed = draw_dropout_seed(DEVICE)
+    assert seed.device.type == torch.device(DEVICE).type and seed.shape == (2,)  # (seed, offset) on the device
+    mask = dropout_mask_triton(seed, B, H, n, n, p)
     count = mask.numel()
     kept = mask.float().mean().item()
     sigma = (p * (1 - p) / count) ** 0.5
@@ -251,3 +253,39 @@ def test_gpu_long_sequence_memory_is_linear():
     out.backward(torch.randn_like(out))
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 16 * q.numel() * q.element_size(), peak  # O(N * D), nowhere near N^2 = 8.6e9 elements
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_replays_draw_new_dropout_masks():
+    """The (seed, offset) is drawn on the device inside the graph: every replay of a captured dropout call
+    uses a new mask, as SDPA's dropout does (a host-side seed would be frozen into the graph)."""
+    B, H, n, d = 2, 2, 64, 64
+    q, k = (torch.randn(B, H, n, d, device="cuda") for _ in range(2))
+    v = torch.eye(n, d, device="cuda").expand(B, H, n, d).contiguous()  # out = dropped probabilities
+    vitkernels.flash_attention(q, k, v, dropout_p=0.3, backend="triton")  # tune + compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = vitkernels.flash_attention(q, k, v, dropout_p=0.3, backend="triton")
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        masks.append(out == 0)
+        dropped = masks[-1].float().mean().item()
+        assert 0.2 < dropped < 0.4, dropped
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_tensors_on_a_second_device_while_the_first_is_current():
+    torch.cuda.set_device(0)
+    q, k, v = (torch.randn(2, 3, 197, 64, device="cuda:1", requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 197, 197, device="cuda:1", requires_grad=True)
+    out = vitkernels.flash_attention(q, k, v, bias=bias, backend="triton")
+    out.backward(torch.randn_like(out))
+    ref = attention_reference(*(t.detach().double() for t in (q, k, v, bias)), None, 0.0)
+    assert torch.cuda.current_device() == 0 and out.device == torch.device("cuda:1")
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
+    assert all(t.grad is not None and t.grad.device == torch.device("cuda:1") for t in (q, k, v, bias))

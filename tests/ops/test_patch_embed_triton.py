@@ -12,6 +12,7 @@ from tests.ops.test_patch_embed_reference import CASE_IDS, CASES
 from tests.utils import assert_close_2x
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton  # compiled on a GPU in make test's GPU step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

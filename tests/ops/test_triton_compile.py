@@ -8,6 +8,9 @@ import sys
 import pytest
 import torch
 
+from vitkernels.ops import tuning
+from vitkernels.ops.attention import triton_configs as attn_configs
+
 triton = pytest.importorskip("triton")
 if torch.cuda.is_available():
     pytest.skip("a GPU is present: the gpu-marked tests compile and run the kernels for real", allow_module_level=True)
@@ -20,35 +23,46 @@ PRECISION = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
 TORCH_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def largest_pruned_config(backward, dtype, head_dim=128, n=4096):
-    """Among the configs the pruner keeps for a long sequence, the one with the largest shared-memory
-    estimate: the one most likely to exceed the hardware."""
-    from vitkernels.ops.attention import triton as attn_triton
-
-    space = attn_triton.BWD_SPACE if backward else attn_triton.FWD_SPACE
-    prune = attn_triton._prune_bwd if backward else attn_triton._prune_fwd
-    named = {"HEAD_DIM": head_dim, "N_Q": n, "N_K": n, "Q": torch.empty(0, dtype=TORCH_DTYPE[dtype])}
-    kept = prune(attn_triton.full_configs(space), named)
-    block_d = triton.next_power_of_2(head_dim)
-    elem = TORCH_DTYPE[dtype].itemsize
-    return max(kept, key=lambda c: attn_triton.shared_memory_estimate(
-        c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages, elem, backward))
+H100 = tuning.GPU("NVIDIA H100 (AOT)", "aot-sm90", (9, 0), 132, SHARED_LIMIT[90])
 
 
-KERNELS = (("_flash_attn_fwd_kernel", False, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
-           ("_flash_attn_bwd_dkdv_kernel", True, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
-           ("_flash_attn_bwd_dq_kernel", True, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
-           ("_flash_attn_bwd_dbias_kernel", True, dict(REDUCE_M=False, REDUCE_N=False, HAS_DROPOUT=True)))
+def attention_key(dtype, head_dim=128, n=4096):
+    return attn_configs.tune_key(TORCH_DTYPE[dtype], n, n, head_dim, (0, 1, 1, 1), True)
+
+
+def largest_pruned_config(spec, dtype, head_dim=128, n=4096):
+    """Among the configs ``full`` tuning may try on an H100 for a long sequence, the one with the largest
+    shared-memory estimate: the one most likely to exceed the hardware."""
+    key = attention_key(dtype, head_dim, n)
+    return max(spec.candidates(key, H100, mode="full"), key=lambda c: spec.shared_memory(c, key))
+
+
+KERNELS = (("_flash_attn_fwd_kernel", attn_configs.ATTN_FWD, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
+           ("_flash_attn_bwd_dkdv_kernel", attn_configs.ATTN_BWD_DKDV, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
+           ("_flash_attn_bwd_dq_kernel", attn_configs.ATTN_BWD_DQ, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
+           ("_flash_attn_bwd_dbias_kernel", attn_configs.ATTN_BWD_DBIAS,
+            dict(REDUCE_M=False, REDUCE_N=False, HAS_DROPOUT=True)))
 
 
 def build_cases(dtypes, arch):
     cases = []
     for dtype in dtypes:
-        for kernel, backward, flags in KERNELS:
-            c = largest_pruned_config(backward, dtype)
-            cases.append((ATTN, kernel, dtype, dict(BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_N=c.kwargs["BLOCK_N"],
-                                                     BLOCK_D=128, INPUT_PRECISION=PRECISION[dtype], **flags),
+        for kernel, spec, flags in KERNELS:
+            c = largest_pruned_config(spec, dtype)
+            cases.append((ATTN, kernel, dtype, dict(**c.meta, BLOCK_D=128, INPUT_PRECISION=PRECISION[dtype], **flags),
                           arch, c.num_warps, c.num_stages))
+    return cases
+
+
+def heuristic_cases(dtype, head_dims=(64, 128)):
+    """Every candidate the default (heuristic) tuning may launch on an H100 for ViT-size attention."""
+    cases = []
+    for head_dim in head_dims:
+        key = attention_key(dtype, head_dim, 197)
+        for kernel, spec, flags in KERNELS:
+            for c in spec.candidates(key, H100):
+                cases.append((ATTN, kernel, dtype, dict(**c.meta, BLOCK_D=head_dim, INPUT_PRECISION=PRECISION[dtype],
+                                                        **flags), 90, c.num_warps, c.num_stages))
     return cases
 
 
@@ -78,18 +92,27 @@ EXTRA = [
 SUITES = {
     # the default suite: fp16 and fp32 on sm_90 (bf16 generates the same code as fp16 up to the type)
     "default": build_cases(("fp16", "fp32"), 90) + EXTRA,
-    # make test-slow: bf16, and every kernel on sm_80 (A100: 163 KB of shared memory per block)
-    "slow": build_cases(("bf16",), 90) + build_cases(("fp16", "fp32"), 80),
+    # make test-slow: bf16, every kernel on sm_80 (A100: 163 KB of shared memory per block), and every
+    # heuristic candidate of the attention kernels at ViT sizes in bf16
+    "slow": build_cases(("bf16",), 90) + build_cases(("fp16", "fp32"), 80) + heuristic_cases("bf16"),
 }
 
 
-def run_suite(cases):
+SIDE_TRITON = os.environ.get("VITKERNELS_AOT_TRITON_PATH")  # make test-slow: the GPU machines' triton (3.6)
+
+
+def run_suite(cases, triton_path=None):
+    """Compile the cases in a subprocess (no interpreter); ``triton_path``: a directory holding another
+    triton, put first on PYTHONPATH. Returns (triton version that compiled, one result per case)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join([triton_path] + [p for p in [env.get("PYTHONPATH")] if p])
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     result = subprocess.run([sys.executable, "-m", "tests.triton_aot", json.dumps(cases)], capture_output=True,
-                            text=True, env=env, cwd=root, timeout=1200)
+                            text=True, env=env, cwd=root, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return out["triton"], out["results"]
 
 
 def case_id(c):
@@ -98,12 +121,19 @@ def case_id(c):
 
 @pytest.fixture(scope="module")
 def compiled_default():
-    return run_suite(SUITES["default"])
+    return run_suite(SUITES["default"])[1]
 
 
 @pytest.fixture(scope="module")
 def compiled_slow():
-    return run_suite(SUITES["slow"])
+    return run_suite(SUITES["slow"])[1]
+
+
+@pytest.fixture(scope="module")
+def compiled_side():
+    if not SIDE_TRITON:
+        pytest.skip("VITKERNELS_AOT_TRITON_PATH is not set (make test-slow installs triton 3.6 and sets it)")
+    return run_suite(SUITES["default"], SIDE_TRITON)
 
 
 @pytest.mark.parametrize("index", range(len(SUITES["default"])), ids=[case_id(c) for c in SUITES["default"]])
@@ -121,3 +151,13 @@ def test_kernel_compiles_for_more_gpus_and_dtypes(compiled_slow, index):
     # sm_80: compiling is the check; configs over an A100's 163 KB are skipped by the autotuner
     # (OutOfResources) and the smallest config always fits.
     assert compiled_slow[index]["shared"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(SUITES["default"])), ids=[case_id(c) for c in SUITES["default"]])
+def test_kernel_compiles_with_the_gpu_machines_triton(compiled_side, index):
+    """The lent GPU machines run triton 3.6: a kernel only the venv's newer Triton accepts fails here."""
+    version, results = compiled_side
+    assert version == os.path.basename(SIDE_TRITON.rstrip("/")).replace("triton-", ""), version
+    case = SUITES["default"][index]
+    assert results[index]["shared"] <= SHARED_LIMIT[case[4]], (case, results[index])

@@ -13,6 +13,7 @@ from vitkernels import BackendUnavailableError
 from tests.utils import assert_close_2x
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.triton  # compiled on a GPU in make test's GPU step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"

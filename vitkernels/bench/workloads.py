@@ -14,13 +14,14 @@ from vitkernels import dispatch
 from vitkernels.bench.core import Candidate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-COMPILE_PEERS = {"enabled": True}  # __main__ turns compiled peers off on CPU unless --compile
+# __main__ turns compiled peers off on CPU unless --compile; tools/gpu_check.py off in --quick (its reason)
+COMPILE_PEERS = {"enabled": True, "why": "compiled peer off (torch.compile takes minutes per shape on CPU; pass --compile)"}
 
 
 def _compile_skip() -> Optional[str]:
     if COMPILE_PEERS["enabled"]:
         return None
-    return "compiled peer off (torch.compile takes minutes per shape on CPU; pass --compile)"
+    return COMPILE_PEERS["why"]
 
 
 @dataclass

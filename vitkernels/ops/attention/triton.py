@@ -9,88 +9,29 @@ Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias 
   dQ kernel (one program per query block, loops over keys); dBias kernel (one program per bias tile,
   loops over the dims the bias broadcasts). No atomics: every gradient is written by exactly one
   program in a fixed order, so gradients are bitwise deterministic.
-- Dropout: keep-mask from Philox with counters (query row, key column, b*H + h), so the backward
-  regenerates exactly the forward's mask without storing it.
+- Dropout: keep-mask from Philox with counters (query row, key column, b*H + h, offset); the seed and
+  offset live in a device tensor drawn from torch's generator of q's device, so the backward
+  regenerates exactly the forward's mask without storing it, no host sync happens, and each replay of a
+  captured CUDA graph draws a new mask.
+- Launch configs: ``triton_configs`` (heuristic candidates, tune keys), selected by ``ops/tuning``;
+  every launcher runs on its inputs' device.
 - A row whose logits are all -inf gets zeros (m = -inf is shifted by 0, l = 0 divides as 1) and lse
   -inf, which the backward turns into probability 0.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from vitkernels.ops import tuning
+from vitkernels.ops.attention import triton_configs as configs
+from vitkernels.ops.tuning import interpreting  # noqa: F401  (re-exported for the other triton backends)
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Autotuning: a config list pruned by head dim, keyed on the sizes that move the best choice (the
-# tensors' dtypes join the key automatically). Under the interpreter one small config keeps tests quick.
-
-
-# Search spaces: (BLOCK_M, BLOCK_N, num_warps, num_stages) choices.
-FWD_SPACE = ((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))
-BWD_SPACE = ((32, 64, 128), (32, 64, 128), (4, 8), (1, 2))
-
-
-def full_configs(space):
-    block_ms, block_ns, warps, stages = space
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm in block_ms for bn in block_ns for w in warps for s in stages]
-
-
-def _configs(space):
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=1, num_stages=1)]
-    return full_configs(space)
-
-
-SHARED_MEMORY_BUDGET = 200 * 1024  # below the 227 KB per block of an H100 (163 KB on an A100 prunes later)
-
-
-def shared_memory_estimate(block_m: int, block_n: int, block_d: int, num_stages: int, elem: int,
-                           backward: bool = False) -> int:
-    """Bytes of shared memory a config needs, roughly (fitted to ptxas on sm_90 at D=128): forward holds
-    the query tile and pipelined key/value tiles; backward holds both tile pairs plus layout shuffles."""
-    if backward:
-        return elem * block_d * (block_m + block_n) * (4 + max(1, num_stages)) // 2
-    return elem * block_d * (block_m + 2 * block_n * max(1, num_stages))
-
-
-def _pruner(backward: bool):
-    def prune(configs, named_args, **kwargs):
-        # Big head dims and fp32 need smaller tiles to fit shared memory; tiles larger than the sequence
-        # only waste work. The smallest config always stays, so something runs.
-        d, n_q, n_k = named_args["HEAD_DIM"], named_args["N_Q"], named_args["N_K"]
-        elem = named_args["Q"].element_size()
-        block_d = max(16, triton.next_power_of_2(d))
-        kept = []
-        for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            if shared_memory_estimate(bm, bn, block_d, c.num_stages, elem, backward) > SHARED_MEMORY_BUDGET:
-                continue
-            if bm > max(16, triton.next_power_of_2(n_q)) or bn > max(16, triton.next_power_of_2(n_k)):
-                continue
-            kept.append(c)
-        return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
-    return prune
-
-
-_prune_fwd = _pruner(backward=False)
-_prune_bwd = _pruner(backward=True)
-
-
-FWD_CONFIGS = _configs(FWD_SPACE)
-BWD_CONFIGS = _configs(BWD_SPACE)
-TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -98,11 +39,14 @@ TUNE_KEY = ["N_Q", "N_K", "HEAD_DIM"]
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, dropout_p):
-    """Keep-mask of the (rows x cols) tile: uniform(philox(seed; row, col, bh)) >= p. ``rows`` and
-    ``cols`` are already broadcast to the tile's shape (either orientation)."""
+def _dropout_keep(Seed, bh, rows, cols, dropout_p):
+    """Keep-mask of the (rows x cols) tile: uniform(philox(seed; row, col, bh, offset)) >= p, with the
+    seed and offset read from the device tensor ``Seed`` (int64 [seed, offset]), so a captured CUDA graph
+    draws a new mask at each replay. ``rows`` and ``cols`` are already broadcast to the tile's shape."""
+    seed = tl.load(Seed)
+    offset = tl.load(Seed + 1).to(tl.int32)  # Philox counters are 32-bit: the low bits
     zero = tl.zeros_like(rows)
-    r0, _, _, _ = tl.philox(seed, rows, cols, zero + bh, zero)
+    r0, _, _, _ = tl.philox(seed, rows, cols, zero + bh, zero + offset)
     return tl.uint_to_uniform_float(r0) >= dropout_p
 
 
@@ -156,7 +100,6 @@ def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale
 # Forward
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.jit
 def _flash_attn_fwd_kernel(
     Q, K, V, Bias, Out, LSE,
@@ -166,7 +109,7 @@ def _flash_attn_fwd_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K, HEAD_DIM,
-    sm_scale, dropout_p, keep_scale, seed,
+    sm_scale, dropout_p, keep_scale, Seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -204,7 +147,7 @@ def _flash_attn_fwd_kernel(
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)  # l_i counts dropped entries too
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * cols[None, :],
+            keep = _dropout_keep(Seed, off_bh, offs_m[:, None] + 0 * cols[None, :],
                                  cols[None, :] + 0 * offs_m[:, None], dropout_p)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
@@ -250,7 +193,6 @@ def _flash_attn_bwd_preprocess_kernel(
     tl.store(Delta + off_bh.to(tl.int64) * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _flash_attn_bwd_dkdv_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
@@ -262,7 +204,7 @@ def _flash_attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_K, HEAD_DIM,
-    sm_scale, dropout_p, keep_scale, seed,
+    sm_scale, dropout_p, keep_scale, Seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -305,7 +247,7 @@ def _flash_attn_bwd_dkdv_kernel(
                                   qk_scale, stride_biasm, stride_biasn, HAS_BIAS, INPUT_PRECISION))
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
         if HAS_DROPOUT:
-            keepT = _dropout_keep(seed, off_bh, rows[None, :] + 0 * offs_n[:, None],
+            keepT = _dropout_keep(Seed, off_bh, rows[None, :] + 0 * offs_n[:, None],
                                   offs_n[:, None] + 0 * rows[None, :], dropout_p)
             p_dropT = tl.where(keepT, pT * keep_scale, 0.0)
             dpT = tl.where(keepT, dpT * keep_scale, 0.0)
@@ -328,7 +270,7 @@ def _flash_attn_bwd_dkdv_kernel(
 @triton.jit
 def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, cols, mask_n, mask_d,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_biasm, stride_biasn,
-                  qk_scale, dropout_p, keep_scale, seed,
+                  qk_scale, dropout_p, keep_scale, Seed,
                   HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   BLOCK_D: tl.constexpr):
     """dS = P * (dP - delta) for an (M x N) tile, and the key tile used (for dQ = dS K). ``K``/``V``
@@ -342,13 +284,12 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
                     stride_biasm, stride_biasn, HAS_BIAS, INPUT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(seed, off_bh, offs_m[:, None] + 0 * cols[None, :], cols[None, :] + 0 * offs_m[:, None],
+        keep = _dropout_keep(Seed, off_bh, offs_m[:, None] + 0 * cols[None, :], cols[None, :] + 0 * offs_m[:, None],
                              dropout_p)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     return p * (dp - delta[:, None]), k
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _flash_attn_bwd_dq_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DQ,
@@ -359,7 +300,7 @@ def _flash_attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, HEAD_DIM,
-    sm_scale, dropout_p, keep_scale, seed,
+    sm_scale, dropout_p, keep_scale, Seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -393,7 +334,7 @@ def _flash_attn_bwd_dq_kernel(
         cols = start_n + offs_n
         ds, k = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m, cols,
                               cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                              stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, seed,
+                              stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, Seed,
                               HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * sm_scale
@@ -401,7 +342,6 @@ def _flash_attn_bwd_dq_kernel(
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _flash_attn_bwd_dbias_kernel(
     Q, K, V, Bias, DOut, LSE, Delta, DBias,
@@ -413,7 +353,7 @@ def _flash_attn_bwd_dbias_kernel(
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
     H, N_Q, N_K, HEAD_DIM,
     BIAS_H, LOOP_B, LOOP_H,
-    sm_scale, dropout_p, keep_scale, seed,
+    sm_scale, dropout_p, keep_scale, Seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -465,7 +405,7 @@ def _flash_attn_bwd_dbias_kernel(
                     cols = (pid_n + jn) * BLOCK_N + tl.arange(0, BLOCK_N)
                     ds, _ = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m,
                                           cols, cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                          stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, seed,
+                                          stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, Seed,
                                           True, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
                     acc += ds
 
@@ -488,7 +428,7 @@ def _flash_attn_bwd_dbias_kernel(
 
 
 @triton.jit
-def _dropout_mask_kernel(Mask, H, N_Q, N_K, dropout_p, seed, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dropout_mask_kernel(Mask, Seed, H, N_Q, N_K, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Materialises the keep-mask the attention kernels draw for (seed, p): for tests and debugging
     only (the kernels themselves never store it)."""
     off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
@@ -496,7 +436,7 @@ def _dropout_mask_kernel(Mask, H, N_Q, N_K, dropout_p, seed, BLOCK_M: tl.constex
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, N_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(seed, off_bh, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None],
+        keep = _dropout_keep(Seed, off_bh, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None],
                              dropout_p)
         ptrs = Mask + off_bh.to(tl.int64) * N_Q * N_K + rows[:, None].to(tl.int64) * N_K + cols[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(rows < N_Q)[:, None] & (cols < N_K)[None, :])
@@ -525,95 +465,101 @@ def _keep_scale(dropout_p: float) -> float:
 
 
 def _block_d(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+    return configs.block_d(d)
 
 
-def draw_dropout_seed() -> int:
-    """The Philox seed of one dropout call, drawn from torch's default (CPU) generator: reproducible
-    under torch.manual_seed, and no device sync."""
-    return int(torch.randint(0, 2 ** 62, (), dtype=torch.int64))
+def draw_dropout_seed(device) -> torch.Tensor:
+    """The Philox (seed, offset) of one dropout call: an int64 tensor of 2 on ``device``, drawn from that
+    device's torch generator (reproducible under torch.manual_seed, no host sync; inside a captured CUDA
+    graph the draw is part of the graph, so every replay gets a new seed, as SDPA's dropout does)."""
+    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
 
 
-def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed)."""
+def _no_seed(device) -> torch.Tensor:
+    return torch.zeros(2, dtype=torch.int64, device=device)  # never read (HAS_DROPOUT is off)
+
+
+def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float
+                               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed tensor)."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
-    out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    seed = draw_dropout_seed() if dropout_p > 0 else 0
-    _, bias_b = _bias4(bias, q, n_k)
-    bias_strides = bias_b.stride() if bias_b is not None else (0, 0, 0, 0)
-
-    def grid(meta):
-        return (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))
-
-    _flash_attn_fwd_kernel[grid](
-        q, k, v, bias_b if bias_b is not None else q, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
-        H, n_q, n_k, d,
-        scale, dropout_p, _keep_scale(dropout_p), seed,
-        BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-        INPUT_PRECISION=_precision(q.dtype),
-    )
+    with tuning.on_device(q):
+        out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+        seed = draw_dropout_seed(q.device) if dropout_p > 0 else _no_seed(q.device)
+        _, bias_b = _bias4(bias, q, n_k)
+        bias_strides = bias_b.stride() if bias_b is not None else None
+        tuning.launch(
+            configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"])),
+            (q, k, v, bias_b if bias_b is not None else q, out, lse,
+             *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *out.stride(),
+             H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed),
+            dict(BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+                 INPUT_PRECISION=_precision(q.dtype)),
+            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0), q.device)
     return out, lse, seed
 
 
-def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: int, scale: float, dropout_p: float,
+def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor, scale: float, dropout_p: float,
                                bias_requires_grad: bool):
     """Backward: returns (dq, dk, dv, dbias); dbias has bias's shape (None unless asked for)."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     block_d = _block_d(d)
-    delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-    _flash_attn_bwd_preprocess_kernel[(B * H, triton.cdiv(n_q, 64))](
-        out, dout, delta, *out.stride(), *dout.stride(), H, n_q, d, BLOCK_M=64, BLOCK_D=block_d,
-    )
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    bias4, bias_b = _bias4(bias, q, n_k)
-    bias_arg = bias_b if bias_b is not None else q
-    bias_strides = bias_b.stride() if bias_b is not None else (0, 0, 0, 0)
-    common = dict(BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                  INPUT_PRECISION=_precision(q.dtype))
-    _flash_attn_bwd_dkdv_kernel[lambda meta: (B * H, triton.cdiv(n_k, meta["BLOCK_N"]))](
-        q, k, v, bias_arg, dout, lse, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dk.stride(), *dv.stride(),
-        H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed, **common,
-    )
-    _flash_attn_bwd_dq_kernel[lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"]))](
-        q, k, v, bias_arg, dout, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dq.stride(),
-        H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed, **common,
-    )
-    dbias = None
-    if bias_requires_grad:
-        bb, bh, bm, bn = bias4.shape
-        dbias4 = torch.empty(bias4.shape, dtype=bias.dtype, device=bias.device)
-        reduce_m, reduce_n = bm == 1 and n_q > 1, bn == 1 and n_k > 1
-
-        def grid(meta):
-            return (bb * bh, 1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]),
-                    1 if reduce_n else triton.cdiv(n_k, meta["BLOCK_N"]))
-
-        _flash_attn_bwd_dbias_kernel[grid](
-            q, k, v, bias_b, dout, lse, delta, dbias4,
-            *q.stride(), *k.stride(), *v.stride(), *bias_strides, *dout.stride(), *dbias4.stride(),
-            H, n_q, n_k, d,
-            bh, B if bb == 1 else 1, H if bh == 1 else 1,
-            scale, dropout_p, _keep_scale(dropout_p), seed,
-            BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
-            INPUT_PRECISION=_precision(q.dtype),
+    with tuning.on_device(q):
+        delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
+        _flash_attn_bwd_preprocess_kernel[(B * H, triton.cdiv(n_q, 64))](
+            out, dout, delta, *out.stride(), *dout.stride(), H, n_q, d, BLOCK_M=64, BLOCK_D=block_d,
         )
-        dbias = dbias4.view(bias.shape)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        bias4, bias_b = _bias4(bias, q, n_k)
+        bias_arg = bias_b if bias_b is not None else q
+        bias_strides = bias_b.stride() if bias_b is not None else None
+        flags = dict(BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+                     INPUT_PRECISION=_precision(q.dtype))
+        key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0)
+        scalars = (H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed)
+        strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *dout.stride())
+        tuning.launch(
+            configs.ATTN_BWD_DKDV, _flash_attn_bwd_dkdv_kernel,
+            lambda meta: (B * H, triton.cdiv(n_k, meta["BLOCK_N"])),
+            (q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *scalars),
+            flags, key, q.device)
+        tuning.launch(
+            configs.ATTN_BWD_DQ, _flash_attn_bwd_dq_kernel, lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"])),
+            (q, k, v, bias_arg, dout, lse, delta, dq, *strides, *dq.stride(), *scalars),
+            flags, key, q.device)
+        dbias = None
+        if bias_requires_grad:
+            bb, bh, bm, bn = bias4.shape
+            dbias4 = torch.empty(bias4.shape, dtype=bias.dtype, device=bias.device)
+            reduce_m, reduce_n = bm == 1 and n_q > 1, bn == 1 and n_k > 1
+
+            def grid(meta):
+                return (bb * bh, 1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]),
+                        1 if reduce_n else triton.cdiv(n_k, meta["BLOCK_N"]))
+
+            tuning.launch(
+                configs.ATTN_BWD_DBIAS, _flash_attn_bwd_dbias_kernel, grid,
+                (q, k, v, bias_b, dout, lse, delta, dbias4, *strides, *dbias4.stride(),
+                 H, n_q, n_k, d, bh, B if bb == 1 else 1, H if bh == 1 else 1,
+                 scale, dropout_p, _keep_scale(dropout_p), seed),
+                dict(BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
+                     INPUT_PRECISION=_precision(q.dtype)),
+                {**key, "reduce": f"{int(reduce_m)}{int(reduce_n)}"}, q.device)
+            dbias = dbias4.view(bias.shape)
     return dq, dk, dv, dbias
 
 
-
-def dropout_mask_triton(seed: int, B: int, H: int, n_q: int, n_k: int, dropout_p: float, device) -> torch.Tensor:
-    """(B, H, Nq, Nk) bool: True where the kernels keep a probability for this seed and p."""
-    mask = torch.empty((B, H, n_q, n_k), dtype=torch.int8, device=device)
-    _dropout_mask_kernel[(B * H, triton.cdiv(n_q, 32))](mask, H, n_q, n_k, dropout_p, seed, BLOCK_M=32, BLOCK_N=32)
+def dropout_mask_triton(seed: torch.Tensor, B: int, H: int, n_q: int, n_k: int, dropout_p: float) -> torch.Tensor:
+    """(B, H, Nq, Nk) bool on the seed's device: True where the kernels keep a probability for this
+    (seed, offset) tensor and p."""
+    with tuning.on_device(seed):
+        mask = torch.empty((B, H, n_q, n_k), dtype=torch.int8, device=seed.device)
+        _dropout_mask_kernel[(B * H, triton.cdiv(n_q, 32))](mask, seed, H, n_q, n_k, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
 
 

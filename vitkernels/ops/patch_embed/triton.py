@@ -18,34 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from vitkernels.ops.attention.triton import SHARED_MEMORY_BUDGET, _precision, interpreting
-
-GEMM_SPACE = ((64, 128), (64, 128), (32, 64), (4, 8), (3, 4))
-
-
-def _gemm_configs():
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
-    block_ms, block_ns, block_ks, warps, stages = GEMM_SPACE
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm in block_ms for bn in block_ns for bk in block_ks for w in warps for s in stages]
-
-
-GEMM_CONFIGS = _gemm_configs()
-TUNE_KEY = ["M", "N_EMB", "K_DIM"]
-
-
-def gemm_shared_memory_estimate(block_m: int, block_n: int, block_k: int, num_stages: int, elem: int) -> int:
-    """Bytes of shared memory of a pipelined GEMM config: (A tile + B tile) per stage."""
-    return elem * (block_m * block_k + block_k * block_n) * max(1, num_stages)
-
-
-def _prune_gemm(configs, named_args, **kwargs):
-    elem = named_args["W"].element_size()
-    kept = [c for c in configs if gemm_shared_memory_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"],
-                                                              c.kwargs["BLOCK_K"], c.num_stages, elem)
-            <= SHARED_MEMORY_BUDGET]
-    return kept or configs[:1]
+from vitkernels.ops import tuning
+from vitkernels.ops.attention.triton import _precision
+from vitkernels.ops.patch_embed import triton_configs as configs
 
 
 @triton.jit
@@ -71,7 +46,6 @@ def _patch_col_offsets(offs_k, PT, PH, PW, stride_c, stride_t, stride_h, stride_
     return c.to(tl.int64) * stride_c + dt * stride_t + dh * stride_h + dw * stride_w
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _patch_embed_fwd_kernel(
     X, W, Bias, Pos, Prefix, Out,
@@ -127,7 +101,6 @@ def _patch_embed_fwd_kernel(
         tl.store(Out + out_rows[:, None] + offs_e[None, :] * stride_oe, val.to(Out.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _patch_embed_bwd_dw_kernel(
     X, DOut, DW,
@@ -161,7 +134,6 @@ def _patch_embed_bwd_dw_kernel(
              mask=mask_e[:, None] & mask_k[None, :])
 
 
-@triton.autotune(configs=GEMM_CONFIGS, key=TUNE_KEY, prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _patch_embed_bwd_dx_kernel(
     DOut, W, DX,
@@ -217,24 +189,23 @@ def patch_embed_fwd_triton(x, weight, bias, pos_embed, prefix_tokens) -> torch.T
     (pt, ph, pw), (gt, gh, gw), num_patches, k_dim = _geometry(x5, w5)
     B, E = x.shape[0], weight.shape[0]
     num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
-    out = torch.empty((B, num_prefix + num_patches, E), dtype=x.dtype, device=x.device)
     M = B * num_patches
     pos_has_prefix = pos_embed is not None and pos_embed.shape[1] == num_prefix + num_patches and num_prefix > 0
-    pos = pos_embed[0] if pos_embed is not None else out[0]
-    prefix = prefix_tokens[0] if prefix_tokens is not None else out[0]
-
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * num_prefix, meta["BLOCK_M"]),
-                triton.cdiv(E, meta["BLOCK_N"]))
-
-    _patch_embed_fwd_kernel[grid](
-        x5, w5, bias if bias is not None else out, pos, prefix, out,
-        *x5.stride(), *w5.stride(), *pos.stride(), *prefix.stride(), *out.stride(),
-        M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix,
-        num_prefix if pos_has_prefix else 0, B * num_prefix,
-        HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, POS_HAS_PREFIX=pos_has_prefix,
-        INPUT_PRECISION=_precision(x.dtype),
-    )
+    with tuning.on_device(x):
+        out = torch.empty((B, num_prefix + num_patches, E), dtype=x.dtype, device=x.device)
+        pos = pos_embed[0] if pos_embed is not None else out[0]
+        prefix = prefix_tokens[0] if prefix_tokens is not None else out[0]
+        flags = dict(HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, POS_HAS_PREFIX=pos_has_prefix)
+        tuning.launch(
+            configs.PATCH_FWD, _patch_embed_fwd_kernel,
+            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * num_prefix, meta["BLOCK_M"]),
+                          triton.cdiv(E, meta["BLOCK_N"])),
+            (x5, w5, bias if bias is not None else out, pos, prefix, out,
+             *x5.stride(), *w5.stride(), *pos.stride(), *prefix.stride(), *out.stride(),
+             M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix,
+             num_prefix if pos_has_prefix else 0, B * num_prefix),
+            dict(**flags, INPUT_PRECISION=_precision(x.dtype)),
+            configs.tune_key(x.dtype, M, E, k_dim, video=pt > 1, prefix=num_prefix > 0, **flags), x.device)
     return out
 
 
@@ -247,30 +218,36 @@ def patch_embed_bwd_triton(dout, x, weight, bias, pos_embed, prefix_tokens, need
     num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
     M = B * num_patches
     precision = _precision(x.dtype)
+    key = configs.tune_key(x.dtype, M, E, k_dim, video=pt > 1, prefix=num_prefix > 0)
     dx = dw = db = dpos = dprefix = None
-    if need_b or need_pos or need_prefix:
-        per_token = dout.sum(dim=0, dtype=torch.float32)  # P + Np, E: one pass over dY for all three
-        if need_b:
-            db = per_token[num_prefix:].sum(0).to(bias.dtype)
-        if need_pos:
-            rows = per_token if pos_embed.shape[1] == num_prefix + num_patches else per_token[num_prefix:]
-            dpos = rows.unsqueeze(0).to(pos_embed.dtype)
-        if need_prefix:
-            dprefix = per_token[:num_prefix].unsqueeze(0).to(prefix_tokens.dtype)
-    if need_w:
-        dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
-        dw5 = _as_5d(dw)
-        _patch_embed_bwd_dw_kernel[lambda meta: (triton.cdiv(E, meta["BLOCK_N"]), triton.cdiv(k_dim, meta["BLOCK_K"]))](
-            x5, dout, dw5, *x5.stride(), *dout.stride(), *dw5.stride(),
-            M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix, INPUT_PRECISION=precision,
-        )
-    if need_x:
-        dx = torch.empty_like(x)  # keeps x's memory format (channels-last stays channels-last)
-        dx5 = _as_5d(dx)
-        _patch_embed_bwd_dx_kernel[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(k_dim, meta["BLOCK_K"]))](
-            dout, w5, dx5, *dout.stride(), *w5.stride(), *dx5.stride(),
-            M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix, INPUT_PRECISION=precision,
-        )
+    with tuning.on_device(x):
+        if need_b or need_pos or need_prefix:
+            per_token = dout.sum(dim=0, dtype=torch.float32)  # P + Np, E: one pass over dY for all three
+            if need_b:
+                db = per_token[num_prefix:].sum(0).to(bias.dtype)
+            if need_pos:
+                rows = per_token if pos_embed.shape[1] == num_prefix + num_patches else per_token[num_prefix:]
+                dpos = rows.unsqueeze(0).to(pos_embed.dtype)
+            if need_prefix:
+                dprefix = per_token[:num_prefix].unsqueeze(0).to(prefix_tokens.dtype)
+        if need_w:
+            dw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+            dw5 = _as_5d(dw)
+            tuning.launch(
+                configs.PATCH_BWD_DW, _patch_embed_bwd_dw_kernel,
+                lambda meta: (triton.cdiv(E, meta["BLOCK_N"]), triton.cdiv(k_dim, meta["BLOCK_K"])),
+                (x5, dout, dw5, *x5.stride(), *dout.stride(), *dw5.stride(),
+                 M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix),
+                dict(INPUT_PRECISION=precision), key, x.device)
+        if need_x:
+            dx = torch.empty_like(x)  # keeps x's memory format (channels-last stays channels-last)
+            dx5 = _as_5d(dx)
+            tuning.launch(
+                configs.PATCH_BWD_DX, _patch_embed_bwd_dx_kernel,
+                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(k_dim, meta["BLOCK_K"])),
+                (dout, w5, dx5, *dout.stride(), *w5.stride(), *dx5.stride(),
+                 M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix),
+                dict(INPUT_PRECISION=precision), key, x.device)
     return dx, dw, db, dpos, dprefix
 
 

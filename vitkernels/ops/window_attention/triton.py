@@ -26,19 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
+from vitkernels.ops import tuning
 from vitkernels.ops.attention.triton import (
-    _configs,
     _precision,
     finalize_rows,
     online_softmax_step,
     probs_from_lse,
 )
 from vitkernels.ops.window_attention import geometry
-
-WINDOW_SPACE = ((32, 64), (32, 64), (2, 4), (1, 2))
-FWD_CONFIGS = _configs(WINDOW_SPACE)
-BWD_CONFIGS = _configs(WINDOW_SPACE)
-TUNE_KEY = ["N_TOK", "HEAD_DIM"]
+from vitkernels.ops.window_attention import triton_configs as configs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,7 +145,6 @@ def _window_scores(q, kT, n_i, n_j, in_i, in_j, region_i, region_j, Table, strid
 # Forward
 
 
-@triton.autotune(configs=FWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _window_attn_fwd_kernel(
     QKV, QKVBias, Table, Out, LSE,
@@ -268,7 +263,6 @@ def _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region
     return p, p * (dp - delta[:, None])
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _window_attn_bwd_kernel(
     QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad,
@@ -336,7 +330,6 @@ def _window_attn_bwd_kernel(
         tl.store(DPad + pad_rows[:, None] + HEAD_DIM + offs_d[None, :], dv_pad, mask=pad_mask)
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _window_attn_bwd_dq_kernel(
     QKV, QKVBias, Table, DOut, LSE, Delta, DQKV,
@@ -383,7 +376,6 @@ def _window_attn_bwd_dq_kernel(
              mask=real_m[:, None] & mask_d[None, :])
 
 
-@triton.autotune(configs=BWD_CONFIGS, key=TUNE_KEY)
 @triton.jit
 def _window_attn_bwd_dtable_kernel(
     QKV, QKVBias, Table, DOut, LSE, Delta, DSSum,
@@ -457,28 +449,32 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 4 else x  # (B, H, W, ...) -> (B, 1, H, W, ...): a view
 
 
+def _tune_key(inputs, g: "_Geometry", **extra):
+    return configs.tune_key(inputs.qkv.dtype, g.n_tok, inputs.head_dim, len(inputs.spatial), any(g.shift),
+                            inputs.rel_pos_bias is not None, inputs.qkv_bias is not None, g.has_pad, **extra)
+
+
 def window_attention_fwd_triton(inputs) -> Tuple[torch.Tensor, torch.Tensor]:
     """Forward: (out (B, *S, C) in qkv's dtype, lse (B * nW, heads, N) float32)."""
     qkv = inputs.qkv
     g = _Geometry(inputs)
     B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
     C = heads * hd
-    out = torch.empty(qkv.shape[:-1] + (C,), dtype=qkv.dtype, device=qkv.device)
-    lse = torch.empty((B * g.num_windows, heads, g.n_tok), dtype=torch.float32, device=qkv.device)
     table = inputs.rel_pos_bias
-    x3, o3 = _as_3d(qkv), _as_3d(out)
-
-    def grid(meta):
-        return (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"]))
-
-    _window_attn_fwd_kernel[grid](
-        x3, inputs.qkv_bias if inputs.qkv_bias is not None else x3, table if table is not None else x3, o3, lse,
-        *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)),
-        C, hd, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(),
-        inputs.scale,
-        BLOCK_D=max(16, triton.next_power_of_2(hd)), ROLL_FIRST=g.roll_first, HAS_SHIFT=any(g.shift),
-        HAS_TABLE=table is not None, HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype),
-    )
+    with tuning.on_device(qkv):
+        out = torch.empty(qkv.shape[:-1] + (C,), dtype=qkv.dtype, device=qkv.device)
+        lse = torch.empty((B * g.num_windows, heads, g.n_tok), dtype=torch.float32, device=qkv.device)
+        x3, o3 = _as_3d(qkv), _as_3d(out)
+        tuning.launch(
+            configs.WINDOW_FWD, _window_attn_fwd_kernel,
+            lambda meta: (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"])),
+            (x3, inputs.qkv_bias if inputs.qkv_bias is not None else x3, table if table is not None else x3, o3, lse,
+             *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)),
+             C, hd, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(), inputs.scale),
+            dict(BLOCK_D=max(16, triton.next_power_of_2(hd)), ROLL_FIRST=g.roll_first, HAS_SHIFT=any(g.shift),
+                 HAS_TABLE=table is not None, HAS_QKV_BIAS=inputs.qkv_bias is not None,
+                 INPUT_PRECISION=_precision(qkv.dtype)),
+            _tune_key(inputs, g), qkv.device)
     return out, lse
 
 
@@ -500,6 +496,11 @@ def _pairs_by_table_row(window: Tuple[int, ...], table_window: Tuple[int, ...], 
 
 def window_attention_bwd_triton(dout, inputs, out, lse, needs):
     """Backward: (dqkv (B, *S, 3C) | None, dtable | None, dqkv_bias | None)."""
+    with tuning.on_device(inputs.qkv):
+        return _window_attention_bwd(dout, inputs, out, lse, needs)
+
+
+def _window_attention_bwd(dout, inputs, out, lse, needs):
     need_qkv, need_table, need_bias = needs
     qkv, table, qkv_bias = inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias
     g = _Geometry(inputs)
@@ -531,24 +532,19 @@ def window_attention_bwd_triton(dout, inputs, out, lse, needs):
         if grad_pad:
             dpad = torch.zeros((B * g.num_windows, heads, triton.cdiv(g.n_tok, 16), 2, hd), dtype=torch.float32,
                                device=qkv.device)
-
-        def grid_kv(meta):
-            return (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_N"]))
-
-        _window_attn_bwd_kernel[grid_kv](
-            x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse,
-            *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides,
-            *geo, *g.args(), inputs.scale, HAS_TABLE=table is not None, GRAD_PAD=grad_pad, **flags,
-        )
-
-        def grid_q(meta):
-            return (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"]))
-
-        _window_attn_bwd_dq_kernel[grid_q](
-            x3, bias_arg, table_arg, d3, lse, delta, g3,
-            *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides,
-            *geo, *g.args(), inputs.scale, HAS_TABLE=table is not None, **flags,
-        )
+        tuning.launch(
+            configs.WINDOW_BWD_DKDV, _window_attn_bwd_kernel,
+            lambda meta: (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_N"])),
+            (x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse,
+             *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
+            dict(HAS_TABLE=table is not None, GRAD_PAD=grad_pad, **flags),
+            _tune_key(inputs, g, grad_pad=int(grad_pad)), qkv.device)
+        tuning.launch(
+            configs.WINDOW_BWD_DQ, _window_attn_bwd_dq_kernel,
+            lambda meta: (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"])),
+            (x3, bias_arg, table_arg, d3, lse, delta, g3,
+             *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
+            dict(HAS_TABLE=table is not None, **flags), _tune_key(inputs, g), qkv.device)
         if need_bias:
             # Only padding tokens read qkv_bias. q's share is 0 (padding queries are cropped from the
             # output); k's and v's are the per-program sums, reduced here in a fixed order.
@@ -561,15 +557,12 @@ def window_attention_bwd_triton(dout, inputs, out, lse, needs):
             dqkv = None
     if need_table:
         ds_sum = torch.empty((heads, g.n_tok, g.n_tok), dtype=torch.float32, device=qkv.device)
-
-        def grid_t(meta):
-            return (triton.cdiv(g.n_tok, meta["BLOCK_N"]), triton.cdiv(g.n_tok, meta["BLOCK_M"]), heads)
-
-        _window_attn_bwd_dtable_kernel[grid_t](
-            x3, bias_arg, table, d3, lse, delta, ds_sum,
-            *x3.stride()[:4], *d3.stride()[:4], *table_strides,
-            *geo, B * g.num_windows, *g.args(), inputs.scale, **flags,
-        )
+        tuning.launch(
+            configs.WINDOW_BWD_DTABLE, _window_attn_bwd_dtable_kernel,
+            lambda meta: (triton.cdiv(g.n_tok, meta["BLOCK_N"]), triton.cdiv(g.n_tok, meta["BLOCK_M"]), heads),
+            (x3, bias_arg, table, d3, lse, delta, ds_sum,
+             *x3.stride()[:4], *d3.stride()[:4], *table_strides, *geo, B * g.num_windows, *g.args(), inputs.scale),
+            flags, _tune_key(inputs, g), qkv.device)
         pairs = _pairs_by_table_row(inputs.window, inputs.table_window, str(qkv.device))
         flat = torch.cat([ds_sum.view(heads, -1), ds_sum.new_zeros(heads, 1)], dim=1)  # slot N*N is zero
         dtable = flat[:, pairs].sum(-1).t().to(table.dtype)  # rows, heads

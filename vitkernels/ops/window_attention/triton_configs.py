@@ -1,0 +1,57 @@
+"""How the window-attention kernels are tuned (plain data, no triton import; see ``ops/tuning.py``).
+
+A window is small (7x7 = 49, 8x8 = 64, 12x12 = 144, Video Swin 8x7x7 = 392 tokens), so tiles are 32 or 64
+rows. Windows that fit one 64-token tile take a single key step (stages do not matter, fewer warps
+keep more programs resident); bigger windows pipeline their key steps.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from vitkernels.ops.attention.triton_configs import block_d, shared_memory_estimate
+from vitkernels.ops.tuning import ELEMENT_SIZE, GPU, Config, TunedKernel, dtype_name, product_space
+
+
+def _c(block_m: int, block_n: int, warps: int, stages: int) -> Config:
+    return Config.of(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n)
+
+
+def heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
+    if key["N_TOK"] <= 64:
+        return [_c(64, 64, 4, 1), _c(64, 64, 2, 1), _c(32, 64, 2, 1), _c(32, 32, 2, 1)]
+    if key["dtype"] == "fp32":
+        return [_c(32, 64, 4, 2), _c(64, 32, 4, 2), _c(32, 32, 2, 2), _c(64, 64, 4, 1)]
+    return [_c(64, 64, 4, 2), _c(32, 64, 4, 2), _c(64, 32, 4, 2), _c(32, 32, 2, 2)]
+
+
+def _shared(backward: bool):
+    def estimate(config: Config, key: Dict[str, Any]) -> int:
+        m = config.meta
+        return shared_memory_estimate(m["BLOCK_M"], m["BLOCK_N"], block_d(key["D"]), config.num_stages,
+                                      ELEMENT_SIZE[key["dtype"]], backward)
+    return estimate
+
+
+def _limits(key: Dict[str, Any]) -> Dict[str, int]:
+    # GRAD_PAD sums padding keys per granule of 16, so no block goes below 32 (tl.dot needs 16 anyway)
+    extent = max(32, 1 << max(0, key["N_TOK"] - 1).bit_length())
+    return {"BLOCK_M": extent, "BLOCK_N": extent}
+
+
+SPACE = product_space((2, 4), (1, 2), BLOCK_M=(32, 64), BLOCK_N=(32, 64))
+INTERPRETER_CONFIG = _c(32, 32, 1, 1)
+
+WINDOW_FWD = TunedKernel("window_attn_fwd", SPACE, heuristic, _shared(False), _limits, INTERPRETER_CONFIG)
+WINDOW_BWD_DKDV = TunedKernel("window_attn_bwd_dkdv", SPACE, heuristic, _shared(True), _limits, INTERPRETER_CONFIG)
+WINDOW_BWD_DQ = TunedKernel("window_attn_bwd_dq", SPACE, heuristic, _shared(True), _limits, INTERPRETER_CONFIG)
+WINDOW_BWD_DTABLE = TunedKernel("window_attn_bwd_dtable", SPACE, heuristic, _shared(True), _limits,
+                                INTERPRETER_CONFIG)
+KERNELS = (WINDOW_FWD, WINDOW_BWD_DKDV, WINDOW_BWD_DQ, WINDOW_BWD_DTABLE)
+
+
+def tune_key(dtype, n_tok: int, head_dim: int, dims: int, shift: bool, table: bool, qkv_bias: bool,
+             padded: bool, **extra: Any) -> Dict[str, Any]:
+    """Window tokens (exact: few distinct values), head dim, dtype, and every flag that changes the code:
+    2-D (roll, then pad) or 3-D (pad, then roll), shift mask, table, qkv_bias, padding."""
+    return {"N_TOK": n_tok, "D": head_dim, "dtype": dtype_name(dtype), "dims": dims, "shift": int(shift),
+            "table": int(table), "qkv_bias": int(qkv_bias), "padded": int(padded), **extra}

@@ -43,6 +43,7 @@ setup(
     version="0.1.0",
     description="Fused GPU kernels for Vision Transformers: flash attention, Swin window attention, patch embedding",
     packages=find_packages(include=["vitkernels", "vitkernels.*"]),
+    package_data={"vitkernels.ops": ["tuned_configs.json"]},  # configs tuned on GPUs, read at launch
     python_requires=">=3.9",
     install_requires=["torch>=2.4"],
     extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "timm"]},

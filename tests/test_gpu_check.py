@@ -82,7 +82,7 @@ def test_gpu_check_dry_run_through_make():
                           capture_output=True, text=True, timeout=600)
     out = make.stdout
     assert make.returncode == 0, out + make.stderr
-    assert "build (background): TORCH_CUDA_ARCH_LIST=<major>.<minor>" in out and "setup.py build_ext --inplace" in out
+    assert "build (background): TORCH_CUDA_ARCH_LIST=<major>.<minor>" in out and "setup.py build_ext --build-lib build/gpu-check/lib" in out
     assert "gpu + triton tests (compiled Triton): TRITON_INTERPRET=0" in out
     counts = [int(line.split("selects ")[1].split()[0]) for line in out.splitlines() if "selects " in line]
     assert len(counts) == 2 and counts[0] > 100 and counts[1] >= 1, out
@@ -116,6 +116,28 @@ def test_build_env_targets_the_local_arch_with_every_core(monkeypatch):
     monkeypatch.setenv("CUDA_HOME", "/opt/cuda")
     env = gpu_check.build_env((9, 0), 16)
     assert env == {"TORCH_CUDA_ARCH_LIST": "9.0", "MAX_JOBS": "16", "CUDA_HOME": "/opt/cuda"}
+
+
+def test_built_extension_is_moved_into_place_whole(tmp_path):
+    built = tmp_path / "lib" / "vitkernels"
+    built.mkdir(parents=True)
+    (built / "_C.cpython-312-x86_64-linux-gnu.so").write_bytes(b"new")
+    (built / "other.py").write_text("")
+    dest = tmp_path / "tree"
+    dest.mkdir()
+    old = dest / "_C.cpython-312-x86_64-linux-gnu.so"
+    old.write_bytes(b"old")
+    inode = old.stat().st_ino
+    assert gpu_check.install_built(str(tmp_path / "lib"), str(dest)) == ["_C.cpython-312-x86_64-linux-gnu.so"]
+    assert old.read_bytes() == b"new" and old.stat().st_ino != inode  # replaced, not rewritten in place
+    assert gpu_check.install_built(str(tmp_path / "nothing"), str(dest)) == []
+
+
+def test_nvcc_is_detected_the_way_setup_py_does(tmp_path):
+    assert not gpu_check.has_nvcc({}) and not gpu_check.has_nvcc({"CUDA_HOME": str(tmp_path)})
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    assert gpu_check.has_nvcc({"CUDA_HOME": str(tmp_path)})
 
 
 def test_junit_summary_counts_and_failures(tmp_path):

@@ -5,7 +5,8 @@
    tests compile Triton kernels (without nvcc, or when the build fails, it carries on and says so).
 2. The ``gpu`` and ``triton`` tests with compiled Triton (``TRITON_INTERPRET=0``): all three ops, forward
    and every gradient, fp16 / bf16 / fp32, full ViT and Swin sizes (pytest-xdist workers when installed);
-   then the tests that need the extension.
+   then the tests that need the extension. They launch each kernel's first heuristic candidate
+   (``VITKERNELS_AUTOTUNE=off`` unless set): ``test_tuning.py``'s gpu tests check every candidate and tune.
 3. The benchmark subset against the peers, each at its best (SDPA with each backend, FlexAttention and
    timm compiled, eager conv): attention ViT-B N=197 D=64 fwd and fwd+bwd with and without a learnable
    bias, N=4096, Swin-T stage-1 window attention fwd+bwd, ViT-B/16 patch embedding, ViT-B/16 and Swin-T
@@ -123,8 +124,10 @@ def pytest_command(python: str, marker: str, extra: Sequence[str] = (), parallel
             *extra]
 
 
-def build_command(python: str) -> List[str]:
-    return [python, "setup.py", "build_ext", "--inplace"]
+def build_command(python: str, build_lib: str = "<out>/lib") -> List[str]:
+    # built beside the tree, moved into vitkernels/ once the first test step is over: pytest workers that
+    # import vitkernels meanwhile never see a half-written (or replaced) shared object
+    return [python, "setup.py", "build_ext", "--build-lib", build_lib]
 
 
 def build_env(capability, jobs: int) -> Dict[str, str]:
@@ -145,28 +148,62 @@ def build_env(capability, jobs: int) -> Dict[str, str]:
 # ---------------------------------------------------------------------------------------------------- steps
 
 
+def has_nvcc(env: Dict[str, str]) -> bool:
+    """setup.py builds the CUDA kernels only when $CUDA_HOME/bin/nvcc exists: the same test."""
+    return bool(env.get("CUDA_HOME")) and os.path.exists(os.path.join(env["CUDA_HOME"], "bin", "nvcc"))
+
+
 def start_build(python: str, capability, out_dir: str, clock: Clock):
     env = build_env(capability, os.cpu_count() or 1)
     log_path = os.path.join(out_dir, "build.log")
+    build_lib = os.path.join(out_dir, "lib")
+    shutil.rmtree(build_lib, ignore_errors=True)
+    cmd = build_command(python, build_lib)
     clock.say(f"building vitkernels._C in the background: {' '.join(f'{k}={v}' for k, v in env.items())} "
-              f"{shlex.join(build_command(python))} (log: {log_path})")
-    if "CUDA_HOME" not in env:
-        clock.say("no nvcc found (CUDA_HOME unset, torch found none): the extension gets its C++ CPU kernels only")
+              f"{shlex.join(cmd)} (log: {log_path})")
+    if not has_nvcc(env):
+        clock.say("no nvcc found (CUDA_HOME unset or without bin/nvcc): the extension gets its C++ CPU kernels only")
     log = open(log_path, "w")
-    proc = subprocess.Popen(build_command(python), cwd=ROOT, env={**os.environ, **env}, stdout=log,
-                            stderr=subprocess.STDOUT)
-    return proc, log, log_path, time.monotonic(), env
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    return proc, log, log_path, time.monotonic(), env, build_lib
 
 
-def finish_build(build, clock: Clock) -> Dict[str, Any]:
-    proc, log, log_path, started, env = build
+def install_built(build_lib: str, dest: str = os.path.join(ROOT, "vitkernels")) -> List[str]:
+    """Move the built vitkernels/_C*.so into the tree (os.replace: a new file, never one rewritten in place)."""
+    moved = []
+    src_dir = os.path.join(build_lib, "vitkernels")
+    for name in sorted(os.listdir(src_dir)) if os.path.isdir(src_dir) else []:
+        if name.startswith("_C") and name.endswith(".so"):
+            os.replace(os.path.join(src_dir, name), os.path.join(dest, name))
+            moved.append(name)
+    return moved
+
+
+def extension_has_cuda(python: str) -> Optional[bool]:
+    """Whether the vitkernels._C now in the tree imports and holds CUDA kernels (None: it does not import)."""
+    probe = subprocess.run([python, "-c", "import vitkernels._C as c; print(int(bool(getattr(c, 'WITH_CUDA', 0))))"],
+                           cwd=ROOT, capture_output=True, text=True)
+    if probe.returncode != 0:
+        return None
+    return probe.stdout.strip().endswith("1")
+
+
+def finish_build(build, python: str, clock: Clock) -> Dict[str, Any]:
+    proc, log, log_path, started, env, build_lib = build
     rc = proc.wait()
     log.close()
     seconds = time.monotonic() - started
-    result = {"ok": rc == 0, "seconds": round(seconds, 1), "arch": env["TORCH_CUDA_ARCH_LIST"],
-              "cuda_kernels": "CUDA_HOME" in env}
+    result = {"ok": rc == 0, "seconds": round(seconds, 1), "arch": env["TORCH_CUDA_ARCH_LIST"], "cuda_kernels": False}
     if rc == 0:
-        clock.say(f"vitkernels._C built in {seconds:.0f} s (sm_{env['TORCH_CUDA_ARCH_LIST'].replace('.', '')})")
+        moved = install_built(build_lib)
+        cuda = extension_has_cuda(python)
+        result.update(ok=bool(moved) and cuda is not None, cuda_kernels=bool(cuda), files=moved)
+        if not result["ok"]:
+            result["error"] = "the build produced no importable vitkernels/_C*.so"
+            clock.say(f"vitkernels._C: {result['error']} (see {log_path}); carrying on without it")
+        else:
+            clock.say(f"vitkernels._C built in {seconds:.0f} s (sm_{env['TORCH_CUDA_ARCH_LIST'].replace('.', '')}; "
+                      f"{'with' if cuda else 'WITHOUT'} CUDA kernels)")
     else:
         with open(log_path) as f:
             tail = f.read()[-3000:]
@@ -180,7 +217,9 @@ def run_tests(python: str, step: TestStep, out_dir: str, index: int, clock: Cloc
               env_extra: Dict[str, str], parallel: bool) -> Dict[str, Any]:
     xml_path = os.path.join(out_dir, f"tests-{index}.xml")
     cmd = pytest_command(python, step.marker, [f"--junitxml={xml_path}", *extra], parallel)
-    env = {**os.environ, "TRITON_INTERPRET": "0", **env_extra}
+    # correctness tests launch the heuristic's first candidate (VITKERNELS_AUTOTUNE=off): timing 4 candidates
+    # per key would compile 4x the kernels; test_tuning.py checks every candidate and tunes for real
+    env = {"VITKERNELS_AUTOTUNE": "off", **os.environ, "TRITON_INTERPRET": "0", **env_extra}
     clock.say(f"tests, step {index}: {step.name}: {shlex.join(cmd)}")
     started = time.monotonic()
     with open(os.path.join(out_dir, f"tests-{index}.log"), "wb") as log:
@@ -386,7 +425,8 @@ def dry_run(args, python: str) -> int:
           f"{torch.cuda.get_device_name() if cuda else 'none visible (a real run stops here)'}")
     cap = torch.cuda.get_device_capability() if cuda else ("<major>", "<minor>")
     env = build_env(cap, os.cpu_count() or 1)
-    print(f"  1. build (background): {' '.join(f'{k}={v}' for k, v in env.items())} {shlex.join(build_command(python))}")
+    print(f"  1. build (background): {' '.join(f'{k}={v}' for k, v in env.items())} "
+          f"{shlex.join(build_command(python, os.path.join(args.out, 'lib')))}, then moved into vitkernels/")
     # collect every step's selection at once (TRITON_INTERPRET=1 only so the modules import without a GPU)
     procs = []
     for step in test_steps(args.quick):
@@ -456,6 +496,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{env['cpus']} CPUs{' (--quick)' if args.quick else ''}")
     out_dir = os.path.abspath(args.out)
     os.makedirs(out_dir, exist_ok=True)
+    # a cache of this run's own tunings: only what this run measured goes into the results and the table
+    cache = os.path.join(out_dir, "autotune-cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    os.environ["VITKERNELS_CACHE_DIR"] = cache
     result: Dict[str, Any] = {"environment": env, "quick": args.quick, "tests": [], "build": None, "rows": []}
 
     build = None if args.no_build else start_build(python, torch.cuda.get_device_capability(device), out_dir, clock)
@@ -464,14 +508,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env_extra = {}
         if step.needs_ext:
             if build is not None:
-                result["build"] = finish_build(build, clock)
+                result["build"] = finish_build(build, python, clock)
                 build = None
-            if (result["build"] or {}).get("ok"):
+            if (result["build"] or {}).get("cuda_kernels"):  # else the CUDA test skips, saying why
                 env_extra["VITKERNELS_REQUIRE_EXT"] = "1"
         result["tests"].append(run_tests(python, step, out_dir, i, clock, args.pytest_args, env_extra,
                                          parallel=not args.serial))
     if build is not None:
-        result["build"] = finish_build(build, clock)
+        result["build"] = finish_build(build, python, clock)
 
     rows = [] if args.no_bench else run_bench(bench_cases(args.quick), device, clock, args.quick, args.reps,
                                               args.warmup)

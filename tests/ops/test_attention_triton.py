@@ -236,7 +236,7 @@ def test_triton_refuses_bfloat16_under_the_interpreter():
 @pytest.mark.parametrize("dtype", dtype_params((torch.float16, torch.bfloat16, torch.float32)))
 @pytest.mark.parametrize("n,d", [(197, 64), (577, 64), (1025, 80), (4096, 64)])
 def test_gpu_vit_shapes(dtype, n, d):
-    B, H = 4, 6
+    B, H = (4, 6) if n <= 1025 else (1, 4)  # the fp64 reference holds several B*H*N*N tensors
     q, k, v, _ = qkv_views(B, H, n, d, dtype=dtype, device="cuda")
     bias = torch.randn(1, H, n, n, dtype=dtype, device="cuda")
     check_against_reference(q, k, v, bias, dout=torch.randn(B, H, n, d, dtype=dtype, device="cuda"))
@@ -247,6 +247,10 @@ def test_gpu_vit_shapes(dtype, n, d):
 def test_gpu_long_sequence_memory_is_linear():
     B, H, n, d = 1, 2, 65536, 64
     q, k, v = (torch.randn(B, H, n, d, dtype=torch.bfloat16, device="cuda", requires_grad=True) for _ in range(3))
+    # warm-up first: tuning's timer (do_bench) allocates a 256 MB cache-flush buffer of its own
+    vitkernels.flash_attention(q, k, v, backend="triton").backward(torch.randn_like(q))
+    q.grad = k.grad = v.grad = None
+    torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     out = vitkernels.flash_attention(q, k, v, backend="triton")

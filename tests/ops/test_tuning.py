@@ -192,7 +192,7 @@ def test_tuning_times_the_candidates_once_and_remembers_across_processes(gpu_tun
     assert select(gpu_tuning, key) == picks[1] and len(gpu_tuning.timed) == 4  # memory
     stored = json.load(open(tuning.cache_path()))["entries"]
     (name, entry), = stored.items()
-    assert name.startswith("nvidia-h100-80gb-hbm3|triton-") and name.endswith("|flash_attn_fwd|" + tuning.key_string(key))
+    assert name.startswith("nvidia-h100-80gb-hbm3|triton-") and name.endswith("|flash_attn_fwd|v1|" + tuning.key_string(key))
     assert entry["config"] == picks[1].to_json() and entry["ms"] == 0.2
     tuning.clear_memory()  # a new process: the results cache answers, nothing is timed
     assert select(gpu_tuning, key) == picks[1] and len(gpu_tuning.timed) == 4
@@ -229,6 +229,22 @@ def test_the_repo_table_answers_before_tuning(gpu_tuning):
     tuning.merge_into_table({H100.slug: {"flash_attn_fwd": {tuning.key_string(attn_key(torch.float32, d=256)):
                                                              huge.to_json()}}}, {}, tuning.TABLE_PATH)
     assert select(gpu_tuning, attn_key(torch.float32, d=256)) != huge
+    # ... and so is one outside the kernel's space (a hand edit), or tuned for another version of the kernel
+    for n, entry in ((577, c(48, 64, 4, 3).to_json()), (2000, {**chosen.to_json(), "v": 99})):
+        tuning.clear_memory()
+        k = attn_key(n=n)
+        tuning.merge_into_table({H100.slug: {"flash_attn_fwd": {tuning.key_string(k): entry}}}, {}, tuning.TABLE_PATH)
+        before = len(gpu_tuning.timed)
+        select(gpu_tuning, k)
+        assert len(gpu_tuning.timed) == before + 4  # tuned anew
+
+
+def test_a_new_key_during_cuda_graph_capture_warns_and_is_not_remembered(gpu_tuning, monkeypatch):
+    monkeypatch.setattr(tuning, "_capturing", lambda: True)
+    key = attn_key(d=96)
+    with pytest.warns(RuntimeWarning, match="while a CUDA graph is being captured"):
+        assert select(gpu_tuning, key) == attn.ATTN_FWD.candidates(key, H100)[0]
+    assert gpu_tuning.timed == [] and not tuning._MEMORY
 
 
 def test_modes(gpu_tuning, monkeypatch):
@@ -267,14 +283,20 @@ def test_merge_into_table_keeps_other_gpus(tmp_path):
     assert set(data["gpus"]) == {"a100", "h100"} and data["gpus"]["a100"]["kernels"]["k"]["x"]["num_warps"] == 4
 
 
+def parse_key(text):
+    return {k: int(v) if v.isdigit() else v for k, v in (part.split("=", 1) for part in text.split(","))}
+
+
 def test_repo_table_is_valid():
-    """Every config in the committed table fits its kernel's space (a stale or hand-edited entry fails)."""
+    """Every config in the committed table is one its kernel could choose for its key, at the kernel's
+    current version (a stale or hand-edited entry fails here; at run time it would be ignored)."""
     specs = {s.name: s for s in ALL_SPECS}
     for slug, gpu in tuning.load_table(tuning.TABLE_PATH).items():
         for name, keys in gpu.get("kernels", {}).items():
-            assert name in specs, (slug, name)
-            for key, cfg in keys.items():
-                tuning.Config.from_json(cfg)
+            spec = specs[name]
+            for key, entry in keys.items():
+                assert entry.get("v", 1) == spec.version, (slug, name, key)
+                assert spec.allowed(tuning.Config.from_json(entry), parse_key(key), H100), (slug, name, key, entry)
 
 
 # ---- every launcher runs on its inputs' device --------------------------------------------------------
@@ -331,12 +353,22 @@ def test_every_launch_happens_inside_the_inputs_device_guard(monkeypatch):
 # ---- on a GPU: the real candidates ---------------------------------------------------------------------
 
 
+def each_candidate(specs, key):
+    """Forced-config maps that together launch every candidate of every spec at least once."""
+    gpu = tuning.gpu_of(torch.device("cuda"))
+    per_kernel = {spec.name: spec.candidates(key, gpu) for spec in specs}
+    for i in range(max(len(v) for v in per_kernel.values())):
+        yield {name: picks[min(i, len(picks) - 1)] for name, picks in per_kernel.items()}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("n,d", [(197, 64), (577, 80), (49, 128)])
-def test_gpu_every_heuristic_candidate_is_correct(dtype, n, d):
+@pytest.mark.parametrize("dtype,n,d", [(torch.bfloat16, 197, 64), (torch.float16, 197, 64), (torch.bfloat16, 577, 80),
+                                       (torch.float16, 49, 128), (torch.float32, 197, 64)],
+                         ids=["bf16-N197-D64", "fp16-N197-D64", "bf16-N577-D80", "fp16-N49-D128", "fp32-N197-D64"])
+def test_gpu_every_attention_candidate_is_correct(dtype, n, d):
     """Tuning may pick any candidate: each one, forced in turn for every attention kernel, must pass the 2x
-    criterion (forward and every gradient, learnable bias included)."""
+    criterion (forward and every gradient, learnable bias included). The gpu-check test step runs with
+    VITKERNELS_AUTOTUNE=off (first candidate) for speed: this is where the others are checked."""
     from tests.ops.test_attention_triton import check_against_reference
     from tests.utils import qkv_views
 
@@ -344,14 +376,49 @@ def test_gpu_every_heuristic_candidate_is_correct(dtype, n, d):
     q, k, v, _ = qkv_views(B, H, n, d, dtype=dtype, device="cuda")
     bias = torch.randn(1, H, n, n, dtype=dtype, device="cuda")
     dout = torch.randn(B, H, n, d, dtype=dtype, device="cuda")
-    gpu = tuning.gpu_of(torch.device("cuda"))
-    key = attn.tune_key(dtype, n, n, d, (0, 1, 1, 1), False)
-    per_kernel = {spec.name: spec.candidates(key, gpu) for spec in attn.KERNELS}
-    rounds = max(len(v) for v in per_kernel.values())
-    for i in range(rounds):
-        forced = {name: picks[min(i, len(picks) - 1)] for name, picks in per_kernel.items()}
+    for forced in each_candidate(attn.KERNELS, attn.tune_key(dtype, n, n, d, (0, 1, 1, 1), False)):
         with tuning.forced_configs(forced):
             check_against_reference(q, k, v, bias, dout=dout)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape,heads,win,shift", [((4, 56, 56), 3, 7, 3), ((2, 26, 26), 4, 12, 6)],
+                         ids=["swinT-s1", "w12-padded"])
+def test_gpu_every_window_candidate_is_correct(dtype, shape, heads, win, shift):
+    from tests.ops.test_window_attention_triton import run_case
+
+    padded = any(s % win for s in shape[1:])
+    key = window.tune_key(dtype, win * win, 32, 2, True, True, True, padded)
+    for forced in each_candidate(window.KERNELS, key):
+        with tuning.forced_configs(forced):
+            run_case(shape, heads, 32, win, shift, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_every_patch_embed_candidate_is_correct(dtype):
+    from tests.utils import assert_close_2x
+
+    B, E, P = 8, 768, 1
+    x = torch.randn(B, 3, 224, 224, device="cuda")
+    w = torch.randn(E, 3, 16, 16, device="cuda") * 0.02
+    b, pos, cls = torch.randn(E, device="cuda"), torch.randn(1, P + 196, E, device="cuda"), torch.randn(1, P, E, device="cuda")
+    g = torch.randn(B, P + 196, E, device="cuda")
+
+    def run(cast, backend):
+        ts = [t.to(cast).requires_grad_() for t in (x, w, b, pos, cls)]
+        out = vitkernels.patch_embed(ts[0], ts[1], ts[2], pos_embed=ts[3], prefix_tokens=ts[4], backend=backend)
+        out.backward(g.to(cast))
+        return [out] + [t.grad for t in ts]
+    ref, pt = run(torch.float64, "reference"), run(dtype, "reference")
+    key = patch.tune_key(dtype, B * 196, E, 768, HAS_BIAS=True, HAS_POS=True, POS_HAS_PREFIX=True)
+    for forced in each_candidate(patch.KERNELS, key):
+        with tuning.forced_configs(forced):
+            got = run(dtype, "triton")
+        for i, (a, p_, r) in enumerate(zip(got, pt, ref)):
+            assert_close_2x(a, p_, r, factor=2.0 if i == 0 else 3.0, floor=1e-3 if dtype != torch.float32 else 1e-5,
+                            name=f"output {i} with {forced}")
 
 
 @pytest.mark.gpu

@@ -38,6 +38,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -209,7 +210,8 @@ class TunedKernel:
     ``space``: every config ``full`` mode may try. ``heuristic(key, gpu)``: candidates, best guess first
     (at most ``MAX_CANDIDATES`` are used). ``shared_memory(config, key)``: bytes of shared memory a config
     needs (estimate). ``limits(key)``: extent of each block dim (blocks are shrunk to it). ``interpreter``:
-    the config used under TRITON_INTERPRET=1."""
+    the config used under TRITON_INTERPRET=1. ``version``: bump it when a change to the kernel makes
+    remembered configs invalid (cached and table entries of other versions are ignored)."""
 
     name: str
     space: Tuple[Config, ...]
@@ -217,9 +219,16 @@ class TunedKernel:
     shared_memory: Callable[[Config, Dict[str, Any]], int]
     limits: Callable[[Dict[str, Any]], Dict[str, int]]
     interpreter: Config
+    version: int = 1
 
     def fits(self, config: Config, key: Dict[str, Any], gpu: GPU) -> bool:
         return self.shared_memory(config, key) <= shared_budget(gpu)
+
+    def allowed(self, config: Config, key: Dict[str, Any], gpu: GPU) -> bool:
+        """Whether a remembered config (table, cache) is one this spec could choose for ``key`` here: in the
+        space (shrunk to the data) and within the GPU's shared memory."""
+        limits = self.limits(key)
+        return config in {fit_blocks(c, limits) for c in self.space} and self.fits(config, key, gpu)
 
     def candidates(self, key: Dict[str, Any], gpu: GPU, mode: str = "heuristic") -> List[Config]:
         """What tuning times for ``key`` on ``gpu``: the heuristic's picks (or the whole space in ``full``
@@ -265,8 +274,8 @@ def cache_path() -> str:
     return os.path.join(cache_dir(), "autotune.json")
 
 
-def _cache_key(gpu: GPU, kernel: str, key: str) -> str:
-    return f"{gpu.slug}|triton-{triton_version()}|{kernel}|{key}"
+def _cache_key(gpu: GPU, spec: "TunedKernel", key: str) -> str:
+    return f"{gpu.slug}|triton-{triton_version()}|{spec.name}|v{spec.version}|{key}"
 
 
 def _read_json(path: str) -> Dict[str, Any]:
@@ -385,22 +394,26 @@ def select(spec: TunedKernel, key: Dict[str, Any], device: torch.device, run: Ca
     mode = autotune_mode()
     gpu = gpu_of(device)
     kstr = key_string(key)
-    if mode == "off":
-        return spec.candidates(key, gpu)[0]
     memo = (gpu.slug, spec.name, kstr, mode)
     found = _MEMORY.get(memo)
     if found is not None:
         return found
-    found = _lookup(spec, key, kstr, gpu, mode)
+    found = spec.candidates(key, gpu)[0] if mode == "off" else _lookup(spec, key, kstr, gpu, mode)
     if found is None:
         pool = spec.candidates(key, gpu, mode)
-        if len(pool) == 1 or _capturing():
-            return pool[0]  # nothing to compare, or nothing can be timed now: not remembered
-        found, ms, timings = _tune(spec, key, pool, run)
-        log.info("vitkernels: tuned %s [%s] on %s: %s (%.4f ms; %d candidates)", spec.name, kstr, gpu.name, found,
-                 ms, len(pool))
-        _write_disk({_cache_key(gpu, spec.name, kstr): {"config": found.to_json(), "ms": ms, "mode": mode,
-                                                        "candidates": timings}})
+        if _capturing():  # nothing can be timed (nor, maybe, compiled) inside a capture: not remembered
+            warnings.warn(f"vitkernels: {spec.name} met a new tune key ({kstr}) while a CUDA graph is being "
+                          "captured; launching its first candidate untimed (run the model once before capturing)",
+                          RuntimeWarning, stacklevel=3)
+            return pool[0]
+        if len(pool) == 1:
+            found = pool[0]  # nothing to compare
+        else:
+            found, ms, timings = _tune(spec, key, pool, run)
+            log.info("vitkernels: tuned %s [%s] on %s: %s (%.4f ms; %d candidates)", spec.name, kstr, gpu.name,
+                     found, ms, len(pool))
+            _write_disk({_cache_key(gpu, spec, kstr): {"config": found.to_json(), "ms": ms, "mode": mode,
+                                                       "candidates": timings}})
     with _LOCK:
         _MEMORY[memo] = found
     return found
@@ -411,9 +424,9 @@ def _lookup(spec: TunedKernel, key: Dict[str, Any], kstr: str, gpu: GPU, mode: s
     candidates = []
     if mode != "full":
         entry = load_table().get(gpu.slug, {}).get("kernels", {}).get(spec.name, {}).get(kstr)
-        if entry is not None:
+        if entry is not None and entry.get("v", 1) == spec.version:
             candidates.append(entry)
-    cached = _disk_entries().get(_cache_key(gpu, spec.name, kstr))
+    cached = _disk_entries().get(_cache_key(gpu, spec, kstr))
     if cached is not None and (mode != "full" or cached.get("mode") == "full"):
         candidates.append(cached["config"])
     for data in candidates:
@@ -421,7 +434,7 @@ def _lookup(spec: TunedKernel, key: Dict[str, Any], kstr: str, gpu: GPU, mode: s
             config = Config.from_json(data)
         except (KeyError, TypeError, ValueError):
             continue
-        if spec.fits(config, key, gpu):
+        if spec.allowed(config, key, gpu):  # a stale or hand-edited entry is ignored, never launched
             return config
     return None
 
@@ -447,10 +460,14 @@ def cached_entries(gpu_slug: Optional[str] = None) -> Dict[str, Dict[str, Dict[s
     version = f"triton-{triton_version()}"
     out: Dict[str, Dict[str, Dict[str, Any]]] = {}
     for cache_key, entry in _read_json(cache_path()).get("entries", {}).items():
-        slug, ver, kernel, key = cache_key.split("|", 3)
+        try:
+            slug, ver, kernel, spec_version, key = cache_key.split("|", 4)
+        except ValueError:
+            continue  # an entry of another cache format
         if ver != version or (gpu_slug is not None and slug != gpu_slug):
             continue
-        out.setdefault(slug, {}).setdefault(kernel, {})[key] = {**entry["config"], "ms": entry.get("ms")}
+        out.setdefault(slug, {}).setdefault(kernel, {})[key] = {**entry["config"], "ms": entry.get("ms"),
+                                                               "v": int(spec_version.lstrip("v"))}
     return out
 
 

@@ -133,6 +133,8 @@ def build_command(python: str, build_lib: str = "<out>/lib") -> List[str]:
 def build_env(capability, jobs: int) -> Dict[str, str]:
     env = {"TORCH_CUDA_ARCH_LIST": f"{capability[0]}.{capability[1]}", "MAX_JOBS": str(jobs)}
     cuda_home = os.environ.get("CUDA_HOME")
+    if not cuda_home and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        cuda_home = "/usr/local/cuda"
     if not cuda_home:
         try:
             from torch.utils.cpp_extension import CUDA_HOME

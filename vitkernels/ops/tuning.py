@@ -146,6 +146,13 @@ def fit_blocks(config: Config, limits: Dict[str, int]) -> Config:
     return Config.of(warps, config.num_stages, **shrunk)
 
 
+def before_ampere(configs: List[Config], gpu: "GPU") -> List[Config]:
+    """Before Ampere (sm_80) there is no cp.async to pipeline with: two stages at most."""
+    if gpu.capability != (0, 0) and gpu.capability < (8, 0):
+        return [c.replace(num_stages=min(c.num_stages, 2)) for c in configs]
+    return configs
+
+
 def dedupe(configs: Iterable[Config]) -> List[Config]:
     return list(dict.fromkeys(configs))
 

@@ -16,6 +16,7 @@ from vitkernels.ops.tuning import (
     GPU,
     Config,
     TunedKernel,
+    before_ampere,
     bucket,
     dtype_name,
     product_space,
@@ -39,7 +40,8 @@ def shared_memory_estimate(block_m: int, block_n: int, block_d_: int, num_stages
     return elem * block_d_ * (block_m + 2 * block_n * max(1, num_stages))
 
 
-def _shared(backward: bool):
+def shared_memory_of(backward: bool):
+    """The spec's shared-memory estimate for attention-shaped kernels (keys with "D" and "dtype")."""
     def estimate(config: Config, key: Dict[str, Any]) -> int:
         m = config.meta
         return shared_memory_estimate(m["BLOCK_M"], m["BLOCK_N"], block_d(key["D"]), config.num_stages,
@@ -51,73 +53,53 @@ def _limits(key: Dict[str, Any]) -> Dict[str, int]:
     return {"BLOCK_M": key["N_Q"], "BLOCK_N": key["N_K"]}
 
 
-def _older_gpu(configs: List[Config], gpu: GPU) -> List[Config]:
-    """Before Ampere there is no cp.async to pipeline: two stages at most."""
-    if gpu.capability != (0, 0) and gpu.capability < (8, 0):
-        return [c.replace(num_stages=min(c.num_stages, 2)) for c in configs]
-    return configs
+# Candidates per kernel, by dtype / head-dim class, as (BLOCK_M, BLOCK_N, warps, stages), best guess first.
+# dK/dV: BLOCK_N is the program's key tile (accumulated), BLOCK_M the query step of its loop; dQ the
+# mirror image; dBias: one program per (M x N) tile of dBias, recomputing dS at each step.
+PICKS = {
+    "fwd": {"fp32": [(64, 32, 4, 2), (64, 64, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2)],
+            64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+            128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+            256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 32, 8, 2), (32, 64, 4, 2)]},
+    "dkdv": {"fp32": [(32, 64, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1), (64, 32, 4, 1)],
+             64: [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 1)],
+             128: [(64, 64, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (64, 128, 8, 1)],
+             256: [(32, 64, 4, 1), (32, 32, 4, 1), (64, 64, 8, 1)]},
+    "dq": {"fp32": [(64, 32, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1), (32, 64, 4, 1)],
+           64: [(128, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (128, 32, 4, 2)],
+           128: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 1)],
+           256: [(32, 64, 4, 1), (64, 32, 4, 1), (64, 64, 8, 1)]},
+    "dbias": {"fp32": [(32, 64, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1)],
+              64: [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
+              128: [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
+              256: [(32, 64, 4, 1), (64, 64, 8, 1), (32, 32, 4, 1)]},
+}
 
 
-def fwd_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
-    d, dtype = key["D"], key["dtype"]
-    if dtype == "fp32":
-        picks = [_c(64, 32, 4, 2), _c(64, 64, 4, 2), _c(32, 64, 4, 2), _c(128, 32, 8, 2)]
-    elif d <= 64:
-        picks = [_c(128, 64, 4, 3), _c(128, 128, 8, 3), _c(64, 64, 4, 3), _c(128, 32, 4, 4)]
-    elif d <= 128:
-        picks = [_c(128, 64, 8, 3), _c(128, 32, 4, 3), _c(64, 64, 4, 3), _c(128, 128, 8, 2)]
-    else:
-        picks = [_c(64, 64, 4, 2), _c(64, 32, 4, 2), _c(128, 32, 8, 2), _c(32, 64, 4, 2)]
-    return _older_gpu(picks, gpu)
+def heuristic_of(kernel: str):
+    """The heuristic of one attention kernel: its PICKS row for the key's dtype and head-dim class, with
+    at most two stages before Ampere (no cp.async to pipeline)."""
+    table = PICKS[kernel]
 
-
-def dkdv_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
-    """BLOCK_N: the program's key tile (accumulated); BLOCK_M: the query step of its loop."""
-    d, dtype = key["D"], key["dtype"]
-    if dtype == "fp32":
-        picks = [_c(32, 64, 4, 1), _c(64, 64, 8, 1), _c(32, 32, 4, 1), _c(64, 32, 4, 1)]
-    elif d <= 64:
-        picks = [_c(64, 128, 8, 2), _c(32, 128, 4, 2), _c(64, 64, 4, 2), _c(32, 64, 4, 1)]
-    elif d <= 128:
-        picks = [_c(64, 64, 8, 2), _c(32, 128, 8, 2), _c(32, 64, 4, 2), _c(64, 128, 8, 1)]
-    else:
-        picks = [_c(32, 64, 4, 1), _c(32, 32, 4, 1), _c(64, 64, 8, 1)]
-    return _older_gpu(picks, gpu)
-
-
-def dq_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
-    """BLOCK_M: the program's query tile (accumulated); BLOCK_N: the key step of its loop."""
-    d, dtype = key["D"], key["dtype"]
-    if dtype == "fp32":
-        picks = [_c(64, 32, 4, 1), _c(64, 64, 8, 1), _c(32, 32, 4, 1), _c(32, 64, 4, 1)]
-    elif d <= 64:
-        picks = [_c(128, 64, 8, 2), _c(64, 128, 8, 2), _c(64, 64, 4, 2), _c(128, 32, 4, 2)]
-    elif d <= 128:
-        picks = [_c(64, 64, 8, 2), _c(128, 64, 8, 2), _c(64, 32, 4, 2), _c(128, 32, 8, 1)]
-    else:
-        picks = [_c(32, 64, 4, 1), _c(64, 32, 4, 1), _c(64, 64, 8, 1)]
-    return _older_gpu(picks, gpu)
-
-
-def dbias_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
-    """One program per dBias tile: its (M x N) fp32 accumulator and the dS recompute of each step."""
-    if key["dtype"] == "fp32" or key["D"] > 128:
-        picks = [_c(32, 64, 4, 1), _c(64, 64, 8, 1), _c(32, 32, 4, 1)]
-    else:
-        picks = [_c(64, 64, 4, 2), _c(64, 128, 8, 2), _c(32, 64, 4, 2), _c(128, 64, 8, 2)]
-    return _older_gpu(picks, gpu)
+    def heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
+        d = key["D"]
+        row = table["fp32"] if key["dtype"] == "fp32" else table[64 if d <= 64 else 128 if d <= 128 else 256]
+        return before_ampere([_c(*p) for p in row], gpu)
+    return heuristic
 
 
 FWD_SPACE = product_space((4, 8), (2, 3, 4), BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128))
 BWD_SPACE = product_space((4, 8), (1, 2), BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128))
 INTERPRETER_CONFIG = _c(32, 32, 1, 1)
 
-ATTN_FWD = TunedKernel("flash_attn_fwd", FWD_SPACE, fwd_heuristic, _shared(False), _limits, INTERPRETER_CONFIG)
-ATTN_BWD_DKDV = TunedKernel("flash_attn_bwd_dkdv", BWD_SPACE, dkdv_heuristic, _shared(True), _limits,
+ATTN_FWD = TunedKernel("flash_attn_fwd", FWD_SPACE, heuristic_of("fwd"), shared_memory_of(False), _limits,
+                       INTERPRETER_CONFIG)
+ATTN_BWD_DKDV = TunedKernel("flash_attn_bwd_dkdv", BWD_SPACE, heuristic_of("dkdv"), shared_memory_of(True), _limits,
                             INTERPRETER_CONFIG)
-ATTN_BWD_DQ = TunedKernel("flash_attn_bwd_dq", BWD_SPACE, dq_heuristic, _shared(True), _limits, INTERPRETER_CONFIG)
-ATTN_BWD_DBIAS = TunedKernel("flash_attn_bwd_dbias", BWD_SPACE, dbias_heuristic, _shared(True), _limits,
-                             INTERPRETER_CONFIG)
+ATTN_BWD_DQ = TunedKernel("flash_attn_bwd_dq", BWD_SPACE, heuristic_of("dq"), shared_memory_of(True), _limits,
+                          INTERPRETER_CONFIG)
+ATTN_BWD_DBIAS = TunedKernel("flash_attn_bwd_dbias", BWD_SPACE, heuristic_of("dbias"), shared_memory_of(True),
+                             _limits, INTERPRETER_CONFIG)
 KERNELS = (ATTN_FWD, ATTN_BWD_DKDV, ATTN_BWD_DQ, ATTN_BWD_DBIAS)
 
 

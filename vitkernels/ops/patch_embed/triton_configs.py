@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from vitkernels.ops.tuning import ELEMENT_SIZE, GPU, Config, TunedKernel, bucket, dtype_name, product_space
+from vitkernels.ops.tuning import (
+    ELEMENT_SIZE,
+    GPU,
+    Config,
+    TunedKernel,
+    before_ampere,
+    bucket,
+    dtype_name,
+    product_space,
+)
 
 
 def _c(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> Config:
@@ -21,9 +30,7 @@ def heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
         picks = [_c(64, 64, 32, 4, 3), _c(128, 64, 32, 8, 3), _c(64, 128, 32, 8, 3), _c(32, 64, 32, 4, 2)]
     else:
         picks = [_c(128, 128, 64, 8, 3), _c(128, 64, 32, 4, 4), _c(64, 128, 32, 4, 4), _c(64, 64, 32, 4, 3)]
-    if gpu.capability != (0, 0) and gpu.capability < (8, 0):
-        picks = [c.replace(num_stages=min(c.num_stages, 2)) for c in picks]
-    return picks
+    return before_ampere(picks, gpu)
 
 
 def gemm_shared_memory_estimate(block_m: int, block_n: int, block_k: int, num_stages: int, elem: int) -> int:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from vitkernels.ops.attention.triton_configs import block_d, shared_memory_estimate
-from vitkernels.ops.tuning import ELEMENT_SIZE, GPU, Config, TunedKernel, dtype_name, product_space
+from vitkernels.ops.attention.triton_configs import shared_memory_of
+from vitkernels.ops.tuning import GPU, Config, TunedKernel, dtype_name, product_space
 
 
 def _c(block_m: int, block_n: int, warps: int, stages: int) -> Config:
@@ -24,14 +24,6 @@ def heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
     return [_c(64, 64, 4, 2), _c(32, 64, 4, 2), _c(64, 32, 4, 2), _c(32, 32, 2, 2)]
 
 
-def _shared(backward: bool):
-    def estimate(config: Config, key: Dict[str, Any]) -> int:
-        m = config.meta
-        return shared_memory_estimate(m["BLOCK_M"], m["BLOCK_N"], block_d(key["D"]), config.num_stages,
-                                      ELEMENT_SIZE[key["dtype"]], backward)
-    return estimate
-
-
 def _limits(key: Dict[str, Any]) -> Dict[str, int]:
     # GRAD_PAD sums padding keys per granule of 16, so no block goes below 32 (tl.dot needs 16 anyway)
     extent = max(32, 1 << max(0, key["N_TOK"] - 1).bit_length())
@@ -41,10 +33,10 @@ def _limits(key: Dict[str, Any]) -> Dict[str, int]:
 SPACE = product_space((2, 4), (1, 2), BLOCK_M=(32, 64), BLOCK_N=(32, 64))
 INTERPRETER_CONFIG = _c(32, 32, 1, 1)
 
-WINDOW_FWD = TunedKernel("window_attn_fwd", SPACE, heuristic, _shared(False), _limits, INTERPRETER_CONFIG)
-WINDOW_BWD_DKDV = TunedKernel("window_attn_bwd_dkdv", SPACE, heuristic, _shared(True), _limits, INTERPRETER_CONFIG)
-WINDOW_BWD_DQ = TunedKernel("window_attn_bwd_dq", SPACE, heuristic, _shared(True), _limits, INTERPRETER_CONFIG)
-WINDOW_BWD_DTABLE = TunedKernel("window_attn_bwd_dtable", SPACE, heuristic, _shared(True), _limits,
+WINDOW_FWD = TunedKernel("window_attn_fwd", SPACE, heuristic, shared_memory_of(False), _limits, INTERPRETER_CONFIG)
+WINDOW_BWD_DKDV = TunedKernel("window_attn_bwd_dkdv", SPACE, heuristic, shared_memory_of(True), _limits, INTERPRETER_CONFIG)
+WINDOW_BWD_DQ = TunedKernel("window_attn_bwd_dq", SPACE, heuristic, shared_memory_of(True), _limits, INTERPRETER_CONFIG)
+WINDOW_BWD_DTABLE = TunedKernel("window_attn_bwd_dtable", SPACE, heuristic, shared_memory_of(True), _limits,
                                 INTERPRETER_CONFIG)
 KERNELS = (WINDOW_FWD, WINDOW_BWD_DKDV, WINDOW_BWD_DQ, WINDOW_BWD_DTABLE)
 

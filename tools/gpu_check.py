@@ -457,7 +457,7 @@ def dry_run(args, python: str) -> int:
           "per candidate")
     for case in cases:
         try:
-            cands, _ = _candidates(case, __import__("torch").bfloat16, device)
+            cands, _ = _candidates(case, torch.bfloat16, device)
             names = ", ".join(c.name for c in cands)
         except Exception as exc:
             names, rc = f"ERROR: {type(exc).__name__}: {exc}", 1
@@ -557,7 +557,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if rows:
         print(short_table(result["summary"]))
     print(f"results: {stem}.json, {stem}.md (copies and logs in {out_dir})")
-    return 1 if failed or any(t["rc"] not in (0,) for t in result["tests"]) else 0
+    return 1 if failed or any(t["rc"] != 0 for t in result["tests"]) else 0
 
 
 if __name__ == "__main__":

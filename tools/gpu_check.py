@@ -28,8 +28,10 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, List, Optional, Sequence
@@ -216,7 +218,7 @@ def finish_build(build, python: str, clock: Clock) -> Dict[str, Any]:
 
 
 def run_tests(python: str, step: TestStep, out_dir: str, index: int, clock: Clock, extra: Sequence[str],
-              env_extra: Dict[str, str], parallel: bool) -> Dict[str, Any]:
+              env_extra: Dict[str, str], parallel: bool, budget: Optional[float] = None) -> Dict[str, Any]:
     xml_path = os.path.join(out_dir, f"tests-{index}.xml")
     cmd = pytest_command(python, step.marker, [f"--junitxml={xml_path}", *extra], parallel)
     # correctness tests launch the heuristic's first candidate (VITKERNELS_AUTOTUNE=off): timing 4 candidates
@@ -226,6 +228,14 @@ def run_tests(python: str, step: TestStep, out_dir: str, index: int, clock: Cloc
     started = time.monotonic()
     with open(os.path.join(out_dir, f"tests-{index}.log"), "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        timers = []
+        if budget is not None:
+            # SIGINT first: pytest stops, reports what ran and still writes its junit XML; kill if it hangs
+            timers = [threading.Timer(max(budget, 1.0), _interrupt, (proc, clock, step.name, budget)),
+                      threading.Timer(max(budget, 1.0) + 45.0, proc.kill)]
+            for t in timers:
+                t.daemon = True
+                t.start()
         while True:  # stream as it comes (pytest's progress dots have no newline)
             chunk = os.read(proc.stdout.fileno(), 4096)
             if not chunk:
@@ -234,11 +244,23 @@ def run_tests(python: str, step: TestStep, out_dir: str, index: int, clock: Cloc
             sys.stdout.flush()
             log.write(chunk)
         rc = proc.wait()
+        for t in timers:
+            t.cancel()
     summary = junit_summary(xml_path)
-    summary.update(step=step.name, marker=step.marker, rc=rc, seconds=round(time.monotonic() - started, 1))
+    summary.update(step=step.name, marker=step.marker, rc=rc, seconds=round(time.monotonic() - started, 1),
+                   interrupted=bool(timers) and timers[0].finished.is_set() and rc != 0)
+    if summary["interrupted"]:
+        summary["failures"].append({"test": "(deadline)", "message": f"interrupted after {budget:.0f} s: the tests "
+                                    "not reported here did not run"})
     clock.say(f"tests, step {index}: {summary['passed']} passed, {summary['failed']} failed, "
               f"{summary['skipped']} skipped in {summary['seconds']:.0f} s (exit {rc})")
     return summary
+
+
+def _interrupt(proc, clock: Clock, name: str, budget: float) -> None:
+    if proc.poll() is None:
+        clock.say(f"{name}: over its {budget:.0f} s budget (--deadline): interrupting pytest")
+        proc.send_signal(signal.SIGINT)
 
 
 def junit_summary(path: str) -> Dict[str, Any]:
@@ -266,7 +288,8 @@ def junit_summary(path: str) -> Dict[str, Any]:
     return out
 
 
-def run_bench(cases: List[BenchCase], device, clock: Clock, quick: bool, reps: int, warmup: int):
+def run_bench(cases: List[BenchCase], device, clock: Clock, quick: bool, reps: int, warmup: int,
+              stop_at: Optional[float] = None):
     import torch
 
     from vitkernels.bench import core, workloads
@@ -276,6 +299,11 @@ def run_bench(cases: List[BenchCase], device, clock: Clock, quick: bool, reps: i
     dtype = torch.bfloat16
     rows = []
     for i, case in enumerate(cases, 1):
+        if stop_at is not None and time.monotonic() > stop_at:
+            clock.say(f"bench {i}/{len(cases)}: {case.label} {case.mode}: not run (--deadline reached)")
+            rows.append(core.Row(case.op, case.label, case.shape, "(not run)", "vitkernels", "bf16", case.mode,
+                                 status="not run: --deadline reached"))
+            continue
         clock.say(f"bench {i}/{len(cases)}: {case.label} {case.mode} (bf16; {case.shape})")
         try:
             cands, (flops, io) = _candidates(case, dtype, device)
@@ -410,6 +438,10 @@ def parse(argv):
     parser.add_argument("--serial", action="store_true", help="no pytest-xdist workers")
     parser.add_argument("--reps", type=int, default=50, help="timed repetitions per candidate (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per candidate (default: %(default)s)")
+    parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
+                        help="finish within about this many seconds (a lent machine's command limit): the first test "
+                             "step is interrupted at 45%% of it, the second at 55%%, benchmark cases that have not "
+                             "begun by 85%% are listed as not run; the results are written either way")
     parser.add_argument("--merge-tuned", metavar="RESULTS_JSON", default=None,
                         help="merge the tuned configs of a gpu-check results JSON into the repo table, then stop")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
@@ -506,7 +538,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     build = None if args.no_build else start_build(python, torch.cuda.get_device_capability(device), out_dir, clock)
     steps = [] if args.no_tests else test_steps(args.quick)
+    shares = [0.45, 0.55]
     for i, step in enumerate(steps, 1):
+        budget = None
+        if args.deadline is not None:
+            budget = shares[min(i, len(shares)) - 1] * args.deadline - (time.monotonic() - clock.start)
         env_extra = {}
         if step.needs_ext:
             if build is not None:
@@ -515,12 +551,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if (result["build"] or {}).get("cuda_kernels"):  # else the CUDA test skips, saying why
                 env_extra["VITKERNELS_REQUIRE_EXT"] = "1"
         result["tests"].append(run_tests(python, step, out_dir, i, clock, args.pytest_args, env_extra,
-                                         parallel=not args.serial))
+                                         parallel=not args.serial, budget=budget))
     if build is not None:
         result["build"] = finish_build(build, python, clock)
 
+    stop_at = None if args.deadline is None else clock.start + 0.85 * args.deadline
     rows = [] if args.no_bench else run_bench(bench_cases(args.quick), device, clock, args.quick, args.reps,
-                                              args.warmup)
+                                              args.warmup, stop_at)
     result["rows"] = [dataclasses.asdict(r) for r in rows]
     result["summary"] = best_rows(rows)
     from vitkernels.ops import tuning

@@ -151,9 +151,10 @@ def test_cuda_patch_embed_matches_the_reference():
                                                     + (vitkernels._ext.extension_error() or "built without nvcc"))
     elif not vitkernels._ext.has_cuda_kernels():
         pytest.skip("vitkernels._C was built without CUDA kernels (set VITKERNELS_REQUIRE_EXT=1 to fail instead)")
-    x = torch.randn(2, 3, 2, 32, 32, device="cuda").to(memory_format=torch.channels_last_3d).requires_grad_()
+    # a video tubelet embedding: 2 x 3 x 2 = 12 patches after the cls row, channels-last 3-D input
+    x = torch.randn(2, 3, 4, 48, 32, device="cuda").to(memory_format=torch.channels_last_3d).requires_grad_()
     w = torch.randn(16, 3, 2, 16, 16, device="cuda", requires_grad=True)
-    b, pos, cls = (torch.randn(*s, device="cuda", requires_grad=True) for s in ((16,), (1, 9, 16), (1, 1, 16)))
+    b, pos, cls = (torch.randn(*s, device="cuda", requires_grad=True) for s in ((16,), (1, 13, 16), (1, 1, 16)))
     args = (x, w, b, pos, cls)
 
     def run(backend, dtype):

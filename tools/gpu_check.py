@@ -438,6 +438,8 @@ def parse(argv):
     parser.add_argument("--serial", action="store_true", help="no pytest-xdist workers")
     parser.add_argument("--reps", type=int, default=50, help="timed repetitions per candidate (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=10, help="warm-up calls per candidate (default: %(default)s)")
+    parser.add_argument("--ops", default="attention,window,patch,model",
+                        help="benchmark cases of these ops only, comma-separated (default: %(default)s)")
     parser.add_argument("--deadline", type=float, default=None, metavar="SECONDS",
                         help="finish within about this many seconds (a lent machine's command limit): the first test "
                              "step is interrupted at 45%% of it, the second at 55%%, benchmark cases that have not "
@@ -556,7 +558,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["build"] = finish_build(build, python, clock)
 
     stop_at = None if args.deadline is None else clock.start + 0.85 * args.deadline
-    rows = [] if args.no_bench else run_bench(bench_cases(args.quick), device, clock, args.quick, args.reps,
+    ops = {o.strip() for o in args.ops.split(",") if o.strip()}
+    cases = [c for c in bench_cases(args.quick) if c.op in ops]
+    rows = [] if args.no_bench else run_bench(cases, device, clock, args.quick, args.reps,
                                               args.warmup, stop_at)
     result["rows"] = [dataclasses.asdict(r) for r in rows]
     result["summary"] = best_rows(rows)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_gpu_check_dry_run_through_make():
                           capture_output=True, text=True, timeout=600)
     out = make.stdout
     assert make.returncode == 0, out + make.stderr
-    assert "build (background): TORCH_CUDA_ARCH_LIST=<major>.<minor>" in out and "setup.py build_ext --build-lib build/gpu-check/lib" in out
+    assert "build (background): TORCH_CUDA_ARCH_LIST=<major>.<minor>" in out and "setup.py build_ext --build-lib '<temporary folder>/lib'" in out
     assert "gpu + triton tests (compiled Triton): TRITON_INTERPRET=0" in out
     counts = [int(line.split("selects ")[1].split()[0]) for line in out.splitlines() if "selects " in line]
     assert len(counts) == 2 and counts[0] > 100 and counts[1] >= 1, out
@@ -171,7 +172,9 @@ def test_best_rows_and_short_table():
     best = gpu_check.best_rows(rows())
     assert best[0]["vitkernels"] == "vitkernels:triton" and best[0]["best_peer"] == "sdpa:flash"
     assert best[0]["speedup"] == pytest.approx(0.8)
+    assert best[0]["triton_ms"] == 0.5 and best[0]["triton_speedup"] == pytest.approx(0.8)
     assert best[1]["vitkernels_ms"] is None and "boom" in best[1]["vitkernels_status"]
+    assert best[1]["triton_speedup"] is None
     table = gpu_check.short_table(best)
     assert "0.80x" in table and "sdpa:flash" in table and "error: RuntimeError: boom" in table
 
@@ -188,9 +191,63 @@ def test_results_markdown_and_tuned_table(tmp_path):
                                                                        "num_stages": 3, "ms": 0.1}}}}}
     md = gpu_check.markdown(result)
     assert "# vitkernels gpu-check: NVIDIA H100 (2026-11-27)" in md and "FAILED `t::x`" in md
-    assert "| att | fwd | vitkernels:triton | 0.500 | sdpa:flash | 0.400 | 0.80x |" in md
+    assert "| att | fwd | vitkernels:triton | 0.500 | sdpa:flash | 0.400 | 0.80x | 0.80x |" in md
+    assert "Incomplete" not in md
     table = tmp_path / "table.json"
     assert gpu_check.record_tuned(result, str(table)) == 1
     saved = json.loads(table.read_text())["gpus"]["nvidia-h100"]
     assert saved["name"] == "NVIDIA H100" and saved["triton"] == "3.6.0"
     assert saved["kernels"]["flash_attn_fwd"]["N_Q=256"]["BLOCK_M"] == 128
+
+
+def test_results_are_written_as_they_come_and_copied_for_a_lent_machine(tmp_path, monkeypatch):
+    """A run cut short still leaves its results: write_results runs after every step and case, marks an
+    unfinished run, merges the tuned configs and copies json, md and the table into --out."""
+    from vitkernels.ops import tuning
+
+    table = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "TABLE_PATH", str(table))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = {"environment": {"gpu": "NVIDIA H200", "date": "2026-11-27", "torch": "2.11.0", "triton": "3.6.0",
+                              "python": "3.12.3", "cpus": 16, "command": "make gpu-check"},
+              "seconds": 12.0, "build": None, "tests": [], "complete": False,
+              "rows": [dict(r.__dict__) for r in rows()], "summary": gpu_check.best_rows(rows()),
+              "tuned": {"nvidia-h200": {"flash_attn_fwd": {"N_Q=256": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4,
+                                                                       "num_stages": 2, "ms": 0.1}}}}}
+    stem = str(tmp_path / "results" / "2026-11-27-nvidia-h200")
+    paths = gpu_check.write_results(result, stem, str(out))
+    assert paths == [stem + ".json", stem + ".md", str(table)]
+    assert sorted(os.listdir(out)) == ["2026-11-27-nvidia-h200.json", "2026-11-27-nvidia-h200.md", "table.json"]
+    assert "Incomplete" in (out / "2026-11-27-nvidia-h200.md").read_text()
+    assert json.loads((out / "2026-11-27-nvidia-h200.json").read_text())["complete"] is False
+    assert json.loads(table.read_text())["gpus"]["nvidia-h200"]["kernels"]["flash_attn_fwd"]["N_Q=256"]["BLOCK_M"] == 64
+    assert gpu_check.write_results(result, stem, str(out), record=False) == [stem + ".json", stem + ".md"]
+
+
+def test_a_test_step_over_its_deadline_is_interrupted_and_reported(tmp_path):
+    """--deadline: pytest gets SIGINT at its budget, reports what ran, and the step says it was cut short."""
+    (tmp_path / "test_sleepy.py").write_text(textwrap.dedent("""
+        import time
+        import pytest
+
+        @pytest.mark.sleepy
+        def test_quick():
+            pass
+
+        @pytest.mark.sleepy
+        def test_sleeps():
+            time.sleep(60)
+    """))
+    out = tmp_path / "out"
+    out.mkdir()
+    step = gpu_check.TestStep("sleepy", "sleepy", False)  # a marker that selects nothing under tests/
+    started = time.monotonic()
+    summary = gpu_check.run_tests(sys.executable, step, str(out), 1, gpu_check.Clock(),
+                                  [str(tmp_path / "test_sleepy.py"), "-p", "no:cacheprovider",
+                                   "-W", "ignore::pytest.PytestUnknownMarkWarning"], {}, parallel=False,
+                                  budget=8.0)
+    assert time.monotonic() - started < 40
+    assert summary["interrupted"] and summary["rc"] != 0
+    assert any(f["test"] == "(deadline)" for f in summary["failures"])
+    assert (out / "tests.log").exists()

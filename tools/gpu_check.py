@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -126,7 +127,7 @@ def pytest_command(python: str, marker: str, extra: Sequence[str] = (), parallel
             *extra]
 
 
-def build_command(python: str, build_lib: str = "<out>/lib") -> List[str]:
+def build_command(python: str, build_lib: str = "<temporary folder>/lib") -> List[str]:
     # built beside the tree, moved into vitkernels/ once the first test step is over: pytest workers that
     # import vitkernels meanwhile never see a half-written (or replaced) shared object
     return [python, "setup.py", "build_ext", "--build-lib", build_lib]
@@ -160,8 +161,8 @@ def has_nvcc(env: Dict[str, str]) -> bool:
 def start_build(python: str, capability, out_dir: str, clock: Clock):
     env = build_env(capability, os.cpu_count() or 1)
     log_path = os.path.join(out_dir, "build.log")
-    build_lib = os.path.join(out_dir, "lib")
-    shutil.rmtree(build_lib, ignore_errors=True)
+    # outside --out: a lent machine brings back only a few files from it, two folders deep at most
+    build_lib = os.path.join(tempfile.mkdtemp(prefix="vitkernels-build-"), "lib")
     cmd = build_command(python, build_lib)
     clock.say(f"building vitkernels._C in the background: {' '.join(f'{k}={v}' for k, v in env.items())} "
               f"{shlex.join(cmd)} (log: {log_path})")
@@ -226,7 +227,7 @@ def run_tests(python: str, step: TestStep, out_dir: str, index: int, clock: Cloc
     env = {"VITKERNELS_AUTOTUNE": "off", **os.environ, "TRITON_INTERPRET": "0", **env_extra}
     clock.say(f"tests, step {index}: {step.name}: {shlex.join(cmd)}")
     started = time.monotonic()
-    with open(os.path.join(out_dir, f"tests-{index}.log"), "wb") as log:
+    with open(os.path.join(out_dir, "tests.log"), "ab" if index > 1 else "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         timers = []
         if budget is not None:
@@ -289,7 +290,7 @@ def junit_summary(path: str) -> Dict[str, Any]:
 
 
 def run_bench(cases: List[BenchCase], device, clock: Clock, quick: bool, reps: int, warmup: int,
-              stop_at: Optional[float] = None):
+              stop_at: Optional[float] = None, on_case=None):
     import torch
 
     from vitkernels.bench import core, workloads
@@ -317,6 +318,8 @@ def run_bench(cases: List[BenchCase], device, clock: Clock, quick: bool, reps: i
             row.workload = case.label  # the label names the case (bias included)
         print(core.table(got), flush=True)
         rows += got
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
@@ -358,10 +361,14 @@ def best_rows(rows) -> List[Dict[str, Any]]:
         mine = [r for r in rows if (r.workload, r.mode) == (label, mode)]
         vk = min((r for r in mine if r.kind == "vitkernels" and r.median_ms), key=lambda r: r.median_ms, default=None)
         peer = min((r for r in mine if r.kind == "peer" and r.median_ms), key=lambda r: r.median_ms, default=None)
+        # what dispatch picks on a GPU by default, shown beside the fastest backend (they can differ)
+        triton = next((r for r in mine if r.candidate == "vitkernels:triton" and r.median_ms), None)
         out.append({"case": label, "mode": mode,
                     "vitkernels": vk.candidate if vk else None, "vitkernels_ms": vk.median_ms if vk else None,
                     "best_peer": peer.candidate if peer else None, "peer_ms": peer.median_ms if peer else None,
                     "speedup": (peer.median_ms / vk.median_ms) if (vk and peer) else None,
+                    "triton_ms": triton.median_ms if triton else None,
+                    "triton_speedup": (peer.median_ms / triton.median_ms) if (triton and peer) else None,
                     "vitkernels_status": None if vk else "; ".join(sorted({r.status for r in mine
                                                                            if r.kind == "vitkernels"}))})
     return out
@@ -383,7 +390,11 @@ def markdown(result: Dict[str, Any]) -> str:
     out = [f"# vitkernels gpu-check: {env.get('gpu', '?')} ({env['date']})", "",
            f"torch {env['torch']}, triton {env['triton']}, CUDA {env.get('cuda')}, driver {env.get('driver')}, "
            f"python {env['python']}, {env['cpus']} CPUs; command: `{env['command']}`; "
-           f"{result['seconds']:.0f} s in all.", "", "## Tests (compiled Triton)", ""]
+           f"{result['seconds']:.0f} s in all.", ""]
+    if not result.get("complete", True):
+        out += ["**Incomplete: the run stopped before its end (written after each step and case); what is below "
+                "is what it measured until then.**", ""]
+    out += ["## Tests (compiled Triton)", ""]
     for t in result["tests"]:
         out.append(f"- {t['step']} (`-m \"{t['marker']}\"`): {t['passed']} passed, {t['failed']} failed, "
                    f"{t['skipped']} skipped, {t['seconds']:.0f} s")
@@ -395,12 +406,14 @@ def markdown(result: Dict[str, Any]) -> str:
     out += ["", f"Extension: {'built' if build.get('ok') else 'not built'} "
                 f"({build.get('arch', '-')}; {build.get('seconds', '-')} s){'; ' + build['error'] if build.get('error') else ''}",
             "", "## Benchmarks (bf16; median of CUDA-event timings)", "",
-            "| case | mode | vitkernels | ms | best peer | ms | vs best peer |", "|---|---|---|---|---|---|---|"]
+            "| case | mode | fastest vitkernels | ms | best peer | ms | vs best peer | triton vs best peer |",
+            "|---|---|---|---|---|---|---|---|"]
     for b in result["summary"]:
         out.append(f"| {b['case']} | {b['mode']} | {b['vitkernels'] or '-'} | "
                    f"{'%.3f' % b['vitkernels_ms'] if b['vitkernels_ms'] else '-'} | {b['best_peer'] or '-'} | "
                    f"{'%.3f' % b['peer_ms'] if b['peer_ms'] else '-'} | "
-                   f"{'%.2fx' % b['speedup'] if b['speedup'] else (b['vitkernels_status'] or '-')} |")
+                   f"{'%.2fx' % b['speedup'] if b['speedup'] else (b['vitkernels_status'] or '-')} | "
+                   f"{'%.2fx' % b['triton_speedup'] if b.get('triton_speedup') else '-'} |")
     out += ["", "## Every row", "", "| case | mode | candidate | median ms | IQR ms | TFLOP/s | peak MB | img/s | status |",
             "|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
@@ -409,6 +422,26 @@ def markdown(result: Dict[str, Any]) -> str:
                    f"{fmt(r['iqr_ms'], '.3f')} | {fmt(r['tflops'], '.1f')} | {fmt(r['peak_mb'], '.0f')} | "
                    f"{fmt(r['images_per_s'], '.0f')} | {r['status']} |")
     return "\n".join(out) + "\n"
+
+
+def write_results(result: Dict[str, Any], stem: str, out_dir: str, record: bool = True) -> List[str]:
+    """``<stem>.json`` and ``.md``, the tuned configs merged into the repo table (``record``), and copies of
+    the three in ``out_dir``. Returns the paths written."""
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(result))
+    paths = [stem + ".json", stem + ".md"]
+    if record and result.get("tuned"):
+        from vitkernels.ops import tuning
+
+        record_tuned(result)
+        paths.append(tuning.TABLE_PATH)
+    for path in paths:
+        if os.path.dirname(os.path.abspath(path)) != os.path.abspath(out_dir):
+            shutil.copy(path, out_dir)
+    return paths
 
 
 def record_tuned(result: Dict[str, Any], table_path: Optional[str] = None) -> int:
@@ -462,7 +495,7 @@ def dry_run(args, python: str) -> int:
     cap = torch.cuda.get_device_capability() if cuda else ("<major>", "<minor>")
     env = build_env(cap, os.cpu_count() or 1)
     print(f"  1. build (background): {' '.join(f'{k}={v}' for k, v in env.items())} "
-          f"{shlex.join(build_command(python, os.path.join(args.out, 'lib')))}, then moved into vitkernels/")
+          f"{shlex.join(build_command(python))}, then moved into vitkernels/")
     # collect every step's selection at once (TRITON_INTERPRET=1 only so the modules import without a GPU)
     procs = []
     for step in test_steps(args.quick):
@@ -536,7 +569,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cache = os.path.join(out_dir, "autotune-cache")
     shutil.rmtree(cache, ignore_errors=True)
     os.environ["VITKERNELS_CACHE_DIR"] = cache
-    result: Dict[str, Any] = {"environment": env, "quick": args.quick, "tests": [], "build": None, "rows": []}
+    result: Dict[str, Any] = {"environment": env, "quick": args.quick, "tests": [], "build": None, "rows": [],
+                              "summary": [], "tuned": {}, "seconds": 0.0, "complete": False}
+    from vitkernels.ops import tuning
+
+    gpu = tuning.gpu_of(device)
+    stem = os.path.join(ROOT, args.results_dir, f"{env['date']}-{gpu.slug}")
+
+    def save(rows=None) -> None:
+        """Written after every step and benchmark case: a run cut short (a lent machine's time limit) still
+        leaves what it measured, in the results and in its --out copies."""
+        if rows is not None:
+            result["rows"] = [dataclasses.asdict(r) for r in rows]
+            result["summary"] = best_rows(rows)
+        result["tuned"] = tuning.cached_entries(gpu.slug)
+        result["seconds"] = round(time.monotonic() - clock.start, 1)
+        write_results(result, stem, out_dir, record=not args.no_record)
 
     build = None if args.no_build else start_build(python, torch.cuda.get_device_capability(device), out_dir, clock)
     steps = [] if args.no_tests else test_steps(args.quick)
@@ -554,6 +602,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 env_extra["VITKERNELS_REQUIRE_EXT"] = "1"
         result["tests"].append(run_tests(python, step, out_dir, i, clock, args.pytest_args, env_extra,
                                          parallel=not args.serial, budget=budget))
+        save()
     if build is not None:
         result["build"] = finish_build(build, python, clock)
 
@@ -561,29 +610,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ops = {o.strip() for o in args.ops.split(",") if o.strip()}
     cases = [c for c in bench_cases(args.quick) if c.op in ops]
     rows = [] if args.no_bench else run_bench(cases, device, clock, args.quick, args.reps,
-                                              args.warmup, stop_at)
-    result["rows"] = [dataclasses.asdict(r) for r in rows]
-    result["summary"] = best_rows(rows)
-    from vitkernels.ops import tuning
-
-    gpu = tuning.gpu_of(device)
-    result["tuned"] = tuning.cached_entries(gpu.slug)
-    result["seconds"] = round(time.monotonic() - clock.start, 1)
-
-    os.makedirs(os.path.join(ROOT, args.results_dir), exist_ok=True)
-    stem = os.path.join(ROOT, args.results_dir, f"{env['date']}-{gpu.slug}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(result))
-    copies = [stem + ".json", stem + ".md"]
+                                              args.warmup, stop_at, on_case=save)
+    result["complete"] = True
+    save(rows)
     if not args.no_record and result["tuned"]:
-        count = record_tuned(result)
+        count = sum(len(keys) for kernels in result["tuned"].values() for keys in kernels.values())
         clock.say(f"merged {count} tuned configs for {gpu.slug} into vitkernels/ops/tuned_configs.json")
-        copies.append(tuning.TABLE_PATH)
-    for path in copies:
-        if os.path.dirname(os.path.abspath(path)) != out_dir:
-            shutil.copy(path, out_dir)
 
     failed = sum(t["failed"] for t in result["tests"])
     print("", flush=True)

@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 FLOAT_SCALARS = {"sm_scale", "dropout_p", "keep_scale"}
-FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum"}
+FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum", "DSPart", "DPadPart"}
 INT8_POINTERS = {"Mask"}
 INT64_POINTERS = {"Seed"}  # dropout's (seed, offset) on the device
 # tensors of the op's dtype; every other non-constexpr argument not named above is an int32 size/stride

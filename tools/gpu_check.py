@@ -99,6 +99,7 @@ def bench_cases(quick: bool) -> List[BenchCase]:
         BenchCase("attention", "attention ViT-B N=197 D=64 +bias", VIT_B, "fwd+bwd", bias=True, quick=True),
         BenchCase("attention", "attention N=4096 D=64", LONG, "fwd", quick=False),
         BenchCase("attention", "attention N=4096 D=64", LONG, "fwd+bwd", quick=True),
+        BenchCase("window", "window Swin-T stage 1", SWIN_T_S1, "fwd", quick=False),
         BenchCase("window", "window Swin-T stage 1", SWIN_T_S1, "fwd+bwd", quick=True),
         BenchCase("patch", "patch embed ViT-B/16", VIT_B_PATCH, "fwd", quick=True),
         BenchCase("patch", "patch embed ViT-B/16", VIT_B_PATCH, "fwd+bwd", quick=False),

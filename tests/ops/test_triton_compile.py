@@ -66,7 +66,10 @@ def heuristic_cases(dtype, head_dims=(64, 128)):
     return cases
 
 
-WINDOW_FLAGS = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, ROLL_FIRST=False, HAS_SHIFT=True, HAS_QKV_BIAS=True)
+WINDOW_FLAGS = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, ROLL_FIRST=False, HAS_SHIFT=True,
+                    HAS_QKV_BIAS=True)
+FUSED_FLAGS = dict(HEAD_DIM=32, BLOCK=64, BLOCK_D=32, ROLL_FIRST=True, HAS_QKV_BIAS=True)
+FUSED_BWD_FLAGS = dict(WRITE_DQKV=True, SUM_DS=True, GRAD_PAD=True, **FUSED_FLAGS)
 EXTRA = [
     (WIN, "_window_attn_fwd_kernel", "fp16", dict(HAS_TABLE=True, INPUT_PRECISION="tf32", **WINDOW_FLAGS), 90, 4, 2),
     (WIN, "_window_attn_fwd_kernel", "fp32", dict(HAS_TABLE=True, INPUT_PRECISION="ieee", **WINDOW_FLAGS), 90, 4, 2),
@@ -74,7 +77,11 @@ EXTRA = [
                                                    **WINDOW_FLAGS), 90, 4, 2),
     (WIN, "_window_attn_bwd_dq_kernel", "fp32", dict(HAS_TABLE=True, INPUT_PRECISION="ieee", **WINDOW_FLAGS), 90, 4, 2),
     (WIN, "_window_attn_bwd_dtable_kernel", "fp16", dict(INPUT_PRECISION="tf32", **WINDOW_FLAGS), 90, 4, 2),
-    (WIN, "_window_bwd_delta_kernel", "fp16", dict(BLOCK=64, BLOCK_D=128), 90, 4, 1),
+    (WIN, "_window_attn_fwd_fused_kernel", "fp16", dict(INPUT_PRECISION="tf32", BLOCK_W=16, **FUSED_FLAGS), 90, 8, 2),
+    (WIN, "_window_attn_fwd_fused_kernel", "fp32", dict(INPUT_PRECISION="ieee", BLOCK_W=4, **FUSED_FLAGS), 90, 4, 2),
+    (WIN, "_window_attn_bwd_fused_kernel", "fp16", dict(INPUT_PRECISION="tf32", **FUSED_BWD_FLAGS), 90, 4, 2),
+    (WIN, "_window_attn_bwd_fused_kernel", "fp32", dict(INPUT_PRECISION="ieee", **FUSED_BWD_FLAGS), 90, 8, 2),
+    (WIN, "_window_bwd_delta_kernel", "fp16", dict(HEAD_DIM=128, BLOCK=64, BLOCK_D=128), 90, 4, 1),
     # patch embed: the largest GEMM tiles the pruner keeps (fp32: 3 stages, fp16: 4)
     (PATCH, "_patch_embed_fwd_kernel", "fp32", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, HAS_BIAS=True, HAS_POS=True,
                                                     POS_HAS_PREFIX=True, INPUT_PRECISION="ieee"), 90, 8, 3),

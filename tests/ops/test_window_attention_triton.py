@@ -72,12 +72,13 @@ CASES_2D = [
     ((1, 7, 20), 2, 40, 7, 3, (7, 7)),          # clipped in H only (7 <= 7)
     ((1, 10, 13), 2, 32, (4, 8), (2, 4), None),  # non-square window
     ((1, 9, 11), 3, 24, (4, 5), (0, 2), None),  # shift in one dim only, head_dim 24
+    ((1, 11, 12), 2, 40, 9, 4, None),           # 81 tokens: the blocked (not fused) backward, padding, D=40
 ]
 
 
 @pytest.mark.parametrize("shape,heads,hd,window,shift,table_window", CASES_2D,
                          ids=["14x14-w7-s3", "14x14-w7-s0", "13x10-pad", "5x6-clipped", "7x20-clipH", "10x13-w4x8",
-                              "9x11-shift0x2"])
+                              "9x11-shift0x2", "11x12-w9-blocked"])
 def test_2d_matches_reference(shape, heads, hd, window, shift, table_window):
     run_case(shape, heads, hd, window, shift, table_window)
 
@@ -135,6 +136,32 @@ def test_backward_is_deterministic_bitwise():
         runs.append([out] + [t.grad for t in ts])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape,window,shift,target", [
+    ((1, 19, 20), 7, 3, 1),             # fused, 9 windows, 2 heads: one group of 9
+    ((1, 19, 20), 7, 3, 8),             # fused: groups of 2, 2, 2, 2, 1
+    ((1, 3, 9, 10), (2, 4, 4), (1, 2, 2), 16),  # fused 3-D, 18 windows: groups of 2
+    ((1, 9, 45), 9, 4, 16),             # blocked (81 tokens: 4 tiles x 2 heads per window), 5 windows: 2, 2, 1
+], ids=["fused-one-group", "fused-uneven", "3d-fused", "blocked-uneven"])
+def test_grouped_reductions_with_uneven_groups(monkeypatch, shape, window, shift, target):
+    # d(table) and d(qkv_bias) are summed per group of consecutive windows: few programs force several
+    # windows per group, and window counts that do not divide evenly leave a shorter last group.
+    from vitkernels.ops.window_attention import triton as window_triton
+
+    monkeypatch.setattr(window_triton, "TARGET_PROGRAMS", target)
+    run_case(shape, 2, 32, window, shift)
+
+
+def test_windows_per_group_depends_on_the_shape_only():
+    from vitkernels.ops.window_attention.triton import TARGET_PROGRAMS, _windows_per_group
+
+    for num_bw in (1, 7, 64, 4096, 4099, 100_000):
+        for per_window in (1, 3, 24, 96):
+            per_group, groups = _windows_per_group(num_bw, per_window)
+            assert (groups - 1) * per_group < num_bw <= groups * per_group  # every group has a window
+            assert groups * per_window >= min(TARGET_PROGRAMS, num_bw * per_window)  # enough programs
+    assert _windows_per_group(4096, 3) == (11, 373)  # Swin-T stage 1 at batch 64: 1119 programs
 
 
 def test_triton_refuses_what_it_cannot_run():

@@ -10,11 +10,13 @@ outside the map; padding tokens take ``qkv_bias``. The shift-mask region of ``p`
 ``[0, L-w) | [L-w, L-s) | [L-s, L)`` per dim; the table row of a pair is computed from the tokens'
 coordinates in the table's window (Video Swin's ``index[:N, :N]`` when a 3-D window is clipped).
 
-Backward: dQKV is written once per token at its source position (each token belongs to one window);
-padding tokens' dK/dV partial sums go to a small per-program buffer reduced in a fixed order into
-d(qkv_bias); d(table) sums dS over all windows and batches in one program per (head, query block, key
-block), walking the windows in order, then gathers the (N x N) sums into table rows: no atomics, so
-every gradient is bitwise deterministic.
+Backward: dQKV is written once per token at its source position (each token belongs to one window).
+Windows of at most 64 tokens (7x7, 8x8) take one fused kernel: a program per (group of consecutive
+windows, head) forms P, dP and dS once per window and writes dQ, dK and dV. Bigger windows (12x12, Video
+Swin 8x7x7) take a dK/dV kernel and a dQ kernel, and a d(table) kernel per (tile, group, head). The
+reductions have no atomics: dS summed over a group's windows (d(table)) and padding tokens' dK/dV
+(d(qkv_bias): only padding reads qkv_bias) go to one slot per program, summed on the host in a fixed
+order; the groups depend on the shape only, so every gradient is bitwise deterministic.
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ from vitkernels.ops.attention.triton import (
 )
 from vitkernels.ops.window_attention import geometry
 from vitkernels.ops.window_attention import triton_configs as configs
+
+# Windows of at most this many tokens (7x7, 8x8) take the fused one-tile backward.
+FUSED_MAX_TOKENS = 64
+# Grouped reductions (d(table), d(qkv_bias)) aim at about this many programs: several waves on any GPU.
+TARGET_PROGRAMS = 1024
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -151,10 +158,10 @@ def _window_attn_fwd_kernel(
     stride_xb, stride_xt, stride_xh, stride_xw,
     stride_ob, stride_ot, stride_oh, stride_ow,
     stride_tr, stride_th,
-    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
     sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -204,8 +211,8 @@ def _window_bwd_delta_kernel(
     Out, DOut, Delta,
     stride_ob, stride_ot, stride_oh, stride_ow,
     stride_db, stride_dt, stride_dh, stride_dw,
-    ST, SH, SW, HEAD_DIM, NUM_HEADS, NUM_TOKENS,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ST, SH, SW, NUM_HEADS, NUM_TOKENS,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(O * dO) per (token, head) of the map, (B, T, H, W, heads) float32."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # token number in (b, t, h, w) order
@@ -270,10 +277,10 @@ def _window_attn_bwd_kernel(
     stride_db, stride_dt, stride_dh, stride_dw,
     stride_gb, stride_gt, stride_gh, stride_gw,
     stride_tr, stride_th,
-    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
     sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -337,10 +344,10 @@ def _window_attn_bwd_dq_kernel(
     stride_db, stride_dt, stride_dh, stride_dw,
     stride_gb, stride_gt, stride_gh, stride_gw,
     stride_tr, stride_th,
-    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
     sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -377,32 +384,184 @@ def _window_attn_bwd_dq_kernel(
 
 
 @triton.jit
+def _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W):
+    """Like ``_window_of``, plus the window's mask pattern: which of its dims hold the map's last window
+    (the only windows a shift mask cuts), as ``last_t * 4 + last_h * 2 + last_w``."""
+    b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
+    pattern = (win_t == NW_T - 1).to(tl.int32) * 4 + (win_h == NW_H - 1).to(tl.int32) * 2 \
+        + (win_w == NW_W - 1).to(tl.int32)
+    return b, win_t, win_h, win_w, pattern
+
+
+@triton.jit
+def _window_attn_fwd_fused_kernel(
+    QKV, QKVBias, Bias, Out, LSE,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_bp, stride_bh,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Forward of windows that fit one tile (N <= 64): one program per (BLOCK_W consecutive windows, head).
+    ``Bias`` (8 mask patterns, heads, BLOCK, BLOCK) holds table bias + shift mask + key mask (-inf) per
+    pattern: one contiguous tile load per window instead of an index computation and gather per pair."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    in_w = offs < N_TOK
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    qk_scale = sm_scale * 1.4426950408889634
+    bias_base = Bias + head * stride_bh + offs[:, None] * BLOCK + offs[None, :]
+    for i in range(0, BLOCK_W):
+        # the last program's spare steps redo the last window and store nothing
+        valid = pid * BLOCK_W + i < NUM_BW
+        pid_bw = tl.minimum(pid * BLOCK_W + i, NUM_BW - 1)
+        b, win_t, win_h, win_w, pattern = _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W)
+        st, sh, sw, real, region = _window_tokens(offs, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
+                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+        real = real & in_w
+        x_base = QKV + b.to(tl.int64) * stride_xb
+        x_rows = _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw)
+        q = _load_tokens(x_base, QKVBias, x_rows, real, in_w, head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        k = _load_tokens(x_base, QKVBias, x_rows, real, in_w, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        v = _load_tokens(x_base, QKVBias, x_rows, real, in_w, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
+            + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
+        m = tl.max(qk, 1)  # finite: every token sees itself
+        p = tl.math.exp2(qk - m[:, None])
+        l_i = tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_i[:, None]
+        tl.store(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs,
+                 (m + tl.math.log2(l_i)) * 0.6931471805599453, mask=in_w & valid)
+        o_rows = b.to(tl.int64) * stride_ob + _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
+        tl.store(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
+                 mask=(real & valid)[:, None] & mask_d[None, :])  # padding is cropped
+
+
+@triton.jit
+def _window_attn_bwd_fused_kernel(
+    QKV, QKVBias, Bias, Out, DOut, LSE, DQKV, DSPart, DPadPart,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_bp, stride_bh,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """The whole backward of windows that fit one tile (N <= 64: 7x7, 8x8): one program per (group of
+    consecutive windows, head) walks its windows in order and, per window, loads q, k, v, dO once, forms
+    P, dP and dS once and writes dQ, dK, dV of every token at its source position; delta = rowsum(O * dO)
+    is formed here too (each token is in exactly one window). ``Bias``: as in the forward. Reductions without atomics: dS summed over the group's windows (for d(table)) and the
+    padding keys' dK/dV (for d(qkv_bias)) go to this program's slot of DSPart (groups, heads, N * N + 1) /
+    DPadPart (groups, heads, 2, D), which the host sums over groups in a fixed order: every gradient is
+    bitwise deterministic."""
+    group = tl.program_id(0)
+    head = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)  # token number in the window: queries and keys are the same tokens
+    in_w = offs < N_TOK
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    qk_scale = sm_scale * 1.4426950408889634
+    bias_base = Bias + head * stride_bh + offs[:, None] * BLOCK + offs[None, :]
+    ds_sum = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    pad_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
+    pad_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
+    first = group * WINDOWS_PER_GROUP
+    last = tl.minimum(first + WINDOWS_PER_GROUP, NUM_BW)
+    for i_bw in range(first, last):
+        pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable may be a plain int)
+        b, win_t, win_h, win_w, pattern = _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W)
+        st, sh, sw, real, region = _window_tokens(offs, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
+                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+        real = real & in_w
+        x_base = QKV + b.to(tl.int64) * stride_xb
+        x_rows = _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw)
+        q = _load_tokens(x_base, QKVBias, x_rows, real, in_w, head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        k = _load_tokens(x_base, QKVBias, x_rows, real, in_w, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        v = _load_tokens(x_base, QKVBias, x_rows, real, in_w, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        d_rows = b.to(tl.int64) * stride_db + _token_offsets(st, sh, sw, stride_dt, stride_dh, stride_dw)
+        o_rows = b.to(tl.int64) * stride_ob + _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
+        # dO (and O) are 0 on padding queries: they are cropped from the output
+        od_mask = real[:, None] & mask_d[None, :]
+        do = tl.load(DOut + d_rows[:, None] + head * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
+        o = tl.load(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # each token is in one window: formed once
+        # rows past the window get lse +inf: P = 0 there
+        lse2 = tl.load(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs, mask=in_w,
+                       other=float("inf")) * 1.4426950408889634
+
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
+            + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
+        p = tl.math.exp2(qk - lse2[:, None])  # 0 on masked pairs (bias -inf)
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if SUM_DS:
+            ds_sum += ds
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=INPUT_PRECISION) * sm_scale
+        if WRITE_DQKV:
+            dq = tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION) * sm_scale
+            g_rows = b.to(tl.int64) * stride_gb + _token_offsets(st, sh, sw, stride_gt, stride_gh, stride_gw)
+            g_ptrs = DQKV + g_rows[:, None] + head * HEAD_DIM + offs_d[None, :]
+            g_mask = real[:, None] & mask_d[None, :]
+            tl.store(g_ptrs, dq.to(DQKV.dtype.element_ty), mask=g_mask)
+            tl.store(g_ptrs + C, dk.to(DQKV.dtype.element_ty), mask=g_mask)
+            tl.store(g_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=g_mask)
+        if GRAD_PAD:
+            pad = (in_w & (real == 0))[:, None]
+            pad_dk += tl.sum(tl.where(pad, dk, 0.0), 0)
+            pad_dv += tl.sum(tl.where(pad, dv, 0.0), 0)
+    slot = group.to(tl.int64) * NUM_HEADS + head
+    if SUM_DS:
+        # slot layout: N * N sums, then one 0 (the gather into table rows pads with it)
+        ds_slot = DSPart + slot * (N_TOK * N_TOK + 1)
+        tl.store(ds_slot + offs[:, None] * N_TOK + offs[None, :], ds_sum, mask=in_w[:, None] & in_w[None, :])
+        tl.store(ds_slot + N_TOK * N_TOK + offs, tl.zeros([BLOCK], dtype=tl.float32), mask=offs == 0)
+    if GRAD_PAD:
+        tl.store(DPadPart + slot * 2 * HEAD_DIM + offs_d, pad_dk, mask=mask_d)
+        tl.store(DPadPart + slot * 2 * HEAD_DIM + HEAD_DIM + offs_d, pad_dv, mask=mask_d)
+
+
+@triton.jit
 def _window_attn_bwd_dtable_kernel(
-    QKV, QKVBias, Table, DOut, LSE, Delta, DSSum,
+    QKV, QKVBias, Table, DOut, LSE, Delta, DSPart,
     stride_xb, stride_xt, stride_xh, stride_xw,
     stride_db, stride_dt, stride_dh, stride_dw,
     stride_tr, stride_th,
-    C, HEAD_DIM, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
     sm_scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dS summed over every batch and window, (heads, N, N) float32: one program per (key block, query
-    block, head) walks the windows in a fixed order (the d(table) reduction without atomics)."""
+    """dS summed over a group of consecutive windows, per (query block x key block) tile: one program per
+    (key block, query block, group * heads + head) walks its group's windows in a fixed order and writes
+    its slot of DSPart (groups, heads, N * N + 1), which the host sums over groups in a fixed order (the
+    d(table) reduction of windows bigger than one tile, without atomics)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    head = tl.program_id(2)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
+    slot = tl.program_id(2)  # group * NUM_HEADS + head
+    group = slot // NUM_HEADS
+    head = slot % NUM_HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < N_TOK
     qk_scale = sm_scale * 1.4426950408889634
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for i_bw in range(0, NUM_BW):
-        pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable is a plain int)
+    first = group * WINDOWS_PER_GROUP
+    last = tl.minimum(first + WINDOWS_PER_GROUP, NUM_BW)
+    for i_bw in range(first, last):
+        pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable may be a plain int)
         b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
         x_base = QKV + b.to(tl.int64) * stride_xb
         q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
@@ -416,8 +575,11 @@ def _window_attn_bwd_dtable_kernel(
         p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
                                 Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, True, HAS_SHIFT, INPUT_PRECISION)
         acc += ds
-    ptrs = DSSum + (head.to(tl.int64) * N_TOK + offs_m[:, None]) * N_TOK + offs_n[None, :]
-    tl.store(ptrs, acc, mask=(offs_m < N_TOK)[:, None] & in_n[None, :])
+    # slot layout: N * N sums, then one 0 (the gather into table rows pads with it)
+    ds_slot = DSPart + slot.to(tl.int64) * (N_TOK * N_TOK + 1)
+    tl.store(ds_slot + offs_m[:, None] * N_TOK + offs_n[None, :], acc, mask=(offs_m < N_TOK)[:, None] & in_n[None, :])
+    tl.store(ds_slot + N_TOK * N_TOK + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32),
+             mask=(offs_n == 0) & (pid_m == 0) & (pid_n == 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -454,28 +616,92 @@ def _tune_key(inputs, g: "_Geometry", **extra):
                             inputs.rel_pos_bias is not None, inputs.qkv_bias is not None, g.has_pad, **extra)
 
 
-def window_attention_fwd_triton(inputs) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Forward: (out (B, *S, C) in qkv's dtype, lse (B * nW, heads, N) float32)."""
+def window_attention_fwd_triton(inputs, return_bias: bool = False):
+    """Forward: (out (B, *S, C) in qkv's dtype, lse (B * nW, heads, N) float32), plus, with
+    ``return_bias``, the fused kernels' dense bias (None on the blocked path) for the backward to reuse."""
     qkv = inputs.qkv
     g = _Geometry(inputs)
     B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
     C = heads * hd
     table = inputs.rel_pos_bias
+    num_bw = B * g.num_windows
     with tuning.on_device(qkv):
         out = torch.empty(qkv.shape[:-1] + (C,), dtype=qkv.dtype, device=qkv.device)
-        lse = torch.empty((B * g.num_windows, heads, g.n_tok), dtype=torch.float32, device=qkv.device)
+        lse = torch.empty((num_bw, heads, g.n_tok), dtype=torch.float32, device=qkv.device)
         x3, o3 = _as_3d(qkv), _as_3d(out)
-        tuning.launch(
-            configs.WINDOW_FWD, _window_attn_fwd_kernel,
-            lambda meta: (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"])),
-            (x3, inputs.qkv_bias if inputs.qkv_bias is not None else x3, table if table is not None else x3, o3, lse,
-             *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)),
-             C, hd, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(), inputs.scale),
-            dict(BLOCK_D=max(16, triton.next_power_of_2(hd)), ROLL_FIRST=g.roll_first, HAS_SHIFT=any(g.shift),
-                 HAS_TABLE=table is not None, HAS_QKV_BIAS=inputs.qkv_bias is not None,
-                 INPUT_PRECISION=_precision(qkv.dtype)),
-            _tune_key(inputs, g), qkv.device)
-    return out, lse
+        qkv_bias = inputs.qkv_bias if inputs.qkv_bias is not None else x3
+        flags = dict(HEAD_DIM=hd, BLOCK_D=max(16, triton.next_power_of_2(hd)), ROLL_FIRST=g.roll_first,
+                     HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype))
+        bias = None
+        if g.n_tok <= FUSED_MAX_TOKENS:
+            bias = _dense_bias(inputs, g)
+            tuning.launch(
+                configs.WINDOW_FWD_FUSED, _window_attn_fwd_fused_kernel,
+                lambda meta: (triton.cdiv(num_bw, meta["BLOCK_W"]), heads),
+                (x3, qkv_bias, bias, o3, lse, *x3.stride()[:4], *o3.stride()[:4], *_bias_strides(bias),
+                 C, heads, g.n_tok, g.num_windows, *g.grid, num_bw, *g.args()[:12], inputs.scale),
+                dict(BLOCK=_fused_block(g.n_tok), **flags), _tune_key(inputs, g), qkv.device)
+        else:
+            tuning.launch(
+                configs.WINDOW_FWD, _window_attn_fwd_kernel,
+                lambda meta: (num_bw, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"])),
+                (x3, qkv_bias, table if table is not None else x3, o3, lse,
+                 *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)),
+                 C, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(), inputs.scale),
+                dict(HAS_SHIFT=any(g.shift), HAS_TABLE=table is not None, **flags),
+                _tune_key(inputs, g), qkv.device)
+    return (out, lse, bias) if return_bias else (out, lse)
+
+
+def _bias_strides(bias: torch.Tensor) -> Tuple[int, int]:
+    """(pattern, head) strides of the dense bias; one bias shared by every head (no table) gets 0."""
+    return bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0
+
+
+def _fused_block(n_tok: int) -> int:
+    return max(16, triton.next_power_of_2(n_tok))  # tl.dot needs 16 rows at least
+
+
+@functools.lru_cache(maxsize=64)
+def _fused_layout(window: Tuple[int, ...], table_window: Tuple[int, ...], padded: Tuple[int, ...],
+                  shift: Tuple[int, ...], dtype: torch.dtype, device: str):
+    """What the fused kernels' bias is built from, for a (T, H, W) window of N tokens in a BLOCK x BLOCK
+    tile: the table row of each pair (row 0 off the window) and the additive mask of each of the 8
+    patterns ``last_t * 4 + last_h * 2 + last_w`` (0, or -inf on pairs the shift mask separates and on keys
+    past the window), (8, 1, BLOCK, BLOCK) in ``dtype``. Only a map's last window along a shifted dim is
+    cut by the shift mask, and every such window is cut the same way."""
+    n = math.prod(window)
+    block = _fused_block(n)
+    tok = torch.arange(n)
+    coords = (tok // (window[1] * window[2]), (tok // window[2]) % window[1], tok % window[2])
+    rows = torch.zeros(block, block, dtype=torch.long)
+    rows[:n, :n] = geometry.window_bias_index(window, table_window)  # 2-D as (1, H, W): the same rows
+    masks = torch.zeros(8, 1, block, block)
+    masks[..., n:] = float("-inf")  # keys past the window
+    for pattern in range(8):
+        last = ((pattern >> 2) & 1, (pattern >> 1) & 1, pattern & 1)
+        region = torch.zeros(n, dtype=torch.long)
+        for d in range(3):
+            length, w, s = padded[d], window[d], shift[d]
+            pos = coords[d] + (length - w if last[d] else 0)  # any earlier window is all region 0
+            r = torch.full_like(pos, 2) if s == 0 else (pos >= length - w).long() + (pos >= length - s).long()
+            region = region * 3 + r
+        masks[pattern, 0, :n, :n].masked_fill_(region[:, None] != region[None, :], float("-inf"))
+    return rows.reshape(-1).to(device), masks.to(dtype=dtype, device=device)
+
+
+def _dense_bias(inputs, g: "_Geometry") -> torch.Tensor:
+    """(8, heads or 1, BLOCK, BLOCK): table bias + mask of each pattern, in the table's (or qkv's) dtype;
+    one gather and one add per call, so the table's gradient flows through nothing but the kernels."""
+    table = inputs.rel_pos_bias
+    rows, masks = _fused_layout(g.window, g.table_window, g.padded, g.shift,
+                                table.dtype if table is not None else inputs.qkv.dtype, str(inputs.qkv.device))
+    if table is None:
+        return masks
+    block = masks.shape[-1]
+    gathered = table.detach().index_select(0, rows).view(block, block, -1).permute(2, 0, 1)  # heads, B, B
+    bias = masks.new_empty((8, gathered.shape[0], block, block))  # contiguous: the kernels read rows of BLOCK
+    return torch.add(masks, gathered, out=bias)
 
 
 @functools.lru_cache(maxsize=64)
@@ -494,79 +720,114 @@ def _pairs_by_table_row(window: Tuple[int, ...], table_window: Tuple[int, ...], 
     return pairs.to(device)
 
 
-def window_attention_bwd_triton(dout, inputs, out, lse, needs):
-    """Backward: (dqkv (B, *S, 3C) | None, dtable | None, dqkv_bias | None)."""
+def window_attention_bwd_triton(dout, inputs, out, lse, needs, bias=None):
+    """Backward: (dqkv (B, *S, 3C) | None, dtable | None, dqkv_bias | None). ``bias``: the fused forward's
+    dense bias (rebuilt when not given)."""
     with tuning.on_device(inputs.qkv):
-        return _window_attention_bwd(dout, inputs, out, lse, needs)
+        return _window_attention_bwd(dout, inputs, out, lse, needs, bias)
 
 
-def _window_attention_bwd(dout, inputs, out, lse, needs):
+def _windows_per_group(num_bw: int, programs_per_window: int) -> Tuple[int, int]:
+    """(windows per group, groups) of a grouped reduction: enough groups for about ``TARGET_PROGRAMS``
+    programs, each walking its consecutive windows in order. Depends on the shape only (never on the
+    launch config), so the order of every sum, and so every bit of the result, is fixed by the inputs."""
+    per_group = max(1, num_bw // triton.cdiv(TARGET_PROGRAMS, programs_per_window))  # rounded down: >= target
+    return per_group, triton.cdiv(num_bw, per_group)
+
+
+def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
     need_qkv, need_table, need_bias = needs
     qkv, table, qkv_bias = inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias
     g = _Geometry(inputs)
     B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
     C = heads * hd
+    n = g.n_tok
+    num_bw = B * g.num_windows
     block_d = max(16, triton.next_power_of_2(hd))
     if dout.stride(-1) != 1:  # the kernels read channels with unit stride; autograd rarely hands us another
         dout = dout.contiguous()
-    x3, d3 = _as_3d(qkv), _as_3d(dout)
-    o3 = _as_3d(out)
-    num_tokens = B * math.prod(g.spatial)
-    delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
-    _window_bwd_delta_kernel[(triton.cdiv(num_tokens, 64), heads)](
-        o3, d3, delta, *o3.stride()[:4], *d3.stride()[:4], *g.spatial, hd, heads, num_tokens,
-        BLOCK=64, BLOCK_D=block_d,
-    )
-    flags = dict(BLOCK_D=block_d, ROLL_FIRST=g.roll_first, HAS_SHIFT=any(g.shift), HAS_QKV_BIAS=qkv_bias is not None,
+    x3, d3, o3 = _as_3d(qkv), _as_3d(dout), _as_3d(out)
+    flags = dict(HEAD_DIM=hd, BLOCK_D=block_d, ROLL_FIRST=g.roll_first, HAS_QKV_BIAS=qkv_bias is not None,
                  INPUT_PRECISION=_precision(qkv.dtype))
-    table_arg = table if table is not None else x3
     bias_arg = qkv_bias if qkv_bias is not None else x3
-    table_strides = table.stride() if table is not None else (0, 0)
-    geo = (C, hd, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2])
-    dqkv = dbias = dtable = None
-    if need_qkv or need_bias:
-        dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        g3 = _as_3d(dqkv)
-        grad_pad = need_bias and g.has_pad
-        dpad = None
+    grad_pad = need_bias and g.has_pad
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device) if need_qkv or need_bias else None
+    g3 = _as_3d(dqkv) if dqkv is not None else x3
+    ds_part = dpad = None  # per-group partial sums of dS (for d(table)) and of padding keys' dK/dV
+
+    if n <= FUSED_MAX_TOKENS:
+        sum_ds = need_table
+        per_group, groups = _windows_per_group(num_bw, heads) if (sum_ds or grad_pad) else (1, num_bw)
+        if sum_ds:
+            ds_part = torch.empty((groups, heads, n * n + 1), dtype=torch.float32, device=qkv.device)
         if grad_pad:
-            dpad = torch.zeros((B * g.num_windows, heads, triton.cdiv(g.n_tok, 16), 2, hd), dtype=torch.float32,
-                               device=qkv.device)
+            dpad = torch.empty((groups, heads, 2, hd), dtype=torch.float32, device=qkv.device)
+        if bias is None:
+            bias = _dense_bias(inputs, g)
         tuning.launch(
-            configs.WINDOW_BWD_DKDV, _window_attn_bwd_kernel,
-            lambda meta: (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_N"])),
-            (x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse,
-             *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
-            dict(HAS_TABLE=table is not None, GRAD_PAD=grad_pad, **flags),
-            _tune_key(inputs, g, grad_pad=int(grad_pad)), qkv.device)
-        tuning.launch(
-            configs.WINDOW_BWD_DQ, _window_attn_bwd_dq_kernel,
-            lambda meta: (B * g.num_windows, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"])),
-            (x3, bias_arg, table_arg, d3, lse, delta, g3,
-             *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
-            dict(HAS_TABLE=table is not None, **flags), _tune_key(inputs, g), qkv.device)
-        if need_bias:
-            # Only padding tokens read qkv_bias. q's share is 0 (padding queries are cropped from the
-            # output); k's and v's are the per-program sums, reduced here in a fixed order.
-            dbias = torch.zeros(3 * C, dtype=torch.float32, device=qkv.device)
+            configs.WINDOW_BWD_FUSED, _window_attn_bwd_fused_kernel, lambda meta: (groups, heads),
+            (x3, bias_arg, bias, o3, d3, lse, g3, ds_part if sum_ds else lse, dpad if grad_pad else lse,
+             *x3.stride()[:4], *o3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *_bias_strides(bias),
+             C, heads, n, g.num_windows, *g.grid, num_bw, per_group, *g.args()[:12], inputs.scale),
+            dict(BLOCK=_fused_block(n), WRITE_DQKV=need_qkv, SUM_DS=sum_ds, GRAD_PAD=grad_pad, **flags),
+            _tune_key(inputs, g, sum_ds=int(sum_ds), grad_pad=int(grad_pad), write=int(need_qkv)), qkv.device)
+    else:
+        num_tokens = B * math.prod(g.spatial)
+        delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
+        _window_bwd_delta_kernel[(triton.cdiv(num_tokens, 64), heads)](
+            o3, d3, delta, *o3.stride()[:4], *d3.stride()[:4], *g.spatial, heads, num_tokens,
+            HEAD_DIM=hd, BLOCK=64, BLOCK_D=block_d,
+        )
+        flags["HAS_SHIFT"] = any(g.shift)
+        table_arg = table if table is not None else x3
+        table_strides = table.stride() if table is not None else (0, 0)
+        geo = (C, heads, n, g.num_windows, g.grid[1], g.grid[2])
+        if need_qkv or need_bias:
             if grad_pad:
-                pad_kv = dpad.sum(dim=(0, 2))  # heads, 2, hd
-                dbias[C:] = pad_kv.permute(1, 0, 2).reshape(2 * C)
-            dbias = dbias.to(qkv_bias.dtype)
-        if not need_qkv:
-            dqkv = None
+                dpad = torch.zeros((num_bw, heads, triton.cdiv(n, 16), 2, hd), dtype=torch.float32,
+                                   device=qkv.device)
+            tuning.launch(
+                configs.WINDOW_BWD_DKDV, _window_attn_bwd_kernel,
+                lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_N"])),
+                (x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse,
+                 *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
+                dict(HAS_TABLE=table is not None, GRAD_PAD=grad_pad, **flags),
+                _tune_key(inputs, g, grad_pad=int(grad_pad)), qkv.device)
+            tuning.launch(
+                configs.WINDOW_BWD_DQ, _window_attn_bwd_dq_kernel,
+                lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_M"])),
+                (x3, bias_arg, table_arg, d3, lse, delta, g3,
+                 *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
+                dict(HAS_TABLE=table is not None, **flags), _tune_key(inputs, g), qkv.device)
+            if dpad is not None:
+                dpad = dpad.sum(dim=2)  # B*nW, heads, 2, hd: granules in a fixed order
+        if need_table:
+            tiles = triton.cdiv(n, FUSED_MAX_TOKENS) ** 2  # config-independent: the grouping fixes the sum order
+            per_group, groups = _windows_per_group(num_bw, heads * tiles)
+            ds_part = torch.empty((groups, heads, n * n + 1), dtype=torch.float32, device=qkv.device)
+            tuning.launch(
+                configs.WINDOW_BWD_DTABLE, _window_attn_bwd_dtable_kernel,
+                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(n, meta["BLOCK_M"]), groups * heads),
+                (x3, bias_arg, table, d3, lse, delta, ds_part,
+                 *x3.stride()[:4], *d3.stride()[:4], *table_strides, *geo, num_bw, per_group, *g.args(),
+                 inputs.scale),
+                {k: v for k, v in flags.items()}, _tune_key(inputs, g), qkv.device)
+
+    dbias = dtable = None
+    if need_bias:
+        # Only padding tokens read qkv_bias. q's share is 0 (padding queries are cropped from the output);
+        # k's and v's are the per-program partial sums, reduced here in a fixed order.
+        dbias = torch.zeros(3 * C, dtype=torch.float32, device=qkv.device)
+        if grad_pad:
+            pad_kv = dpad.sum(dim=0)  # heads, 2, hd
+            dbias[C:] = pad_kv.permute(1, 0, 2).reshape(2 * C)
+        dbias = dbias.to(qkv_bias.dtype)
     if need_table:
-        ds_sum = torch.empty((heads, g.n_tok, g.n_tok), dtype=torch.float32, device=qkv.device)
-        tuning.launch(
-            configs.WINDOW_BWD_DTABLE, _window_attn_bwd_dtable_kernel,
-            lambda meta: (triton.cdiv(g.n_tok, meta["BLOCK_N"]), triton.cdiv(g.n_tok, meta["BLOCK_M"]), heads),
-            (x3, bias_arg, table, d3, lse, delta, ds_sum,
-             *x3.stride()[:4], *d3.stride()[:4], *table_strides, *geo, B * g.num_windows, *g.args(), inputs.scale),
-            flags, _tune_key(inputs, g), qkv.device)
+        # groups summed in a fixed order, then each table row gathers its pairs (padded with the 0 slot)
         pairs = _pairs_by_table_row(inputs.window, inputs.table_window, str(qkv.device))
-        flat = torch.cat([ds_sum.view(heads, -1), ds_sum.new_zeros(heads, 1)], dim=1)  # slot N*N is zero
-        dtable = flat[:, pairs].sum(-1).t().to(table.dtype)  # rows, heads
-    return dqkv, dtable, dbias
+        per_pair = ds_part.sum(dim=0).index_select(1, pairs.view(-1))  # heads, rows * width
+        dtable = per_pair.view(heads, *pairs.shape).sum(-1).t().to(table.dtype)  # rows, heads
+    return (dqkv if need_qkv else None), dtable, dbias
 
 
 class TritonWindowKernels:
@@ -574,10 +835,10 @@ class TritonWindowKernels:
 
     @staticmethod
     def forward(inputs):
-        out, lse = window_attention_fwd_triton(inputs)
-        return out, (out, lse)
+        out, lse, bias = window_attention_fwd_triton(inputs, return_bias=True)
+        return out, (out, lse, bias)
 
     @staticmethod
     def backward(dout, inputs, saved, needs):
-        out, lse = saved
-        return window_attention_bwd_triton(dout, inputs, out, lse, needs)
+        out, lse, bias = saved
+        return window_attention_bwd_triton(dout, inputs, out, lse, needs, bias)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from vitkernels.ops.attention.triton_configs import shared_memory_of
-from vitkernels.ops.tuning import GPU, Config, TunedKernel, dtype_name, product_space
+from vitkernels.ops.attention.triton_configs import block_d, shared_memory_of
+from vitkernels.ops.tuning import ELEMENT_SIZE, GPU, Config, TunedKernel, dtype_name, product_space
 
 
 def _c(block_m: int, block_n: int, warps: int, stages: int) -> Config:
@@ -36,9 +36,35 @@ INTERPRETER_CONFIG = _c(32, 32, 1, 1)
 WINDOW_FWD = TunedKernel("window_attn_fwd", SPACE, heuristic, shared_memory_of(False), _limits, INTERPRETER_CONFIG)
 WINDOW_BWD_DKDV = TunedKernel("window_attn_bwd_dkdv", SPACE, heuristic, shared_memory_of(True), _limits, INTERPRETER_CONFIG)
 WINDOW_BWD_DQ = TunedKernel("window_attn_bwd_dq", SPACE, heuristic, shared_memory_of(True), _limits, INTERPRETER_CONFIG)
+# v2: one program per (tile, group of windows, head), no longer one per tile walking every window
 WINDOW_BWD_DTABLE = TunedKernel("window_attn_bwd_dtable", SPACE, heuristic, shared_memory_of(True), _limits,
-                                INTERPRETER_CONFIG)
-KERNELS = (WINDOW_FWD, WINDOW_BWD_DKDV, WINDOW_BWD_DQ, WINDOW_BWD_DTABLE)
+                                INTERPRETER_CONFIG, version=2)
+
+
+def fused_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
+    """The fused backward has one tile per window (its size is the window's, not a choice): only warps and
+    whether the next window's loads are pipelined behind this window's math."""
+    return [Config.of(4, 2), Config.of(8, 2), Config.of(8, 1), Config.of(4, 1)]
+
+
+def fused_shared_memory(config: Config, key: Dict[str, Any]) -> int:
+    """q, k, v, dO tiles per stage plus the (N x N) fp32 tiles the dots exchange through shared memory."""
+    block = max(16, 1 << max(0, key["N_TOK"] - 1).bit_length())
+    elt = ELEMENT_SIZE[key["dtype"]]
+    return 4 * block * block_d(key["D"]) * elt * max(1, config.num_stages) + 2 * block * block * 4
+
+
+def fused_fwd_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
+    """The fused forward: BLOCK_W windows per program (more amortise the program, fewer fill the GPU)."""
+    return [Config.of(8, 2, BLOCK_W=4), Config.of(4, 2, BLOCK_W=4), Config.of(8, 2, BLOCK_W=8),
+            Config.of(8, 1, BLOCK_W=2)]
+
+
+WINDOW_FWD_FUSED = TunedKernel("window_attn_fwd_fused", product_space((2, 4, 8), (1, 2), BLOCK_W=(1, 2, 4, 8, 16)),
+                               fused_fwd_heuristic, fused_shared_memory, lambda key: {}, Config.of(1, 1, BLOCK_W=2))
+WINDOW_BWD_FUSED = TunedKernel("window_attn_bwd_fused", product_space((2, 4, 8), (1, 2)), fused_heuristic,
+                               fused_shared_memory, lambda key: {}, Config.of(1, 1))
+KERNELS = (WINDOW_FWD, WINDOW_BWD_DKDV, WINDOW_BWD_DQ, WINDOW_BWD_DTABLE, WINDOW_FWD_FUSED, WINDOW_BWD_FUSED)
 
 
 def tune_key(dtype, n_tok: int, head_dim: int, dims: int, shift: bool, table: bool, qkv_bias: bool,

@@ -58,7 +58,7 @@ def _compile_case(case) -> dict:
     return compile_kernel(getattr(importlib.import_module(module), name), dtype, constexprs, arch, warps, stages)
 
 
-if __name__ == "__main__":
+def _main() -> None:
     # argv[1]: JSON list of [module, kernel name, dtype, constexprs, arch, warps, stages]
     from concurrent.futures import ProcessPoolExecutor
 
@@ -66,3 +66,52 @@ if __name__ == "__main__":
     with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:  # ptxas is single-threaded
         results = list(pool.map(_compile_case, cases))
     print(json.dumps({"triton": triton.__version__, "results": results}))
+
+
+# ---- what the compiler makes of a kernel with Triton's run-time specializations --------------------------
+
+
+def specialized_ptx_stats(module: str, name: str, dtype: str, constexprs: dict, ones: list, div16: list,
+                          arch: int = 90, num_warps: int = 4, num_stages: int = 2) -> dict:
+    """Compile as a launch would: integer arguments equal to 1 (``ones``: unit strides) become constants,
+    and pointers plus the integers in ``div16`` carry the 16-divisibility hint Triton derives from the
+    actual values. Returns counts of the global-load forms in the PTX: ``cp_async`` (pipelined copies),
+    ``vector`` (ld.global.v2/v4), ``scalar16`` (ld.global.b16/u16: one 16-bit element per instruction)."""
+    import importlib
+    import re
+
+    kernel = getattr(importlib.import_module(module), name)
+    names = [p.name for p in kernel.params]
+    ones = [n for n in ones if n in names]  # the lists name every kernel's strides: keep this one's
+    consts = dict(constexprs, **{n: 1 for n in ones})
+    sig = signature(kernel, dtype, consts)
+    for n in ones:
+        sig[n] = "constexpr"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n] != "constexpr" and (sig[n].startswith("*") or n in div16)}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ptx"]
+    return {"cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
+            "vector": len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
+            "scalar16": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\s", ptx))}
+
+
+def _ptx_main(cases) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_ptx_case, cases))
+    print(json.dumps({"triton": triton.__version__, "results": results}))
+
+
+def _ptx_case(case) -> dict:
+    return specialized_ptx_stats(**case)
+
+
+if __name__ == "__main__":
+    # ``--ptx CASES``: JSON list of specialized_ptx_stats keyword dicts; otherwise the compile suite
+    if sys.argv[1] == "--ptx":
+        _ptx_main(json.loads(sys.argv[2]))
+    else:
+        _main()

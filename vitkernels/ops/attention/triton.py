@@ -108,13 +108,16 @@ def _flash_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K, HEAD_DIM,
+    H, N_Q, N_K,
     sm_scale, dropout_p, keep_scale, Seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
-    start_m = tl.program_id(1)
+    # One grid axis (no 65535 limit), query blocks fastest: the blocks of one (b, h) run together and
+    # share its K/V in L2 instead of re-reading them from DRAM
+    num_m = tl.cdiv(N_Q, BLOCK_M)
+    off_bh = tl.program_id(0) // num_m
+    start_m = tl.program_id(0) % num_m
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
 
@@ -174,8 +177,8 @@ def _flash_attn_bwd_preprocess_kernel(
     Out, DOut, Delta,
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    H, N_Q, HEAD_DIM,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N_Q,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta = rowsum(O * dO) (B, H, Nq) float32: the softmax-backward term of every row."""
     off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
@@ -203,15 +206,16 @@ def _flash_attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N_Q, N_K, HEAD_DIM,
+    H, N_Q, N_K,
     sm_scale, dropout_p, keep_scale, Seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program per key block: dV = P_drop^T dO, dK = dS^T Q * scale, looping over all queries.
     Tiles are held transposed (keys x queries) so both products are plain dots."""
-    off_bh = tl.program_id(0)
-    start_n = tl.program_id(1)
+    num_n = tl.cdiv(N_K, BLOCK_N)  # one grid axis, key blocks fastest (see the forward)
+    off_bh = tl.program_id(0) // num_n
+    start_n = tl.program_id(0) % num_n
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
 
@@ -299,14 +303,15 @@ def _flash_attn_bwd_dq_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_K, HEAD_DIM,
+    H, N_Q, N_K,
     sm_scale, dropout_p, keep_scale, Seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program per query block: dQ = dS K * scale, looping over all keys."""
-    off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
-    start_m = tl.program_id(1)
+    num_m = tl.cdiv(N_Q, BLOCK_M)  # one grid axis, query blocks fastest (see the forward)
+    off_bh = tl.program_id(0) // num_m
+    start_m = tl.program_id(0) % num_m
     off_b = (off_bh // H).to(tl.int64)
     off_h = (off_bh % H).to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -351,10 +356,10 @@ def _flash_attn_bwd_dbias_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    H, N_Q, N_K, HEAD_DIM,
+    H, N_Q, N_K,
     BIAS_H, LOOP_B, LOOP_H,
     sm_scale, dropout_p, keep_scale, Seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -491,11 +496,11 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float
         _, bias_b = _bias4(bias, q, n_k)
         bias_strides = bias_b.stride() if bias_b is not None else None
         tuning.launch(
-            configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"])),
+            configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
             (q, k, v, bias_b if bias_b is not None else q, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *out.stride(),
-             H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed),
-            dict(BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+             H, n_q, n_k, scale, dropout_p, _keep_scale(dropout_p), seed),
+            dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
                  INPUT_PRECISION=_precision(q.dtype)),
             configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0), q.device)
     return out, lse, seed
@@ -510,7 +515,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
     with tuning.on_device(q):
         delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
         _flash_attn_bwd_preprocess_kernel[(B * H, triton.cdiv(n_q, 64))](
-            out, dout, delta, *out.stride(), *dout.stride(), H, n_q, d, BLOCK_M=64, BLOCK_D=block_d,
+            out, dout, delta, *out.stride(), *dout.stride(), H, n_q, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d,
         )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -518,18 +523,19 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
         bias4, bias_b = _bias4(bias, q, n_k)
         bias_arg = bias_b if bias_b is not None else q
         bias_strides = bias_b.stride() if bias_b is not None else None
-        flags = dict(BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+        flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=_precision(q.dtype))
         key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0)
-        scalars = (H, n_q, n_k, d, scale, dropout_p, _keep_scale(dropout_p), seed)
+        scalars = (H, n_q, n_k, scale, dropout_p, _keep_scale(dropout_p), seed)
         strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *dout.stride())
         tuning.launch(
             configs.ATTN_BWD_DKDV, _flash_attn_bwd_dkdv_kernel,
-            lambda meta: (B * H, triton.cdiv(n_k, meta["BLOCK_N"])),
+            lambda meta: (B * H * triton.cdiv(n_k, meta["BLOCK_N"]),),
             (q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *scalars),
             flags, key, q.device)
         tuning.launch(
-            configs.ATTN_BWD_DQ, _flash_attn_bwd_dq_kernel, lambda meta: (B * H, triton.cdiv(n_q, meta["BLOCK_M"])),
+            configs.ATTN_BWD_DQ, _flash_attn_bwd_dq_kernel,
+            lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
             (q, k, v, bias_arg, dout, lse, delta, dq, *strides, *dq.stride(), *scalars),
             flags, key, q.device)
         dbias = None
@@ -545,9 +551,9 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
             tuning.launch(
                 configs.ATTN_BWD_DBIAS, _flash_attn_bwd_dbias_kernel, grid,
                 (q, k, v, bias_b, dout, lse, delta, dbias4, *strides, *dbias4.stride(),
-                 H, n_q, n_k, d, bh, B if bb == 1 else 1, H if bh == 1 else 1,
+                 H, n_q, n_k, bh, B if bb == 1 else 1, H if bh == 1 else 1,
                  scale, dropout_p, _keep_scale(dropout_p), seed),
-                dict(BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
+                dict(HEAD_DIM=d, BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=_precision(q.dtype)),
                 {**key, "reduce": f"{int(reduce_m)}{int(reduce_n)}"}, q.device)
             dbias = dbias4.view(bias.shape)

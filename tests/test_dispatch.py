@@ -169,3 +169,61 @@ def test_cuda_patch_embed_matches_the_reference():
     grads_ref = torch.autograd.grad(out_ref, args, g.double())
     for name, got, pt, want in zip(("x", "weight", "bias", "pos_embed", "prefix_tokens"), grads, grads_pt, grads_ref):
         assert_close_2x(got, pt, want, factor=3.0, floor=1e-5, name=f"d{name}")
+
+
+# ---- the call memo: repeated calls skip the checks and the backend choice ---------------------------------
+
+
+def test_a_repeated_call_skips_checks_and_dispatch_and_gives_the_same_result(monkeypatch):
+    from vitkernels.ops import attention as attention_module
+
+    q, k, v = attn_inputs()
+    first = vitkernels.flash_attention(q, k, v, backend="reference")
+    calls = []
+    original = attention_module.check_attention_inputs
+    monkeypatch.setattr(attention_module, "check_attention_inputs", lambda *a: calls.append(a) or original(*a))
+    again = vitkernels.flash_attention(q, k, v, backend="reference")
+    assert calls == [] and torch.equal(first, again)
+    # new values in tensors of the same metadata: the memo answers, the math is new
+    q2 = torch.randn_like(q)
+    assert torch.equal(vitkernels.flash_attention(q2, k, v, backend="reference"),
+                       vitkernels.ops.attention.attention_reference(q2, k, v, None, 16 ** -0.5, 0.0))
+    assert calls == []
+    # different metadata, argument values or environment: checked again
+    vitkernels.flash_attention(q, k, v, scale=0.5, backend="reference")
+    assert len(calls) == 1
+    monkeypatch.setenv("VITKERNELS_BACKEND", "reference")
+    vitkernels.flash_attention(q, k, v)
+    assert len(calls) == 2
+
+
+def test_the_memo_never_turns_a_refused_call_into_an_accepted_one():
+    q, k, v = attn_inputs()
+    vitkernels.flash_attention(q, k, v, dropout_p=1, backend="reference")  # int 1 is a valid probability
+    with pytest.raises(TypeError, match="dropout_p must be a float, got bool"):
+        vitkernels.flash_attention(q, k, v, dropout_p=True, backend="reference")  # True == 1, but not for us
+    for _ in range(2):  # a refusal is raised on every call, never remembered
+        with pytest.raises(ValueError, match="unit stride in its last"):
+            strided = torch.randn(1, 2, 7, 32)[..., ::2]  # q's shape, last stride 2
+            vitkernels.flash_attention(strided, k, v, backend="reference")
+    qkv = torch.randn(1, 8, 8, 96)
+    vitkernels.window_attention(qkv, num_heads=2, window_size=4, shift_size=2, backend="reference")
+    with pytest.raises((TypeError, ValueError), match="shift_size"):
+        vitkernels.window_attention(qkv, num_heads=2, window_size=4, shift_size=[True, 2], backend="reference")
+    x, w = patch_inputs()
+    vitkernels.patch_embed(x, w, backend="reference")
+    with pytest.raises((TypeError, ValueError), match="weight"):
+        vitkernels.patch_embed(x, w.double(), backend="reference")
+
+
+def test_registering_a_backend_forgets_the_remembered_choices(monkeypatch):
+    x, w = patch_inputs()
+    vitkernels.patch_embed(x, w)
+    seen = []
+    monkeypatch.setitem(dispatch._REGISTRY, "patch_embed", dict(dispatch._REGISTRY["patch_embed"]))
+    dispatch.register("patch_embed", "cpu", reasons=lambda inputs: [],
+                      run=lambda inputs: seen.append(inputs) or torch.zeros(()))
+    vitkernels.patch_embed(x, w)
+    assert len(seen) == 1
+    monkeypatch.undo()
+    dispatch.clear_call_memos()

@@ -63,6 +63,7 @@ def register(op: str, name: str, *, reasons: Callable[[Any], List[str]], run: Ca
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend name {name!r}; valid: {', '.join(BACKEND_NAMES)}")
     _REGISTRY.setdefault(op, {})[name] = OpBackend(op, name, reasons, run)
+    clear_call_memos()  # a new backend may change what dispatch picks
 
 
 def implementations(op: str) -> Dict[str, OpBackend]:
@@ -158,3 +159,61 @@ def select(op: str, inputs, backend: Optional[str] = None) -> OpBackend:
             return impl
         refusals.append(f"{candidate}: " + "; ".join(reasons))
     raise BackendUnavailableError(f"{op}: no backend can run {inputs.describe()}: " + " | ".join(refusals))
+
+
+# ---------------------------------------------------------------------------------------------------- call memo
+
+
+def tensor_signature(t) -> Optional[tuple]:
+    """What an input check and a backend's reasons can see of a tensor argument (type, shape, strides,
+    dtype, device), hashable; None for None. Raises TypeError/AttributeError/RuntimeError for anything
+    that is not a plain strided tensor (the caller then takes the checked path)."""
+    if t is None:
+        return None
+    return type(t), t.shape, t.stride(), t.dtype, t.device
+
+
+class CallMemo:
+    """What the input checks and ``select`` decided for each call signature of one op, so a repeated call
+    (every layer of every step) skips both: a ViT at small batch is otherwise bound by this host work.
+
+    A signature holds everything the checks and the backends' reasons read: the tensors' metadata
+    (``tensor_signature``), every other argument with its type (``True`` is not ``1``), the requested
+    backend and the environment variables dispatch reads. Only calls that passed are remembered; a failing
+    one raises on every call. Bounded: cleared when full."""
+
+    def __init__(self, op: str, size: int = 1024):
+        self.op, self.size = op, size
+        self._memo: Dict[tuple, Any] = {}
+
+    @staticmethod
+    def environment() -> tuple:
+        return os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET")
+
+    def get(self, signature: Optional[tuple]):
+        return None if signature is None else self._memo.get(signature)
+
+    def put(self, signature: Optional[tuple], value) -> None:
+        if signature is None:
+            return
+        if len(self._memo) >= self.size:
+            self._memo.clear()
+        self._memo[signature] = value
+
+    def clear(self) -> None:
+        self._memo.clear()
+
+
+_MEMOS: List[CallMemo] = []
+
+
+def call_memo(op: str) -> CallMemo:
+    memo = CallMemo(op)
+    _MEMOS.append(memo)
+    return memo
+
+
+def clear_call_memos() -> None:
+    """Forget every remembered call (after changing what a backend can run in-process, e.g. in tests)."""
+    for memo in _MEMOS:
+        memo.clear()

@@ -256,6 +256,7 @@ class TunedKernel:
 
 _LOCK = threading.Lock()
 _MEMORY: Dict[Tuple[str, str, str, str], Config] = {}
+_FAST: Dict[Tuple[Any, ...], Config] = {}  # (kernel, device, key items, mode) -> _MEMORY's answer
 _FORCED: Dict[str, Config] = {}
 _DISK: Dict[str, Any] = {"loaded": None, "entries": {}}
 
@@ -340,6 +341,7 @@ def clear_memory() -> None:
     """Forget this process's answers and the loaded cache file (tests; a changed VITKERNELS_CACHE_DIR)."""
     with _LOCK:
         _MEMORY.clear()
+        _FAST.clear()
         _DISK["loaded"], _DISK["entries"] = None, {}
     _table.cache_clear()
 
@@ -399,11 +401,16 @@ def select(spec: TunedKernel, key: Dict[str, Any], device: torch.device, run: Ca
     if interpreting() or device.type != "cuda":
         return spec.interpreter
     mode = autotune_mode()
+    fast = (spec.name, device, tuple(key.items()), mode)  # no string building on the hot path
+    found = _FAST.get(fast)
+    if found is not None:
+        return found
     gpu = gpu_of(device)
     kstr = key_string(key)
     memo = (gpu.slug, spec.name, kstr, mode)
     found = _MEMORY.get(memo)
     if found is not None:
+        _FAST[fast] = found
         return found
     found = spec.candidates(key, gpu)[0] if mode == "off" else _lookup(spec, key, kstr, gpu, mode)
     if found is None:
@@ -423,6 +430,7 @@ def select(spec: TunedKernel, key: Dict[str, Any], device: torch.device, run: Ca
                                                        "candidates": timings}})
     with _LOCK:
         _MEMORY[memo] = found
+        _FAST[fast] = found
     return found
 
 

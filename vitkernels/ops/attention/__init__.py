@@ -44,13 +44,33 @@ def flash_attention(
         q, k, v, bias = autocast_cast(ac, q, k, v, bias)
         with torch.autocast(q.device.type, enabled=False):
             return flash_attention(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p, backend=backend)
-    inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
     if library.compiling():  # one opaque node for torch.compile
+        inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
         if library.triton_attention_direct(q.device.type, str(q.dtype).replace("torch.", ""), backend or "_"):
             return library.flash_attention_triton_op(q, k, v, bias, inputs.scale, inputs.dropout_p)[0]
         return library.flash_attention_op(q, k, v, bias, inputs.scale, inputs.dropout_p,
                                           library.draw_seed(inputs.dropout_p), backend or "_")
-    return dispatch.select(OP, inputs, backend).run(inputs)
+    signature = _signature(q, k, v, bias, scale, dropout_p, backend)
+    known = _CALLS.get(signature)
+    if known is not None:  # checked and dispatched before: same metadata, same answer
+        impl, scale, dropout_p = known
+        return impl.run(AttentionInputs(q, k, v, bias, scale, dropout_p))
+    inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
+    impl = dispatch.select(OP, inputs, backend)
+    _CALLS.put(signature, (impl, inputs.scale, inputs.dropout_p))
+    return impl.run(inputs)
+
+
+_CALLS = dispatch.call_memo(OP)
+
+
+def _signature(q, k, v, bias, scale, dropout_p, backend):
+    sig = dispatch.tensor_signature
+    try:
+        return (sig(q), sig(k), sig(v), sig(bias), type(scale), scale, type(dropout_p), dropout_p, backend,
+                _CALLS.environment())
+    except (AttributeError, TypeError, RuntimeError):  # not plain tensors: the checks say what is wrong
+        return None
 
 
 def _reference_run(inputs: AttentionInputs) -> torch.Tensor:

@@ -481,7 +481,14 @@ def draw_dropout_seed(device) -> torch.Tensor:
 
 
 def _no_seed(device) -> torch.Tensor:
-    return torch.zeros(2, dtype=torch.int64, device=device)  # never read (HAS_DROPOUT is off)
+    """A placeholder seed (never read: HAS_DROPOUT is off), one per device, never written."""
+    seed = _NO_SEED.get(device)
+    if seed is None:
+        seed = _NO_SEED[device] = torch.zeros(2, dtype=torch.int64, device=device)
+    return seed
+
+
+_NO_SEED = {}
 
 
 def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float

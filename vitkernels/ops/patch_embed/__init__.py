@@ -41,10 +41,25 @@ def patch_embed(
         x, weight, bias, pos_embed, prefix_tokens = autocast_cast(ac, x, weight, bias, pos_embed, prefix_tokens)
         with torch.autocast(x.device.type, enabled=False):
             return patch_embed(x, weight, bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, backend=backend)
-    inputs = check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens)
     if library.compiling():  # one opaque node for torch.compile
+        check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens)
         return library.patch_embed_op(x, weight, bias, pos_embed, prefix_tokens, backend or "_")
-    return dispatch.select(OP, inputs, backend).run(inputs)
+    sig = dispatch.tensor_signature
+    try:
+        signature = (sig(x), sig(weight), sig(bias), sig(pos_embed), sig(prefix_tokens), backend,
+                     _CALLS.environment())
+    except (AttributeError, TypeError, RuntimeError):  # not plain tensors: the checks say what is wrong
+        signature = None
+    impl = _CALLS.get(signature)
+    if impl is not None:  # checked and dispatched before: same metadata, same answer
+        return impl.run(PatchEmbedInputs(x, weight, bias, pos_embed, prefix_tokens))
+    inputs = check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens)
+    impl = dispatch.select(OP, inputs, backend)
+    _CALLS.put(signature, impl)
+    return impl.run(inputs)
+
+
+_CALLS = dispatch.call_memo(OP)
 
 
 def _reference_run(inputs: PatchEmbedInputs) -> torch.Tensor:

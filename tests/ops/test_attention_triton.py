@@ -98,6 +98,33 @@ def test_broadcast_bias_and_its_reduced_gradient_nq_ne_nk(bias_shape):
     check_against_reference(q, k, v, bias, scale=0.3, dout=torch.randn(B, H, nq, d, device=DEVICE))
 
 
+def test_a_batch_shared_bias_with_odd_rows_is_read_from_a_16_aligned_copy(monkeypatch):
+    # ViT's N=197 rows start at odd offsets: the kernels read a zero-padded copy (rows of 208) so their
+    # tile loads are wide (tests/ops/test_triton_compile.py checks the PTX); the result is unchanged.
+    from vitkernels.ops import tuning
+    from vitkernels.ops.attention import triton as attn_triton
+
+    seen = []
+    original = tuning.launch
+
+    def spy(spec, kernel, grid, args, constexprs, key, device):
+        if spec.name == "flash_attn_fwd":
+            seen.append((args[3].stride(), args[3].shape, args[29]))  # bias strides and shape, BIAS_COLS (after H, Nq, Nk)
+        return original(spec, kernel, grid, args, constexprs, key, device)
+    monkeypatch.setattr(tuning, "launch", spy)
+    n, d = 197, 32
+    q, k, v, _ = qkv_views(2, 2, n, d, device=DEVICE)
+    bias = torch.randn(1, 2, n, n, device=DEVICE)
+    check_against_reference(q, k, v, bias, dout=torch.randn(2, 2, n, d, device=DEVICE))
+    strides, shape, cols = seen[-1]
+    assert strides == (0, n * 208, 208, 1) and tuple(shape) == (2, 2, n, n) and cols == 208
+    seen.clear()
+    attn_triton.flash_attention_fwd_triton(q[:1], k[:1], v[:1], bias, d ** -0.5, 0.0)  # batch 1: in place
+    full = torch.randn(2, 2, n, n, device=DEVICE)  # a bias per sample is read once: in place
+    attn_triton.flash_attention_fwd_triton(q, k, v, full, d ** -0.5, 0.0)
+    assert [s[0][2] for s in seen] == [n, n] and [s[2] for s in seen] == [n, n]
+
+
 def test_key_padding_mask_with_minus_inf():
     B, H, n, d = 2, 2, 49, 32
     q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)

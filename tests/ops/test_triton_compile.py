@@ -197,6 +197,17 @@ def ptx_cases():
             cases.append(dict(module=ATTN, name=kernel, dtype="bf16", constexprs=consts, ones=ATTN_UNIT, div16=div16,
                               num_warps=c.num_warps, num_stages=c.num_stages))
             ids.append(f"{kernel.strip('_')}-D{d}")
+    for d in (64, 80):  # with a learnable bias read from rows aligned to 16 elements (the launcher's copy)
+        key = attention_key("bf16", d, 197)
+        for kernel, spec, flags in KERNELS[:3]:
+            c = spec.candidates(key, H100)[0]
+            consts = dict(**c.meta, HEAD_DIM=d, BLOCK_D=attn_configs.block_d(d), INPUT_PRECISION="tf32",
+                          HAS_BIAS=True, HAS_DROPOUT=False)
+            cases.append(dict(module=ATTN, name=kernel, dtype="bf16", constexprs=consts,
+                              ones=ATTN_UNIT + ["stride_biasn"],
+                              div16=ATTN_STRIDES + ["stride_biasb", "stride_biash", "stride_biasm", "BIAS_COLS"],
+                              num_warps=c.num_warps, num_stages=c.num_stages))
+            ids.append(f"{kernel.strip('_')}-bias-D{d}")
     for d in (32, 64):
         for kernel, extra in (("_window_attn_fwd_fused_kernel", dict(BLOCK_W=4)),
                               ("_window_attn_bwd_fused_kernel", dict(WRITE_DQKV=True, SUM_DS=True, GRAD_PAD=False))):

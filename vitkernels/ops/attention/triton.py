@@ -86,13 +86,15 @@ def probs_from_lse(qk, lse2, valid):
 
 @triton.jit
 def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale,
-                stride_bias_m, stride_bias_n,
+                stride_bias_m, stride_bias_n, bias_cols,
                 HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """P of an (M x N) tile recomputed from the saved row log-sum-exp (log2 units)."""
+    """P of an (M x N) tile recomputed from the saved row log-sum-exp (log2 units). ``bias_cols``: the
+    bias row's readable extent (see the forward)."""
     qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
     valid = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
-        qk += _bias_tile(bias_base, offs_m[:, None], offs_n[None, :], valid, stride_bias_m, stride_bias_n)
+        qk += _bias_tile(bias_base, offs_m[:, None], offs_n[None, :], mask_m[:, None] & (offs_n < bias_cols)[None, :],
+                         stride_bias_m, stride_bias_n)
     return probs_from_lse(qk, lse2, valid)
 
 
@@ -108,7 +110,7 @@ def _flash_attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K,
+    H, N_Q, N_K, BIAS_COLS,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -145,7 +147,9 @@ def _flash_attn_fwd_kernel(
         kT = tl.load(kT_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
         if HAS_BIAS:
-            qk += _bias_tile(bias_base, offs_m[:, None], cols[None, :], mask_m[:, None] & mask_n[None, :],
+            # masked to the row's readable extent, not to N_K: an aligned copy's padded rows let whole
+            # 16-element groups load at once (N_K = 197 would split them); padding is masked just below
+            qk += _bias_tile(bias_base, offs_m[:, None], cols[None, :], mask_m[:, None] & (cols < BIAS_COLS)[None, :],
                              stride_biasm, stride_biasn)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)  # l_i counts dropped entries too
@@ -206,7 +210,7 @@ def _flash_attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N_Q, N_K,
+    H, N_Q, N_K, BIAS_COLS,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -248,7 +252,7 @@ def _flash_attn_bwd_dkdv_kernel(
         delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0)
         # pT[n, m] = P[m, n]: the transposed probability tile
         pT = tl.trans(_probs_tile(tl.trans(qT), tl.trans(k), lse2, bias_base, rows, offs_n, mask_m, mask_n,
-                                  qk_scale, stride_biasm, stride_biasn, HAS_BIAS, INPUT_PRECISION))
+                                  qk_scale, stride_biasm, stride_biasn, BIAS_COLS, HAS_BIAS, INPUT_PRECISION))
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
         if HAS_DROPOUT:
             keepT = _dropout_keep(Seed, off_bh, rows[None, :] + 0 * offs_n[:, None],
@@ -273,7 +277,7 @@ def _flash_attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, cols, mask_n, mask_d,
-                  stride_kn, stride_kd, stride_vn, stride_vd, stride_biasm, stride_biasn,
+                  stride_kn, stride_kd, stride_vn, stride_vd, stride_biasm, stride_biasn, bias_cols,
                   qk_scale, dropout_p, keep_scale, Seed,
                   HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                   BLOCK_D: tl.constexpr):
@@ -285,7 +289,7 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
     k = tl.load(K + rows_n * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + rows_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     p = _probs_tile(q, tl.trans(k), lse2, bias_base, offs_m, cols, mask_m, mask_n, qk_scale,
-                    stride_biasm, stride_biasn, HAS_BIAS, INPUT_PRECISION)
+                    stride_biasm, stride_biasn, bias_cols, HAS_BIAS, INPUT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
         keep = _dropout_keep(Seed, off_bh, offs_m[:, None] + 0 * cols[None, :], cols[None, :] + 0 * offs_m[:, None],
@@ -303,7 +307,7 @@ def _flash_attn_bwd_dq_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_K,
+    H, N_Q, N_K, BIAS_COLS,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -339,7 +343,7 @@ def _flash_attn_bwd_dq_kernel(
         cols = start_n + offs_n
         ds, k = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m, cols,
                               cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                              stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, Seed,
+                              stride_biasm, stride_biasn, BIAS_COLS, qk_scale, dropout_p, keep_scale, Seed,
                               HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
     dq = dq * sm_scale
@@ -356,7 +360,7 @@ def _flash_attn_bwd_dbias_kernel(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    H, N_Q, N_K,
+    H, N_Q, N_K, BIAS_COLS,
     BIAS_H, LOOP_B, LOOP_H,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -410,8 +414,8 @@ def _flash_attn_bwd_dbias_kernel(
                     cols = (pid_n + jn) * BLOCK_N + tl.arange(0, BLOCK_N)
                     ds, _ = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m,
                                           cols, cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                          stride_biasm, stride_biasn, qk_scale, dropout_p, keep_scale, Seed,
-                                          True, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
+                                          stride_biasm, stride_biasn, BIAS_COLS, qk_scale, dropout_p, keep_scale,
+                                          Seed, True, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -452,12 +456,37 @@ def _dropout_mask_kernel(Mask, Seed, H, N_Q, N_K, dropout_p, BLOCK_M: tl.constex
 
 
 def _bias4(bias: Optional[torch.Tensor], q: torch.Tensor, n_k: int):
-    """The bias as a 4-D view with leading 1s, and its broadcast to (B, H, Nq, Nk) (stride-0 dims)."""
+    """(the bias as a 4-D view with leading 1s, what the kernels read: its broadcast to (B, H, Nq, Nk) with
+    stride-0 dims, from an aligned copy when that pays (``_aligned_rows``), and how far each of its rows
+    may be read: past Nk into an aligned copy's padding, a multiple of 16, so the column mask never splits
+    a wide load; else Nk)."""
     if bias is None:
-        return None, None
+        return None, None, n_k
     bias4 = bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
     B, H, n_q = q.shape[:3]
-    return bias4, bias4.expand(B, H, n_q, n_k)
+    aligned = _aligned_rows(bias4, B)
+    cols = aligned.stride(2) if aligned is not bias4 else n_k
+    return bias4, aligned.expand(B, H, n_q, n_k), cols
+
+
+ROW_ALIGN = 16  # elements: Triton proves 16-byte alignment (wide, pipelined loads) from divisibility by 16
+
+
+def _aligned_rows(bias4: torch.Tensor, batch: int) -> torch.Tensor:
+    """A bias shared by the batch and read by every one of its B programs' tiles, whose rows do not start
+    on a multiple of 16 elements (Nk = 197, 577: ViT), is read from a copy with rows padded to 16 (zeros):
+    its tile loads then vectorize and pipeline instead of going element by element. One copy per call, B
+    times smaller than the reads it speeds up. Any other bias is read in place."""
+    bb, bh, bm, bn = bias4.shape
+    if bb != 1 or batch == 1 or bn == 1 or bias4.stride(3) != 1:
+        return bias4
+    strides = (bias4.stride(1), bias4.stride(2))
+    if all(st % ROW_ALIGN == 0 for st, n in zip(strides, (bh, bm)) if n > 1) and bias4.data_ptr() % 16 == 0:
+        return bias4
+    padded = -(-bn // ROW_ALIGN) * ROW_ALIGN
+    aligned = bias4.new_zeros((bb, bh, bm, padded))[..., :bn]  # the padding is read (then masked): zeros
+    aligned.copy_(bias4)
+    return aligned
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -500,13 +529,13 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float
         out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
         seed = draw_dropout_seed(q.device) if dropout_p > 0 else _no_seed(q.device)
-        _, bias_b = _bias4(bias, q, n_k)
+        _, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_strides = bias_b.stride() if bias_b is not None else None
         tuning.launch(
             configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
             (q, k, v, bias_b if bias_b is not None else q, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *out.stride(),
-             H, n_q, n_k, scale, dropout_p, _keep_scale(dropout_p), seed),
+             H, n_q, n_k, bias_cols, scale, dropout_p, _keep_scale(dropout_p), seed),
             dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
                  INPUT_PRECISION=_precision(q.dtype)),
             configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0), q.device)
@@ -527,13 +556,13 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-        bias4, bias_b = _bias4(bias, q, n_k)
+        bias4, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_arg = bias_b if bias_b is not None else q
         bias_strides = bias_b.stride() if bias_b is not None else None
         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=_precision(q.dtype))
         key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0)
-        scalars = (H, n_q, n_k, scale, dropout_p, _keep_scale(dropout_p), seed)
+        scalars = (H, n_q, n_k, bias_cols, scale, dropout_p, _keep_scale(dropout_p), seed)
         strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *dout.stride())
         tuning.launch(
             configs.ATTN_BWD_DKDV, _flash_attn_bwd_dkdv_kernel,
@@ -558,7 +587,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
             tuning.launch(
                 configs.ATTN_BWD_DBIAS, _flash_attn_bwd_dbias_kernel, grid,
                 (q, k, v, bias_b, dout, lse, delta, dbias4, *strides, *dbias4.stride(),
-                 H, n_q, n_k, bh, B if bb == 1 else 1, H if bh == 1 else 1,
+                 H, n_q, n_k, bias_cols, bh, B if bb == 1 else 1, H if bh == 1 else 1,
                  scale, dropout_p, _keep_scale(dropout_p), seed),
                 dict(HEAD_DIM=d, BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=_precision(q.dtype)),

@@ -56,6 +56,29 @@ def test_triton_backward_is_deterministic_and_keeps_channels_last():
     assert runs[0][1].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="these cases build CPU tensors (interpreter)")
+@pytest.mark.parametrize("case", [CASES[1], CASES[8]], ids=[CASES[1].id, CASES[8].id])
+def test_triton_dweight_split_over_patch_rows(monkeypatch, case):
+    # dW is reduced over the patch rows in splits (split-K) summed in a fixed order; small inputs take one
+    # split, so force uneven ones: rows of 40 (last split shorter), then every row alone
+    from vitkernels.ops.patch_embed import triton as patch_triton
+
+    for rows in (40, 1):
+        monkeypatch.setattr(patch_triton, "_dw_splits", lambda m, e, k, r=rows: (-(-m // r), r))
+        _compare_2x(case, torch.float32, backend="triton")
+
+
+def test_dweight_splits_depend_on_the_shape_only():
+    from vitkernels.ops.patch_embed.triton import DW_MIN_SPLIT_ROWS, _dw_splits
+
+    assert _dw_splits(128 * 196, 768, 768) == (14, 1792)  # ViT-B/16 at batch 128: 36 tiles x 14 splits = 504
+    assert _dw_splits(196, 768, 768) == (1, 256)  # batch 1: one split
+    for m in (1, 1000, 5000, 25088, 10 ** 6):
+        splits, rows = _dw_splits(m, 384, 588)
+        assert rows % 128 == 0 and (splits - 1) * rows < m <= splits * rows
+        assert splits == 1 or rows >= DW_MIN_SPLIT_ROWS - 127
+
+
 def test_triton_refuses_float64():
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(vitkernels.BackendUnavailableError, match="float64 is not supported by the triton kernels"):

@@ -422,6 +422,24 @@ def test_attention_kernels_fill_a_gpu_on_vit_b_at_batch_64(monkeypatch, with_bia
                      "into groups with a fixed-order reduction, as window attention's d(table)")
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="drives the launchers under the interpreter")
+@pytest.mark.parametrize("x_shape,patch,E", [((64, 3, 224, 224), 16, 768), ((64, 3, 224, 224), 14, 1024)],
+                         ids=["vitB16", "vitL14"])
+def test_patch_embed_kernels_fill_a_gpu_on_vit_at_batch_64(monkeypatch, x_shape, patch, E):
+    pytest.importorskip("triton")
+    x = torch.empty(x_shape, dtype=torch.float16, requires_grad=True)
+    w = torch.zeros(E, 3, patch, patch, dtype=torch.float16, requires_grad=True)
+
+    def run():
+        out = vitkernels.patch_embed(x, w, backend="triton")
+        torch.autograd.grad(out, (x, w), torch.zeros_like(out))
+    grids = launched_grids(monkeypatch, run)
+    assert set(grids) == {"patch_embed_fwd", "patch_embed_bwd_dw", "patch_embed_bwd_dx"}, grids
+    for name, launches in grids.items():
+        for config, grid in launches:
+            assert programs(grid) >= 132, (name, config, grid)
+
+
 # ---- on a GPU: the real candidates ---------------------------------------------------------------------
 
 

@@ -125,6 +125,26 @@ def test_a_batch_shared_bias_with_odd_rows_is_read_from_a_16_aligned_copy(monkey
     assert [s[0][2] for s in seen] == [n, n] and [s[2] for s in seen] == [n, n]
 
 
+@pytest.mark.parametrize("bias_shape", [(1, 2, 33, 33), (1, 1, 1, 33), (33, 1)], ids=["1H", "keys-only", "queries-only"])
+def test_dbias_of_a_batch_shared_bias_summed_in_uneven_batch_groups(monkeypatch, bias_shape):
+    # dBias walks the batch in groups (partial sums added in a fixed order): 5 samples in groups of 3 + 2
+    from vitkernels.ops.attention import triton as attn_triton
+
+    monkeypatch.setattr(attn_triton, "_dbias_batch_groups", lambda loop_b, tiles: (3, -(-loop_b // 3)))
+    q, k, v, _ = qkv_views(5, 2, 33, 32, device=DEVICE)
+    check_against_reference(q, k, v, torch.randn(bias_shape, device=DEVICE), dout=torch.randn(5, 2, 33, 32, device=DEVICE))
+
+
+def test_dbias_batch_groups_depend_on_the_shape_only():
+    from vitkernels.ops.attention.triton import _dbias_batch_groups
+
+    assert _dbias_batch_groups(64, 12 * 4 * 4) == (22, 3)  # ViT-B bias (1, 12, 197, 197) at batch 64
+    assert _dbias_batch_groups(1, 4) == (1, 1)
+    for loop_b in (1, 2, 7, 64, 1000):
+        per_group, groups = _dbias_batch_groups(loop_b, 5)
+        assert (groups - 1) * per_group < loop_b <= groups * per_group
+
+
 def test_key_padding_mask_with_minus_inf():
     B, H, n, d = 2, 2, 49, 32
     q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)

@@ -359,9 +359,9 @@ def _flash_attn_bwd_dbias_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_dbg,
     H, N_Q, N_K, BIAS_COLS,
-    BIAS_H, LOOP_B, LOOP_H,
+    BIAS_H, BIAS_BH, LOOP_B, LOOP_H, B_PER_GROUP,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,
@@ -371,8 +371,12 @@ def _flash_attn_bwd_dbias_kernel(
 
     The program owns one (bias b, bias h, query block, key block) tile and walks the broadcast dims in
     a fixed order (b, h, query blocks if REDUCE_M, key blocks if REDUCE_N), recomputing dS: a
-    deterministic reduction without atomics and without a (B, H, Nq, Nk) temporary."""
-    pid_bh = tl.program_id(0)
+    deterministic reduction without atomics and without a (B, H, Nq, Nk) temporary. A bias shared by the
+    batch has its batch walk split in groups of B_PER_GROUP (grid axis 0 is group * BIAS_BH + bias (b, h)),
+    each writing its partial sum at ``group * stride_dbg``, summed by the host in a fixed order: enough
+    programs to fill the GPU."""
+    group = tl.program_id(0) // BIAS_BH
+    pid_bh = tl.program_id(0) % BIAS_BH
     pid_m = tl.program_id(1)
     pid_n = tl.program_id(2)
     bias_b = pid_bh // BIAS_H
@@ -390,7 +394,7 @@ def _flash_attn_bwd_dbias_kernel(
         loop_n = 1
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for ib in range(0, LOOP_B):
+    for ib in range(group * B_PER_GROUP, tl.minimum(group * B_PER_GROUP + B_PER_GROUP, LOOP_B)):
         off_b = (bias_b + ib).to(tl.int64)
         for ih in range(0, LOOP_H):
             off_h = (bias_h + ih).to(tl.int64)
@@ -420,7 +424,8 @@ def _flash_attn_bwd_dbias_kernel(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    db_base = DBias + bias_b.to(tl.int64) * stride_dbb + bias_h.to(tl.int64) * stride_dbh
+    db_base = DBias + group.to(tl.int64) * stride_dbg + bias_b.to(tl.int64) * stride_dbb \
+        + bias_h.to(tl.int64) * stride_dbh
     if REDUCE_M:
         if REDUCE_N:
             tl.store(db_base, tl.sum(tl.sum(acc, 1), 0).to(DBias.dtype.element_ty))
@@ -577,23 +582,43 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
         dbias = None
         if bias_requires_grad:
             bb, bh, bm, bn = bias4.shape
-            dbias4 = torch.empty(bias4.shape, dtype=bias.dtype, device=bias.device)
             reduce_m, reduce_n = bm == 1 and n_q > 1, bn == 1 and n_k > 1
+            loop_b = B if bb == 1 else 1
+            per_group, groups = _dbias_batch_groups(loop_b, bb * bh * (1 if reduce_m else triton.cdiv(n_q, 64))
+                                                    * (1 if reduce_n else triton.cdiv(n_k, 64)))
+            if groups == 1:  # written in place, in the bias's dtype
+                parts = torch.empty(bias4.shape, dtype=bias.dtype, device=bias.device).unsqueeze(0)
+            else:  # fp32 partial sums per batch group, summed below in a fixed order
+                parts = torch.empty((groups,) + tuple(bias4.shape), dtype=torch.float32, device=bias.device)
 
             def grid(meta):
-                return (bb * bh, 1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]),
+                return (groups * bb * bh, 1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]),
                         1 if reduce_n else triton.cdiv(n_k, meta["BLOCK_N"]))
 
             tuning.launch(
                 configs.ATTN_BWD_DBIAS, _flash_attn_bwd_dbias_kernel, grid,
-                (q, k, v, bias_b, dout, lse, delta, dbias4, *strides, *dbias4.stride(),
-                 H, n_q, n_k, bias_cols, bh, B if bb == 1 else 1, H if bh == 1 else 1,
+                (q, k, v, bias_b, dout, lse, delta, parts, *strides, *parts.stride()[1:], parts.stride(0),
+                 H, n_q, n_k, bias_cols, bh, bb * bh, loop_b, H if bh == 1 else 1, per_group,
                  scale, dropout_p, _keep_scale(dropout_p), seed),
                 dict(HEAD_DIM=d, BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=_precision(q.dtype)),
                 {**key, "reduce": f"{int(reduce_m)}{int(reduce_n)}"}, q.device)
+            dbias4 = parts[0] if groups == 1 else parts.sum(0).to(bias.dtype)
             dbias = dbias4.view(bias.shape)
     return dq, dk, dv, dbias
+
+
+# dBias of a batch-shared bias: batch groups aim at about this many programs (a few waves on any GPU)
+DBIAS_TARGET_PROGRAMS = 512
+
+
+def _dbias_batch_groups(loop_b: int, tiles: int):
+    """(batches per group, groups) of dBias's walk over the batch, from the shape only (``tiles``: the
+    programs of one group with a fixed 64 x 64 tile estimate), never from the launch config, so the
+    order of every sum, and so every bit of dBias, is fixed by the inputs."""
+    groups = max(1, min(loop_b, triton.cdiv(DBIAS_TARGET_PROGRAMS, tiles)))
+    per_group = triton.cdiv(loop_b, groups)
+    return per_group, triton.cdiv(loop_b, per_group)
 
 
 def dropout_mask_triton(seed: torch.Tensor, B: int, H: int, n_q: int, n_k: int, dropout_p: float) -> torch.Tensor:

@@ -72,6 +72,7 @@ WINDOW_FLAGS = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, ROLL_FIRS
                     HAS_QKV_BIAS=True)
 FUSED_FLAGS = dict(HEAD_DIM=32, BLOCK=64, BLOCK_D=32, ROLL_FIRST=True, HAS_QKV_BIAS=True)
 FUSED_BWD_FLAGS = dict(WRITE_DQKV=True, SUM_DS=True, GRAD_PAD=True, **FUSED_FLAGS)
+P16, P14 = dict(PT=1, PH=16, PW=16), dict(PT=1, PH=14, PW=14)  # the patch size is a constexpr
 EXTRA = [
     (WIN, "_window_attn_fwd_kernel", "fp16", dict(HAS_TABLE=True, INPUT_PRECISION="tf32", **WINDOW_FLAGS), 90, 4, 2),
     (WIN, "_window_attn_fwd_kernel", "fp32", dict(HAS_TABLE=True, INPUT_PRECISION="ieee", **WINDOW_FLAGS), 90, 4, 2),
@@ -86,13 +87,13 @@ EXTRA = [
     (WIN, "_window_bwd_delta_kernel", "fp16", dict(HEAD_DIM=128, BLOCK=64, BLOCK_D=128), 90, 4, 1),
     # patch embed: the largest GEMM tiles the pruner keeps (fp32: 3 stages, fp16: 4)
     (PATCH, "_patch_embed_fwd_kernel", "fp32", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, HAS_BIAS=True, HAS_POS=True,
-                                                    POS_HAS_PREFIX=True, INPUT_PRECISION="ieee"), 90, 8, 3),
+                                                    POS_HAS_PREFIX=True, INPUT_PRECISION="ieee", **P16), 90, 8, 3),
     (PATCH, "_patch_embed_fwd_kernel", "fp16", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, HAS_BIAS=True, HAS_POS=True,
-                                                    POS_HAS_PREFIX=False, INPUT_PRECISION="tf32"), 90, 8, 4),
-    (PATCH, "_patch_embed_bwd_dw_kernel", "fp16", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION="tf32"),
-     90, 8, 4),
-    (PATCH, "_patch_embed_bwd_dx_kernel", "fp32", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION="ieee"),
-     90, 8, 3),
+                                                    POS_HAS_PREFIX=False, INPUT_PRECISION="tf32", **P14), 90, 8, 4),
+    (PATCH, "_patch_embed_bwd_dw_kernel", "fp16", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION="tf32",
+                                                       **P16), 90, 8, 4),
+    (PATCH, "_patch_embed_bwd_dx_kernel", "fp32", dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, INPUT_PRECISION="ieee",
+                                                       **P14), 90, 8, 3),
     (ATTN, "_flash_attn_bwd_preprocess_kernel", "fp16", dict(HEAD_DIM=256, BLOCK_M=64, BLOCK_D=256), 90, 4, 1),
     (ATTN, "_flash_attn_bwd_dbias_kernel", "fp16", dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
                                                          INPUT_PRECISION="tf32",
@@ -242,3 +243,46 @@ def test_hot_loads_are_wide_and_pipelined(ptx_stats, index):
                      f"divisibility by 16; the loads stay scalar until strides are passed pre-divided ({stats})")
     assert stats["scalar16"] == 0, stats
     assert stats["cp_async"] + stats["vector"] > 0, stats
+
+
+PATCH_STRIDES = [f"stride_{t}{d}" for t, dims in (("x", "bcth"), ("w", "ecth"), ("d", "bne"), ("o", "bne"),
+                                                    ("pos_", ("n",)), ("pre_", ("p",))) for d in dims]
+
+
+def patch_ptx_cases():
+    """The patch-embed GEMMs at /16 on NCHW images, bf16, first heuristic candidate for ViT-B/16: the
+    image and weight loads go 16 patch columns at a time."""
+    from vitkernels.ops.patch_embed import triton_configs as patch_configs
+
+    key = patch_configs.tune_key(torch.bfloat16, 64 * 196, 768, 768, video=False, prefix=True)
+    cases, ids = [], []
+    for kernel, spec, flags in (("_patch_embed_fwd_kernel", patch_configs.PATCH_FWD,
+                                 dict(HAS_BIAS=True, HAS_POS=True, POS_HAS_PREFIX=True)),
+                                ("_patch_embed_bwd_dw_kernel", patch_configs.PATCH_BWD_DW, {}),
+                                ("_patch_embed_bwd_dx_kernel", patch_configs.PATCH_BWD_DX, {})):
+        c = spec.candidates(key, H100)[0]
+        cases.append(dict(module=PATCH, name=kernel, dtype="bf16",
+                          constexprs=dict(**c.meta, INPUT_PRECISION="tf32", **P16, **flags),
+                          ones=["stride_xw", "stride_ww", "stride_de", "stride_oe", "stride_pos_e", "stride_pre_e"],
+                          div16=PATCH_STRIDES + ["K_DIM", "N_EMB"], num_warps=c.num_warps, num_stages=c.num_stages))
+        ids.append(f"{kernel.strip('_')}-p16")
+    return cases, ids
+
+
+PATCH_PTX_CASES, PATCH_PTX_IDS = patch_ptx_cases()
+
+
+@pytest.fixture(scope="module")
+def patch_ptx_stats():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--ptx", json.dumps(PATCH_PTX_CASES)],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["results"]
+
+
+@pytest.mark.parametrize("index", range(len(PATCH_PTX_CASES)), ids=PATCH_PTX_IDS)
+def test_patch_embed_loads_are_wide(patch_ptx_stats, index):
+    stats = patch_ptx_stats[index]
+    assert stats["cp_async"] + stats["vector"] > 0 and stats["scalar16"] == 0, stats

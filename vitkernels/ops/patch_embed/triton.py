@@ -38,7 +38,9 @@ def _patch_row_offsets(offs_m, NP, GH, GW, PT, PH, PW, stride_b, stride_t, strid
 
 @triton.jit
 def _patch_col_offsets(offs_k, PT, PH, PW, stride_c, stride_t, stride_h, stride_w):
-    """Offset of feature k = (c, dt, dh, dw) inside a patch, for a tensor with these strides."""
+    """Offset of feature k = (c, dt, dh, dw) inside a patch, for a tensor with these strides. The patch
+    size is a constexpr in every kernel: with PW = 16 the compiler sees 16 consecutive k at consecutive
+    addresses (unit stride_w) and loads them as wide vectors."""
     c = offs_k // (PT * PH * PW)
     dt = (offs_k // (PH * PW)) % PT
     dh = (offs_k // PW) % PH
@@ -54,7 +56,8 @@ def _patch_embed_fwd_kernel(
     stride_pos_n, stride_pos_e,
     stride_pre_p, stride_pre_e,
     stride_ob, stride_on, stride_oe,
-    M, N_EMB, K_DIM, NP, GH, GW, PT, PH, PW, NUM_PREFIX, POS_OFFSET, PREFIX_ROWS,
+    M, N_EMB, K_DIM, NP, GH, GW, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NUM_PREFIX, POS_OFFSET,
+    PREFIX_ROWS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, POS_HAS_PREFIX: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
@@ -108,7 +111,7 @@ def _patch_embed_bwd_dw_kernel(
     stride_db, stride_dn, stride_de,
     stride_we, stride_wc, stride_wt, stride_wh, stride_ww,
     stride_ws,
-    M, N_EMB, K_DIM, NP, GH, GW, PT, PH, PW, NUM_PREFIX, SPLIT_ROWS,
+    M, N_EMB, K_DIM, NP, GH, GW, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NUM_PREFIX, SPLIT_ROWS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dW[e, k] = sum over patches of dY[patch, e] * patch[k], split over the patches (split-K: the
@@ -145,7 +148,7 @@ def _patch_embed_bwd_dx_kernel(
     stride_db, stride_dn, stride_de,
     stride_we, stride_wc, stride_wt, stride_wh, stride_ww,
     stride_xb, stride_xc, stride_xt, stride_xh, stride_xw,
-    M, N_EMB, K_DIM, NP, GH, GW, PT, PH, PW, NUM_PREFIX,
+    M, N_EMB, K_DIM, NP, GH, GW, PT: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NUM_PREFIX,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dX[patch, k] = dY[patch, :] @ W[:, k], scattered to x's layout (patches do not overlap, so every

@@ -253,6 +253,23 @@ def test_dropout_keeps_one_minus_p_and_matches_the_reference_given_the_same_mask
     assert not torch.equal(other, out.detach())
 
 
+def test_dropout_mask_has_no_structure_across_columns_rows_and_heads():
+    # one Philox call serves 4 consecutive key columns: its 4 outputs must be independent draws, and
+    # rows, heads and calls must differ
+    from vitkernels.ops.attention.triton import draw_dropout_seed, dropout_mask_triton
+
+    seed = draw_dropout_seed(DEVICE)
+    mask = dropout_mask_triton(seed, 1, 2, 128, 128, 0.5).float()
+    assert abs(mask.mean().item() - 0.5) < 0.02
+    for shift in (1, 2, 3, 4):  # within a group of 4 and across groups: agreement ~ 1/2, as for fair coins
+        agree = (mask[..., shift:] == mask[..., :-shift]).float().mean().item()
+        assert abs(agree - 0.5) < 0.03, (shift, agree)
+    assert abs((mask[:, :, 1:] == mask[:, :, :-1]).float().mean().item() - 0.5) < 0.03  # rows
+    assert abs((mask[:, 0] == mask[:, 1]).float().mean().item() - 0.5) < 0.03  # heads
+    other = dropout_mask_triton(draw_dropout_seed(DEVICE), 1, 2, 128, 128, 0.5).float()
+    assert abs((mask == other).float().mean().item() - 0.5) < 0.03  # a new draw
+
+
 def test_dropout_one_drops_everything_with_zero_gradients():
     q, k, v = (torch.randn(1, 2, 33, 32, device=DEVICE, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 2, 33, 33, device=DEVICE, requires_grad=True)

@@ -9,7 +9,8 @@ Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias 
   dQ kernel (one program per query block, loops over keys); dBias kernel (one program per bias tile,
   loops over the dims the bias broadcasts). No atomics: every gradient is written by exactly one
   program in a fixed order, so gradients are bitwise deterministic.
-- Dropout: keep-mask from Philox with counters (query row, key column, b*H + h, offset); the seed and
+- Dropout: keep-mask from Philox with counters (query row, key column // 4, b*H + h, offset), its 4
+  outputs for 4 consecutive key columns; the seed and
   offset live in a device tensor drawn from torch's generator of q's device, so the backward
   regenerates exactly the forward's mask without storing it, no host sync happens, and each replay of a
   captured CUDA graph draws a new mask.
@@ -40,14 +41,21 @@ LN2 = 0.6931471805599453
 
 @triton.jit
 def _dropout_keep(Seed, bh, rows, cols, dropout_p):
-    """Keep-mask of the (rows x cols) tile: uniform(philox(seed; row, col, bh, offset)) >= p, with the
-    seed and offset read from the device tensor ``Seed`` (int64 [seed, offset]), so a captured CUDA graph
-    draws a new mask at each replay. ``rows`` and ``cols`` are already broadcast to the tile's shape."""
+    """Keep-mask of the (rows x cols) tile, ``rows`` and ``cols`` 1-D (cols: a block starting at a multiple
+    of 4): uniform >= p, the uniforms drawn from Philox with the seed and offset read from the device
+    tensor ``Seed`` (int64 [seed, offset]), so a captured CUDA graph draws a new mask at each replay.
+    One Philox call per 4 columns: counters (row, col // 4, bh, offset) give 4 outputs, for columns
+    4g, 4g + 1, 4g + 2, 4g + 3 (a call per element would compute 4 and keep 1)."""
+    BM: tl.constexpr = rows.shape[0]
+    BN: tl.constexpr = cols.shape[0]
     seed = tl.load(Seed)
     offset = tl.load(Seed + 1).to(tl.int32)  # Philox counters are 32-bit: the low bits
-    zero = tl.zeros_like(rows)
-    r0, _, _, _ = tl.philox(seed, rows, cols, zero + bh, zero + offset)
-    return tl.uint_to_uniform_float(r0) >= dropout_p
+    groups = tl.max(tl.reshape(cols // 4, [BN // 4, 4]), axis=1)  # col // 4 of each aligned group of 4
+    zero = tl.zeros([BM, BN // 4], dtype=tl.int32)
+    r0, r1, r2, r3 = tl.philox(seed, zero + rows[:, None], zero + groups[None, :], zero + bh, zero + offset)
+    # join appends a last dim: [.., g, x, y] holds column 4g + 2x + y, so (x, y) = (0, 0) r0, (0, 1) r1, ...
+    u = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, BN])
+    return tl.uint_to_uniform_float(u) >= dropout_p
 
 
 @triton.jit
@@ -154,8 +162,7 @@ def _flash_attn_fwd_kernel(
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)  # l_i counts dropped entries too
         if HAS_DROPOUT:
-            keep = _dropout_keep(Seed, off_bh, offs_m[:, None] + 0 * cols[None, :],
-                                 cols[None, :] + 0 * offs_m[:, None], dropout_p)
+            keep = _dropout_keep(Seed, off_bh, offs_m, cols, dropout_p)
             p = tl.where(keep, p, 0.0)
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
@@ -255,8 +262,7 @@ def _flash_attn_bwd_dkdv_kernel(
                                   qk_scale, stride_biasm, stride_biasn, BIAS_COLS, HAS_BIAS, INPUT_PRECISION))
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
         if HAS_DROPOUT:
-            keepT = _dropout_keep(Seed, off_bh, rows[None, :] + 0 * offs_n[:, None],
-                                  offs_n[:, None] + 0 * rows[None, :], dropout_p)
+            keepT = tl.trans(_dropout_keep(Seed, off_bh, rows, offs_n, dropout_p))
             p_dropT = tl.where(keepT, pT * keep_scale, 0.0)
             dpT = tl.where(keepT, dpT * keep_scale, 0.0)
         else:
@@ -292,8 +298,7 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
                     stride_biasm, stride_biasn, bias_cols, HAS_BIAS, INPUT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
-        keep = _dropout_keep(Seed, off_bh, offs_m[:, None] + 0 * cols[None, :], cols[None, :] + 0 * offs_m[:, None],
-                             dropout_p)
+        keep = _dropout_keep(Seed, off_bh, offs_m, cols, dropout_p)
         dp = tl.where(keep, dp * keep_scale, 0.0)
     return p * (dp - delta[:, None]), k
 
@@ -450,8 +455,7 @@ def _dropout_mask_kernel(Mask, Seed, H, N_Q, N_K, dropout_p, BLOCK_M: tl.constex
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     for start_n in range(0, N_K, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        keep = _dropout_keep(Seed, off_bh, rows[:, None] + 0 * cols[None, :], cols[None, :] + 0 * rows[:, None],
-                             dropout_p)
+        keep = _dropout_keep(Seed, off_bh, rows, cols, dropout_p)
         ptrs = Mask + off_bh.to(tl.int64) * N_Q * N_K + rows[:, None].to(tl.int64) * N_K + cols[None, :]
         tl.store(ptrs, keep.to(tl.int8), mask=(rows < N_Q)[:, None] & (cols < N_K)[None, :])
 

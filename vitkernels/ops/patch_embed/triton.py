@@ -63,8 +63,11 @@ def _patch_embed_fwd_kernel(
 ):
     """Programs [0, cdiv(M, BLOCK_M)) compute patch rows: out[b, P + n] = patch @ W^T + bias + pos[n'];
     the programs after them write the B * P prefix rows: out[b, p] = prefix[p] (+ pos[p])."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # one grid axis, embedding blocks fastest: the programs of one patch block run together, so its image
+    # tile comes from DRAM once and from L2 for the other E blocks (the weight is small: L2-resident)
+    num_n = tl.cdiv(N_EMB, BLOCK_N)
+    pid_m = tl.program_id(0) // num_n
+    pid_n = tl.program_id(0) % num_n
     offs_e = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_e = offs_e < N_EMB
     num_m_blocks = tl.cdiv(M, BLOCK_M)
@@ -153,8 +156,9 @@ def _patch_embed_bwd_dx_kernel(
 ):
     """dX[patch, k] = dY[patch, :] @ W[:, k], scattered to x's layout (patches do not overlap, so every
     element of dX is written exactly once)."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    num_k = tl.cdiv(K_DIM, BLOCK_K)  # one grid axis, K blocks fastest: a dY row block is read once from DRAM
+    pid_m = tl.program_id(0) // num_k
+    pid_k = tl.program_id(0) % num_k
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
@@ -206,8 +210,8 @@ def patch_embed_fwd_triton(x, weight, bias, pos_embed, prefix_tokens) -> torch.T
         flags = dict(HAS_BIAS=bias is not None, HAS_POS=pos_embed is not None, POS_HAS_PREFIX=pos_has_prefix)
         tuning.launch(
             configs.PATCH_FWD, _patch_embed_fwd_kernel,
-            lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * num_prefix, meta["BLOCK_M"]),
-                          triton.cdiv(E, meta["BLOCK_N"])),
+            lambda meta: ((triton.cdiv(M, meta["BLOCK_M"]) + triton.cdiv(B * num_prefix, meta["BLOCK_M"]))
+                          * triton.cdiv(E, meta["BLOCK_N"]),),
             (x5, w5, bias if bias is not None else out, pos, prefix, out,
              *x5.stride(), *w5.stride(), *pos.stride(), *prefix.stride(), *out.stride(),
              M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix,
@@ -258,7 +262,7 @@ def patch_embed_bwd_triton(dout, x, weight, bias, pos_embed, prefix_tokens, need
             dx5 = _as_5d(dx)
             tuning.launch(
                 configs.PATCH_BWD_DX, _patch_embed_bwd_dx_kernel,
-                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(k_dim, meta["BLOCK_K"])),
+                lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(k_dim, meta["BLOCK_K"]),),
                 (dout, w5, dx5, *dout.stride(), *w5.stride(), *dx5.stride(),
                  M, E, k_dim, num_patches, gh, gw, pt, ph, pw, num_prefix),
                 dict(INPUT_PRECISION=precision), key, x.device)

@@ -214,6 +214,11 @@ def test_the_memo_never_turns_a_refused_call_into_an_accepted_one():
     vitkernels.patch_embed(x, w, backend="reference")
     with pytest.raises((TypeError, ValueError), match="weight"):
         vitkernels.patch_embed(x, w.double(), backend="reference")
+    # unhashable arguments reach the checks and their messages, not a hashing error
+    with pytest.raises((TypeError, ValueError), match="scale"):
+        vitkernels.flash_attention(q, k, v, scale=[0.5], backend="reference")
+    with pytest.raises(ValueError, match="backend="):
+        vitkernels.patch_embed(x, w, backend=["reference"])
 
 
 def test_registering_a_backend_forgets_the_remembered_choices(monkeypatch):

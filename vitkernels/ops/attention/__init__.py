@@ -67,9 +67,11 @@ _CALLS = dispatch.call_memo(OP)
 def _signature(q, k, v, bias, scale, dropout_p, backend):
     sig = dispatch.tensor_signature
     try:
-        return (sig(q), sig(k), sig(v), sig(bias), type(scale), scale, type(dropout_p), dropout_p, backend,
-                _CALLS.environment())
-    except (AttributeError, TypeError, RuntimeError):  # not plain tensors: the checks say what is wrong
+        signature = (sig(q), sig(k), sig(v), sig(bias), type(scale), scale, type(dropout_p), dropout_p, backend,
+                     _CALLS.environment())
+        hash(signature)
+        return signature
+    except (AttributeError, TypeError, RuntimeError):  # not plain tensors / hashable: the checks say what is wrong
         return None
 
 

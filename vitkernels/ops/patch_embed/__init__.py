@@ -48,7 +48,8 @@ def patch_embed(
     try:
         signature = (sig(x), sig(weight), sig(bias), sig(pos_embed), sig(prefix_tokens), backend,
                      _CALLS.environment())
-    except (AttributeError, TypeError, RuntimeError):  # not plain tensors: the checks say what is wrong
+        hash(signature)
+    except (AttributeError, TypeError, RuntimeError):  # not plain tensors / hashable: the checks say what is wrong
         signature = None
     impl = _CALLS.get(signature)
     if impl is not None:  # checked and dispatched before: same metadata, same answer

@@ -223,14 +223,23 @@ def ptx_cases():
 PTX_CASES, PTX_IDS = ptx_cases()
 
 
-@pytest.fixture(scope="module")
-def ptx_stats():
+def run_ptx_suite(cases, triton_path=None):
+    """``specialized_ptx_stats`` of each case in a subprocess (no interpreter); ``triton_path``: a directory
+    holding another triton, put first on PYTHONPATH. Returns (triton version, one result per case)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if triton_path:
+        env["PYTHONPATH"] = os.pathsep.join([triton_path] + [p for p in [env.get("PYTHONPATH")] if p])
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--ptx", json.dumps(PTX_CASES)],
+    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--ptx", json.dumps(cases)],
                             capture_output=True, text=True, env=env, cwd=root, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])["results"]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return out["triton"], out["results"]
+
+
+@pytest.fixture(scope="module")
+def ptx_stats():
+    return run_ptx_suite(PTX_CASES)[1]
 
 
 @pytest.mark.parametrize("index", range(len(PTX_CASES)), ids=PTX_IDS)
@@ -274,12 +283,7 @@ PATCH_PTX_CASES, PATCH_PTX_IDS = patch_ptx_cases()
 
 @pytest.fixture(scope="module")
 def patch_ptx_stats():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--ptx", json.dumps(PATCH_PTX_CASES)],
-                            capture_output=True, text=True, env=env, cwd=root, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])["results"]
+    return run_ptx_suite(PATCH_PTX_CASES)[1]
 
 
 @pytest.mark.parametrize("index", range(len(PATCH_PTX_CASES)), ids=PATCH_PTX_IDS)
@@ -293,15 +297,9 @@ def test_hot_loads_are_wide_with_the_gpu_machines_triton():
     """The same PTX checks with triton 3.6 (the lent GPU machines' version), D=40 excepted (see above)."""
     if not SIDE_TRITON:
         pytest.skip("VITKERNELS_AOT_TRITON_PATH is not set (make test-slow installs triton 3.6 and sets it)")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([SIDE_TRITON] + [p for p in [env.get("PYTHONPATH")] if p])
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cases, ids = PTX_CASES + PATCH_PTX_CASES, PTX_IDS + PATCH_PTX_IDS
-    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--ptx", json.dumps(cases)],
-                            capture_output=True, text=True, env=env, cwd=root, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
-    assert out["triton"] == os.path.basename(SIDE_TRITON.rstrip("/")).replace("triton-", ""), out["triton"]
-    narrow = [(i, r) for i, r in zip(ids, out["results"])
+    ids = PTX_IDS + PATCH_PTX_IDS
+    version, results = run_ptx_suite(PTX_CASES + PATCH_PTX_CASES, SIDE_TRITON)
+    assert version == os.path.basename(SIDE_TRITON.rstrip("/")).replace("triton-", ""), version
+    narrow = [(i, r) for i, r in zip(ids, results)
               if not i.endswith("-D40") and (r["scalar16"] > 0 or r["cp_async"] + r["vector"] == 0)]
     assert not narrow, narrow

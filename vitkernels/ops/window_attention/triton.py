@@ -402,6 +402,25 @@ def _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W):
 
 
 @triton.jit
+def _load_window(QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw,
+                 C, NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+                 HEAD_DIM, ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
+    """What both fused kernels read first for one window-head: its batch, mask pattern, the tokens' source
+    coordinates and whether they are real (not padding), and q, k, v of its tokens (one geometry for all
+    three)."""
+    b, win_t, win_h, win_w, pattern = _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W)
+    st, sh, sw, real, region = _window_tokens(offs, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
+                                              SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+    real = real & in_w
+    x_base = QKV + b.to(tl.int64) * stride_xb
+    x_rows = _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw)
+    q = _load_tokens(x_base, QKVBias, x_rows, real, in_w, head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    k = _load_tokens(x_base, QKVBias, x_rows, real, in_w, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    v = _load_tokens(x_base, QKVBias, x_rows, real, in_w, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+    return b, pattern, st, sh, sw, real, q, k, v
+
+
+@triton.jit
 def _window_attn_fwd_fused_kernel(
     QKV, QKVBias, Bias, Out, LSE,
     stride_xb, stride_xt, stride_xh, stride_xw,
@@ -428,15 +447,10 @@ def _window_attn_fwd_fused_kernel(
         # the last program's spare steps redo the last window and store nothing
         valid = pid * BLOCK_W + i < NUM_BW
         pid_bw = tl.minimum(pid * BLOCK_W + i, NUM_BW - 1)
-        b, win_t, win_h, win_w, pattern = _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W)
-        st, sh, sw, real, region = _window_tokens(offs, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
-                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
-        real = real & in_w
-        x_base = QKV + b.to(tl.int64) * stride_xb
-        x_rows = _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw)
-        q = _load_tokens(x_base, QKVBias, x_rows, real, in_w, head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-        k = _load_tokens(x_base, QKVBias, x_rows, real, in_w, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-        v = _load_tokens(x_base, QKVBias, x_rows, real, in_w, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        b, pattern, st, sh, sw, real, q, k, v = _load_window(
+            QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw, C,
+            NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+            HEAD_DIM, ROLL_FIRST, HAS_QKV_BIAS)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
             + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
         m = tl.max(qk, 1)  # finite: every token sees itself
@@ -487,15 +501,10 @@ def _window_attn_bwd_fused_kernel(
     last = tl.minimum(first + WINDOWS_PER_GROUP, NUM_BW)
     for i_bw in range(first, last):
         pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable may be a plain int)
-        b, win_t, win_h, win_w, pattern = _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W)
-        st, sh, sw, real, region = _window_tokens(offs, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
-                                                  SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
-        real = real & in_w
-        x_base = QKV + b.to(tl.int64) * stride_xb
-        x_rows = _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw)
-        q = _load_tokens(x_base, QKVBias, x_rows, real, in_w, head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-        k = _load_tokens(x_base, QKVBias, x_rows, real, in_w, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-        v = _load_tokens(x_base, QKVBias, x_rows, real, in_w, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
+        b, pattern, st, sh, sw, real, q, k, v = _load_window(
+            QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw, C,
+            NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+            HEAD_DIM, ROLL_FIRST, HAS_QKV_BIAS)
         d_rows = b.to(tl.int64) * stride_db + _token_offsets(st, sh, sw, stride_dt, stride_dh, stride_dw)
         o_rows = b.to(tl.int64) * stride_ob + _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
         # dO (and O) are 0 on padding queries: they are cropped from the output

@@ -3,7 +3,9 @@ backend's reason) and the peers users compare against (torch SDPA with each back
 FlexAttention compiled, timm's eager modules and their torch.compile, eager Conv2d patch embedding)."""
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -14,8 +16,8 @@ from vitkernels import dispatch
 from vitkernels.bench.core import Candidate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# __main__ turns compiled peers off on CPU unless --compile; tools/gpu_check.py off in --quick (its reason)
-COMPILE_PEERS = {"enabled": True, "why": "compiled peer off (torch.compile takes minutes per shape on CPU; pass --compile)"}
+# on unless __main__ gets --no-compile or tools/gpu_check.py runs --quick (each sets its reason)
+COMPILE_PEERS = {"enabled": True, "why": "compiled peer off"}
 
 
 def _compile_skip() -> Optional[str]:
@@ -33,6 +35,31 @@ class Workload:
 
 def _gpu(device) -> bool:
     return device.type == "cuda"
+
+
+def _available_gb() -> float:
+    """Memory the OS can still hand out (MemAvailable), in GB; inf when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _dense_scores_refusal(device, dense_gb: float) -> Optional[str]:
+    """Why a candidate that materialises the B*H*N*N scores is not attempted: only on CPU, where an
+    allocation beyond what the OS has wakes the OOM killer instead of raising (on a GPU it is attempted
+    and an out-of-memory shows as "oom")."""
+    if _gpu(device):
+        return None
+    available = _available_gb()
+    if dense_gb > 0.8 * available:
+        return (f"would materialise ~{dense_gb:.1f} GB of B*H*N*N scores with {available:.1f} GB available "
+                "(not attempted: on CPU that risks the OOM killer)")
+    return None
 
 
 def _vitkernels_backends(op: str, probe, backends, device, extra=None):
@@ -111,24 +138,21 @@ def attention_candidates(p, dtype, mode, device, backends, with_bias) -> List[Ca
     q_probe = probe.new_empty(1, H, 1, D)
     inputs = check_attention_inputs(q_probe, q_probe, q_probe)
     dense_gb = _dense_bytes(p, probe.element_size(), 3 if grad else 2) / 2 ** 30
-    limit_gb = (torch.cuda.get_device_properties(device).total_memory / 2 ** 30 * 0.8) if _gpu(device) else 8.0
+    too_dense = _dense_scores_refusal(device, dense_gb)
+
     def too_big(name):
-        return [f"materialises B*H*N*N scores (~{dense_gb:.0f} GB)"] if name == "reference" and dense_gb > limit_gb else []
+        return [too_dense] if name == "reference" and too_dense else []
 
     for name, skip in _vitkernels_backends("flash_attention", inputs, backends, device, too_big):
         cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip=skip,
                                build=runner(lambda q, k, v, b, _n=name: _flash(q, k, v, b, _n))))
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    # every SDPA backend is attempted on every device: one that cannot run these inputs reports the error
+    # (and the warnings) torch gave, so the fastest peer is whichever really ran fastest
     for label, be in (("math", SDPBackend.MATH), ("flash", SDPBackend.FLASH_ATTENTION),
                       ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
-        skip = None
-        if not _gpu(device) and label in ("efficient", "cudnn"):
-            skip = f"SDPA {label} is CUDA-only"
-        elif label == "flash" and with_bias:
-            skip = "SDPA's flash backend takes no attn_mask (a bias sends SDPA to another backend)"
-        elif label == "math" and dense_gb > limit_gb:
-            skip = f"materialises B*H*N*N scores (~{dense_gb:.0f} GB)"
+        skip = too_dense if label == "math" else None
 
         def call(q, k, v, b, _be=be):
             with sdpa_kernel([_be]):
@@ -150,8 +174,6 @@ def _compiled_flex(device, grad):
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError as exc:
         return None, f"FlexAttention unavailable ({exc})"
-    if grad and not _gpu(device):
-        return None, "FlexAttention has no backward on CPU"
     if _compile_skip():
         return None, _compile_skip()
     return torch.compile(flex_attention, dynamic=False), None
@@ -319,7 +341,7 @@ PATCH = {
 
 
 def patch_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
-    kinds = ["vit", "video"] if kind in ("all", "swin") else [kind]
+    kinds = ["vit", "video"] if kind == "all" else [kind]
     out = []
     for k in kinds:
         for name, chw, patch, e, prefix in PATCH.get(k, []):
@@ -397,35 +419,69 @@ def model_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
     return [Workload(n, f"B={b} 3x224x224", dict(B=b, name=n)) for n in names]
 
 
+@contextlib.contextmanager
+def _forced_backend(name: Optional[str]):
+    """Every vitkernels op called inside runs on backend ``name`` (VITKERNELS_BACKEND), None: dispatch picks."""
+    if name is None:
+        yield
+        return
+    saved = os.environ.get(dispatch.ENV_VAR)
+    os.environ[dispatch.ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[dispatch.ENV_VAR]
+        else:
+            os.environ[dispatch.ENV_VAR] = saved
+
+
 def model_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
+    """vitkernels.models eager and compiled (dispatch picks, or each of ``backends`` forced on every op)
+    against timm eager (SDPA) and timm compiled: one train step (fwd+bwd) or inference call per timing."""
     import timm
 
     from vitkernels import models
 
     grad = mode == "fwd+bwd"
 
-    def runner(make):
+    def runner(make, compiled=False, backend=None):
         def build():
             torch.manual_seed(0)
             model = make().to(device=device, dtype=dtype)
             model.train(grad)
+            fn = torch.compile(model) if compiled else model
             x = torch.randn(p["B"], 3, 224, 224, device=device, dtype=dtype)
 
             def run():
-                if grad:
-                    model(x).float().mean().backward()
-                else:
-                    with torch.no_grad():
-                        model(x)
+                with _forced_backend(backend):
+                    if grad:
+                        fn(x).float().mean().backward()
+                    else:
+                        with torch.no_grad():
+                            fn(x)
             return run
         return build
 
-    return [
-        Candidate("vitkernels.models", "vitkernels", build=runner(lambda: models.create_model(p["name"]))),
+    ours = lambda: models.create_model(p["name"])  # noqa: E731
+    cands = []
+    for backend in backends or [None]:
+        label = "vitkernels.models" + (f" [{backend}]" if backend else "")
+        why = None
+        if backend is not None:
+            ok, reason = dispatch.backend_environment(backend)
+            why = None if ok else reason
+            if backend == "triton" and not _gpu(device):
+                why = "the Triton interpreter is a correctness tool, not timed"
+        cands.append(Candidate(label, "vitkernels", build=runner(ours, backend=backend), skip=why))
+        cands.append(Candidate(f"{label} + torch.compile", "vitkernels", build=runner(ours, True, backend),
+                               skip=why or _compile_skip()))
+    cands += [
         Candidate("timm (SDPA)", "peer", build=runner(lambda: timm.create_model(p["name"], pretrained=False))),
         Candidate("timm + torch.compile", "peer", skip=_compile_skip(),
-                  build=runner(lambda: torch.compile(timm.create_model(p["name"], pretrained=False)))),
+                  build=runner(lambda: timm.create_model(p["name"], pretrained=False), True)),
     ]
+    return cands
 
 
 def model_cost(p, mode, dtype) -> Tuple[float, float]:
@@ -438,4 +494,6 @@ OPS: Dict[str, Tuple[Callable, Callable, Callable]] = {
     "patch": (patch_workloads, patch_candidates, patch_cost),
     "model": (model_workloads, model_candidates, model_cost),
 }
+WORKLOAD_KINDS = {"attention": ("vit", "long", "all"), "window": ("swin", "video", "all"),
+                  "patch": ("vit", "video", "all"), "model": ("vit", "swin", "all")}
 DEFAULT_WORKLOAD = {"attention": "vit", "window": "swin", "patch": "vit", "model": "all"}

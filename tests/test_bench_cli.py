@@ -1,9 +1,17 @@
-"""``python -m vitkernels.bench`` runs as a tool: tables, JSON rows with skip reasons, plots."""
+"""``python -m vitkernels.bench`` runs as a tool: tables, JSON rows with skip reasons, plots; every peer
+attempted at its best; rows printed and saved as they land; clear CLI errors; honest timing records."""
+import io
 import json
+import os
+import time
 
 import pytest
+import torch
 
+from vitkernels.bench import core, workloads
 from vitkernels.bench.__main__ import main
+
+FAST = ["--reps", "1", "--warmup", "0", "--min-time", "0", "--device", "cpu", "--no-compile"]
 
 
 @pytest.mark.parametrize("op,extra", [("attention", ["--bias", "--mode", "fwd+bwd"]), ("window", []), ("patch", []),
@@ -12,19 +20,278 @@ def test_bench_writes_rows_for_every_candidate(op, extra, tmp_path, capsys):
     if op in ("model", "window"):
         pytest.importorskip("timm")  # the model and Swin peers are timm's
     out_json, out_md, out_png = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
-    argv = [op, "--limit", "1", "--batch", "1", "--reps", "1", "--warmup", "0", "--device", "cpu", "--no-compile",
-            "--json", str(out_json), "--markdown", str(out_md), "--plot", str(out_png)] + extra
+    argv = [op, "--limit", "1", "--batch", "1", "--json", str(out_json), "--markdown", str(out_md),
+            "--plot", str(out_png)] + FAST + extra
     assert main(argv) == 0
     printed = capsys.readouterr().out
     data = json.loads(out_json.read_text())
     rows = data["rows"]
-    assert data["meta"]["torch"] and data["meta"]["device"].startswith("cpu")
+    assert data["meta"]["torch"] and data["meta"]["device"].startswith("cpu") and data["meta"]["complete"] is True
     assert any(r["kind"] == "vitkernels" and r["status"] == "ok" and r["median_ms"] > 0 for r in rows)
     assert any(r["kind"] == "peer" and r["status"] == "ok" for r in rows)
-    for r in rows:  # every row either ran or says why not; a peer may also report its own error
-        allowed = ("skipped: ", "error: ") if r["kind"] == "peer" else ("skipped: ",)
-        assert r["status"] == "ok" or (r["status"].startswith(allowed) and len(r["status"]) > 12), r
+    for r in rows:  # every row either ran or says why not; a candidate that raised shows what it raised
+        assert r["status"] == "ok" or (r["status"].startswith(("skipped: ", "error: ")) and len(r["status"]) > 12), r
     assert "| candidate |" in out_md.read_text()
     assert rows[0]["candidate"] in printed
     pytest.importorskip("matplotlib")
     assert out_png.stat().st_size > 1000
+
+
+# ---- CLI errors --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["attention", "--backends", "foo"], "--backends: attention has the vitkernels backends reference"),
+    (["patch", "--backends", "cpu", "nope"], "got 'nope'"),
+    (["model", "--backends", "foo"], "--backends: model has the vitkernels backends reference, triton, cuda, cpu"),
+    (["attention", "--limit", "0"], "--limit must be >= 1; got 0"),
+    (["attention", "--batch", "0"], "--batch must be >= 1; got 0"),
+    (["window", "--reps", "0"], "--reps must be >= 1; got 0"),
+    (["window", "--warmup", "-1"], "--warmup must be >= 0; got -1"),
+    (["patch", "--min-time", "-1"], "--min-time must be >= 0 seconds; got -1.0"),
+    (["attention", "--workload", "video"], "--workload: attention has the workload sets vit, long, all; got 'video'"),
+    (["model", "--workload", "long"], "--workload: model has the workload sets vit, swin, all; got 'long'"),
+    (["window", "--bias"], "--bias: only the attention op takes a bias"),
+    (["attention", "--device", "tpu9"], "--device: 'tpu9' is not a device"),
+    (["attention", "--device", "meta"], "the benchmark runs on cpu or cuda, not meta"),
+])
+def test_cli_errors_name_the_argument(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+def test_device_cuda_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["attention", "--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "--device cuda: torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+def test_help_shows_defaults_without_markup(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":func:" not in out
+    for default in ("default: bf16 on a GPU, fp32 on CPU", "default: fwd", "default: 10 GPU, 3 CPU",
+                    "default: 50 GPU, 10 CPU", "default: 0.2 GPU, 1.0 CPU", "default: on", "(default vit)"):
+        assert default in " ".join(out.split()), default
+
+
+# ---- peers at their best -----------------------------------------------------------------------------------
+
+
+def _attention_rows(mode, bias=True):
+    p = dict(B=1, H=2, N=49, D=32)
+    cands = workloads.attention_candidates(p, torch.float32, mode, torch.device("cpu"), ["reference"], bias)
+    flops, io_bytes = workloads.attention_cost(p, mode, torch.float32, bias)
+    return {r.candidate: r for r in core.measure("attention", "t", "B=1", cands, "fp32", mode, flops, io_bytes,
+                                                   torch.device("cpu"), 0, 1)}
+
+
+def test_sdpa_flash_with_a_float_mask_is_timed_on_cpu():
+    """SDPA's CPU flash kernel takes a float attn_mask in inference: it must be timed, not skipped."""
+    rows = _attention_rows("fwd")
+    assert rows["sdpa:flash"].status == "ok" and rows["sdpa:flash"].median_ms > 0
+    assert rows["sdpa:math"].status == "ok"
+    ours = rows["vitkernels:reference"]
+    fastest = min((r for r in rows.values() if r.kind == "peer" and r.median_ms), key=lambda r: r.median_ms)
+    assert ours.best_peer == fastest.candidate
+    assert ours.speedup_vs_best_peer == pytest.approx(fastest.median_ms / ours.median_ms)
+
+
+def test_every_sdpa_backend_is_attempted_and_a_refusal_shows_torchs_error():
+    rows = _attention_rows("fwd+bwd")  # a learnable bias: the CPU flash kernel refuses (no mask gradient)
+    for label in ("flash", "efficient", "cudnn"):
+        status = rows[f"sdpa:{label}"].status
+        assert status.startswith("error: RuntimeError: "), status  # attempted: torch's own words, no pre-judgement
+    assert rows["sdpa:math"].status == "ok"
+
+
+def test_speedup_is_against_the_fastest_peer_that_ran():
+    def sleeper(seconds):
+        return lambda: (lambda: time.sleep(seconds))
+
+    def broken():
+        raise RuntimeError("cannot run this")
+    cands = [core.Candidate("ours", "vitkernels", build=sleeper(0.002)),
+             core.Candidate("slow peer", "peer", build=sleeper(0.008)),
+             core.Candidate("fast peer", "peer", build=sleeper(0.004)),
+             core.Candidate("broken peer", "peer", build=broken),
+             core.Candidate("absent peer", "peer", skip="not installed")]
+    landed = []
+    rows = core.measure("x", "w", "s", cands, "fp32", "fwd", 0.0, 0.0, torch.device("cpu"), 0, 3,
+                        on_row=lambda r: landed.append((r.candidate, r.speedup_vs_best_peer)))
+    by = {r.candidate: r for r in rows}
+    assert [name for name, _ in landed][-1] == "ours"  # peers first: our row lands with its final speedup
+    assert landed[-1][1] == pytest.approx(by["fast peer"].median_ms / by["ours"].median_ms)
+    assert 1.4 < by["ours"].speedup_vs_best_peer < 2.6 and by["ours"].best_peer == "fast peer"
+    assert by["broken peer"].status == "error: RuntimeError: cannot run this"
+    assert by["absent peer"].status == "skipped: not installed"
+    assert by["slow peer"].speedup_vs_best_peer < 1.0 and by["fast peer"].speedup_vs_best_peer == 1.0
+
+
+# ---- timing ------------------------------------------------------------------------------------------------
+
+
+def test_timing_runs_until_min_reps_and_min_time():
+    calls = []
+    fn = lambda: (calls.append(1), time.sleep(0.001))  # noqa: E731
+    t = core.time_callable(fn, torch.device("cpu"), warmup=2, reps=3, min_time=0.05)
+    assert 3 < t.reps <= 50 and len(calls) == t.reps + 2  # >= 1 ms a call: 0.05 s takes more than 3, at most 50
+    assert t.q1_ms <= t.median_ms <= t.q3_ms and t.iqr_ms == pytest.approx(t.q3_ms - t.q1_ms)
+    t = core.time_callable(lambda: None, torch.device("cpu"), warmup=0, reps=5, min_time=100.0, max_reps=40)
+    assert t.reps == 40  # capped
+    t = core.time_callable(lambda: time.sleep(0.002), torch.device("cpu"), warmup=0, reps=7, min_time=0.0)
+    assert t.reps == 7
+
+
+def test_a_noisy_candidate_is_flagged():
+    state = {"i": 0}
+
+    def build():
+        def run():
+            state["i"] += 1
+            time.sleep(0.001 if state["i"] % 2 else 0.006)
+        return run
+    (row,) = core.measure("x", "w", "s", [core.Candidate("jittery", "vitkernels", build=build)], "fp32", "fwd",
+                          0.0, 0.0, torch.device("cpu"), 0, 12)
+    assert row.note.startswith("noisy: IQR") and row.reps == 12
+
+
+def test_cpu_peak_memory_is_measured():
+    def fn():
+        a = torch.ones(2 ** 21)  # 8 MiB
+        b = a * 2  # 8 MiB more, while a is alive
+        return b.sum()
+    peak = core.peak_memory_mb(fn, torch.device("cpu"))
+    if peak is None:
+        pytest.skip("this torch's profiler does not expose allocation events")
+    assert 15.9 < peak < 17.0, peak
+
+
+def test_progress_prints_lines_on_a_non_tty():
+    stream = io.StringIO()
+    progress = core.Progress(2, stream=stream)
+    progress.workload("ViT-S")
+    progress.candidate("sdpa:flash")
+    progress.step()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 3 and "\r" not in stream.getvalue()
+    assert lines[1].startswith("[0/2 workloads,") and "ViT-S: timing sdpa:flash" in lines[1]
+    assert lines[2].startswith("[1/2 workloads,")
+
+
+def test_metadata_records_threads_cpu_and_load():
+    meta = core.metadata(torch.device("cpu"), ["attention"], {"compiled_peers": False})
+    host = meta["host"]
+    assert host["torch_threads"] == torch.get_num_threads() and host["cpu_model"]
+    assert host["usable_cores"] >= 1 and "loadavg_start" in host and meta["compiled_peers"] is False
+
+
+# ---- results as they land ----------------------------------------------------------------------------------
+
+
+def test_json_is_written_after_every_row_and_kept_on_interrupt(tmp_path, monkeypatch, capsys):
+    """Two fake workloads; a stop (Ctrl-C) during the second keeps the first's rows in the JSON."""
+    out = tmp_path / "r.json"
+    seen = []  # rows in the JSON each time a candidate starts
+
+    def rows_on_disk():
+        return len(json.loads(out.read_text())["rows"]) if out.exists() else 0
+
+    def fake_workloads(kind, device, batch):
+        return [workloads.Workload(f"w{i}", f"B=1 N={n}", dict(B=1)) for i, n in enumerate((10, 20))]
+
+    def fake_candidates(p, dtype, mode, device, backends):
+        def build():
+            seen.append(rows_on_disk())
+            if len(seen) == 4:
+                raise KeyboardInterrupt
+            return lambda: time.sleep(0.001)
+        return [core.Candidate("peer", "peer", build=build), core.Candidate("ours", "vitkernels", build=build)]
+
+    monkeypatch.setitem(workloads.OPS, "patch", (fake_workloads, fake_candidates, lambda p, m, d: (1e6, 1e3)))
+    assert main(["patch", "--json", str(out)] + FAST) == 130
+    assert seen == [0, 1, 2, 3]
+    data = json.loads(out.read_text())
+    assert data["meta"]["complete"] is False and "stopped after 3 rows" in data["meta"]["interrupted"]
+    assert [r["candidate"] for r in data["rows"]] == ["peer", "ours", "peer"]
+    assert data["rows"][0]["speedup_vs_best_peer"] == 1.0  # the peer's speedup, fixed once its workload ended
+    printed = capsys.readouterr()
+    assert "fastest peer: peer" in printed.out and "interrupted" in printed.err
+
+
+# ---- plots -------------------------------------------------------------------------------------------------
+
+
+def _row(workload, shape, cand, kind, ms, speedup, peak=5.0):
+    return core.Row("attention", workload, shape, cand, kind, "bf16", "fwd+bwd", median_ms=ms, iqr_ms=0.2 * ms,
+                    q1_ms=0.9 * ms, q3_ms=1.1 * ms, peak_mb=peak, speedup_vs_best_peer=speedup, reps=10)
+
+
+def _overlaps(fig, labels):
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in labels if t.get_text()]
+    return any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_plot_is_labelled_and_readable():
+    pytest.importorskip("matplotlib")
+    from matplotlib.container import ErrorbarContainer
+
+    names = ["ViT-S/16@224", "ViT-B/16@224", "ViT-L/16@224", "ViT-B/16@384", "ViT-L/16@384", "ViT-H/14@224",
+             "ViT-B/16@512"]
+    rows = []
+    for name in names:
+        rows += [_row(name, "B=64 H=12 N=197 D=64", "sdpa:flash", "peer", 1.0, 1.0, 3.0),
+                 _row(name, "B=64 H=12 N=197 D=64", "vitkernels:triton", "vitkernels", 0.8, 1.25, 2.0)]
+    fig = core.figure(rows, {"device": "cuda: NVIDIA H200"})
+    speed, memory = fig.axes[:2]
+    for ax in (speed, memory):
+        assert ax.get_ylabel() and ax.get_xlabel() == "workload"
+        for part in ("bf16", "fwd+bwd", "cuda: NVIDIA H200"):
+            assert part in ax.get_title()
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert not _overlaps(fig, ax.get_xticklabels()), "x labels overlap"
+    assert "speedup" in speed.get_ylabel() and "MB" in memory.get_ylabel()
+    errorbars = [c for c in speed.containers if isinstance(getattr(c, "errorbar", None), ErrorbarContainer)
+                 or isinstance(c, ErrorbarContainer)]
+    assert errorbars, "the IQR is not drawn"
+    legend = [t.get_text() for t in speed.get_legend().get_texts()]
+    assert legend == ["sdpa:flash", "vitkernels:triton"]
+
+
+def test_plot_of_a_sequence_sweep_is_against_n_and_cpu_has_a_memory_panel():
+    pytest.importorskip("matplotlib")
+    rows = []
+    for n in (1024, 4096, 16384):
+        rows += [_row(f"long {n}", f"B=1 H=8 N={n} D=64", "sdpa:flash", "peer", 1.0, 1.0),
+                 _row(f"long {n}", f"B=1 H=8 N={n} D=64", "vitkernels:cpu", "vitkernels", 2.0, 0.5)]
+    fig = core.figure(rows, {"device": "cpu: AMD EPYC"})
+    speed, memory = fig.axes[:2]
+    assert speed.get_xlabel() == "tokens N" and speed.get_xscale() == "log"
+    assert "CPU" in memory.get_ylabel() and "cpu: AMD EPYC" in memory.get_title()
+    series = {c.get_label(): list(c.lines[0].get_xdata()) for c in speed.containers}  # one errorbar per candidate
+    assert series == {"sdpa:flash": [1024, 4096, 16384], "vitkernels:cpu": [1024, 4096, 16384]}
+
+
+def test_plot_without_any_peer_shows_times():
+    pytest.importorskip("matplotlib")
+    rows = [_row("w", "B=1", "vitkernels:cpu", "vitkernels", 2.0, None)]
+    fig = core.figure(rows, {"device": "cpu: x"})
+    assert "median ms" in fig.axes[0].get_ylabel()
+
+
+def test_forced_backend_is_scoped(monkeypatch):
+    from vitkernels import dispatch
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+    with workloads._forced_backend("cpu"):
+        assert os.environ[dispatch.ENV_VAR] == "cpu"
+    assert os.environ[dispatch.ENV_VAR] == "reference"

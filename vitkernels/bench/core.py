@@ -276,7 +276,7 @@ def _fmt(value, spec):
     return "-".rjust(width) if value is None else format(value, spec)
 
 
-HEADER = (f"{'candidate':<26} {'kind':<10} {'median ms':>10} {'IQR ms':>8} {'reps':>5} {'TFLOP/s':>8} {'GB/s':>8} "
+HEADER = (f"{'candidate':<34} {'kind':<10} {'median ms':>10} {'IQR ms':>8} {'reps':>5} {'TFLOP/s':>8} {'GB/s':>8} "
           f"{'peak MB':>8} {'img/s':>8} {'vs best peer':>12}  status")
 
 
@@ -287,7 +287,7 @@ def workload_title(r: Row) -> str:
 def format_row(r: Row) -> str:
     speedup = _fmt(r.speedup_vs_best_peer, "11.2f") + ("x" if r.speedup_vs_best_peer else " ")
     status = r.status + (f" ({r.note})" if r.note else "")
-    return (f"{r.candidate:<26} {r.kind:<10} {_fmt(r.median_ms, '10.3f')} {_fmt(r.iqr_ms, '8.3f')} "
+    return (f"{r.candidate:<34} {r.kind:<10} {_fmt(r.median_ms, '10.3f')} {_fmt(r.iqr_ms, '8.3f')} "
             f"{_fmt(r.reps, '5d')} {_fmt(r.tflops, '8.3f')} {_fmt(r.gbps, '8.1f')} {_fmt(r.peak_mb, '8.1f')} "
             f"{_fmt(r.images_per_s, '8.1f')} {speedup}  {status}")
 

@@ -295,3 +295,14 @@ def test_forced_backend_is_scoped(monkeypatch):
     with workloads._forced_backend("cpu"):
         assert os.environ[dispatch.ENV_VAR] == "cpu"
     assert os.environ[dispatch.ENV_VAR] == "reference"
+
+
+def test_cpu_default_says_what_it_leaves_out(monkeypatch, capsys):
+    timed = []
+    monkeypatch.setattr(core, "measure", lambda op, name, *a, **k: timed.append(name) or [])
+    assert main(["attention", "--device", "cpu", "--no-compile"]) == 0
+    out = capsys.readouterr().out
+    assert "left out SAM ViT-H global (N=4096)" in out and "--workload vit" in out
+    assert "SAM ViT-H global" not in timed and "ViT-B/16@512" in timed
+    assert main(["attention", "--device", "cpu", "--no-compile", "--workload", "vit"]) == 0
+    assert "SAM ViT-H global" in timed  # named: timed too

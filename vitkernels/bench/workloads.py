@@ -76,7 +76,9 @@ def _vitkernels_backends(op: str, probe, backends, device, extra=None):
 
 
 # ---------------------------------------------------------------------------------------------------- attention
-# (name, heads, N, D); batch per device
+# (name, heads, N, D); batch per device. Without --workload, a CPU run leaves out N > CPU_DEFAULT_MAX_TOKENS
+# (and says so): naming the set times them too.
+CPU_DEFAULT_MAX_TOKENS = 1025
 ATTENTION = {
     "vit": [("ViT-S/16@224", 6, 197, 64), ("ViT-B/16@224", 12, 197, 64), ("ViT-L/16@224", 16, 197, 64),
             ("ViT-B/16@384", 12, 577, 64), ("ViT-L/16@384", 16, 577, 64), ("ViT-H/14@224", 16, 257, 80),
@@ -90,8 +92,6 @@ def attention_workloads(kind: str, device, batch: Optional[int]) -> List[Workloa
     out = []
     for k in kinds:
         for name, heads, n, d in ATTENTION.get(k, []):
-            if not _gpu(device) and n > 1025 and kind != "long":
-                continue  # CPU subset: the long sequences only when asked for (--workload long)
             b = batch or (1 if n >= 16384 else (64 if _gpu(device) else 2))
             out.append(Workload(name, f"B={b} H={heads} N={n} D={d}", dict(B=b, H=heads, N=n, D=d)))
     return out

@@ -306,7 +306,7 @@ def table(rows: List[Row]) -> str:
 
 def summary(rows: List[Row]) -> str:
     """One line per workload: the fastest vitkernels row against the fastest peer."""
-    lines = [f"{'workload':<34} {'fastest vitkernels':<34} {'fastest peer':<34} {'speedup':>8}"]
+    lines = [f"{'workload':<34} {'fastest vitkernels':<46} {'fastest peer':<46} {'speedup':>8}"]
     for title in dict.fromkeys(workload_title(r) for r in rows):
         mine = [r for r in rows if workload_title(r) == title]
         ours = min((r for r in mine if r.kind != "peer" and r.median_ms), key=lambda r: r.median_ms, default=None)
@@ -315,7 +315,7 @@ def summary(rows: List[Row]) -> str:
         left = f"{ours.candidate} {ours.median_ms:.3f} ms" if ours else "none ran"
         right = f"{peer.candidate} {peer.median_ms:.3f} ms" if peer else "none ran"
         ratio = f"{peer.median_ms / ours.median_ms:7.2f}x" if ours and peer else "       -"
-        lines.append(f"{name[:34]:<34} {left[:34]:<34} {right[:34]:<34} {ratio}")
+        lines.append(f"{name[:34]:<34} {left[:46]:<46} {right[:46]:<46} {ratio}")
     return "\n".join(lines)
 
 

@@ -35,12 +35,16 @@ class OpBackend:
 
     ``reasons(inputs) -> list[str]``: why these inputs cannot run here (empty: it can). Must be cheap:
     no syncs, no allocations. ``run(inputs) -> Tensor`` computes the op (autograd included).
+    ``kernels() -> object``: the backend's forward/backward pair in the op's contract (see the op's
+    ``function.py``): what its autograd.Function and its torch.compile ops call. Loaded on first use (it
+    may import triton or the extension).
     """
 
     op: str
     name: str
     reasons: Callable[[Any], List[str]]
     run: Callable[[Any], torch.Tensor]
+    kernels: Callable[[], Any]
 
     def not_supported_reasons(self, inputs) -> List[str]:
         ok, why = backend_environment(self.name)
@@ -59,10 +63,11 @@ class OpBackend:
 _REGISTRY: Dict[str, Dict[str, OpBackend]] = {}
 
 
-def register(op: str, name: str, *, reasons: Callable[[Any], List[str]], run: Callable[[Any], torch.Tensor]) -> None:
+def register(op: str, name: str, *, reasons: Callable[[Any], List[str]], run: Callable[[Any], torch.Tensor],
+             kernels: Callable[[], Any]) -> None:
     if name not in BACKEND_NAMES:
         raise ValueError(f"unknown backend name {name!r}; valid: {', '.join(BACKEND_NAMES)}")
-    _REGISTRY.setdefault(op, {})[name] = OpBackend(op, name, reasons, run)
+    _REGISTRY.setdefault(op, {})[name] = OpBackend(op, name, reasons, run, kernels)
     clear_call_memos()  # a new backend may change what dispatch picks
 
 

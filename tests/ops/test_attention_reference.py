@@ -1,5 +1,5 @@
 """The attention reference (``flash_attention(..., backend="reference")``, ``attention_reference``) and the
-FlashAttention-2 math oracle (``AttentionFunction`` + ``MathKernels``) against PyTorch's SDPA.
+FlashAttention-2 math oracle (``AttentionFunction`` + ``ReferenceAttentionKernels``) against PyTorch's SDPA.
 
 Everything that defines correctness for the fused backends rests on these: float64 agreement with
 ``F.scaled_dot_product_attention`` (forward and every gradient, broadcast biases included), the
@@ -16,7 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.utils import assert_close_2x, max_err, qkv_views
 from vitkernels import flash_attention
-from vitkernels.ops.attention.function import AttentionFunction, MathKernels
+from vitkernels.ops.attention.function import AttentionFunction
+from vitkernels.ops.attention.reference import ReferenceAttentionKernels
 from vitkernels.ops.attention.reference import attention_reference
 
 F64 = torch.float64
@@ -324,7 +325,7 @@ def test_dropout_zero_is_no_dropout():
                        flash_attention(q, k, v, backend="reference"))
 
 
-# -------------------------------------------------------- AttentionFunction + MathKernels (FA-2 math)
+# -------------------------------------------------------- AttentionFunction + ReferenceAttentionKernels (FA-2 math)
 @pytest.mark.parametrize("bias_kind", [None, "bhqk", "1hqk", "b11k", "qk"])
 def test_attention_function_math_kernels_match_reference_autograd(bias_kind):
     B, H, Nq, Nk, D, scale = 2, 3, 49, 77, 40, 0.21
@@ -337,7 +338,7 @@ def test_attention_function_math_kernels_match_reference_autograd(bias_kind):
         bias.requires_grad_(True)
         leaves += (bias,)
     g = torch.randn(B, H, Nq, D, dtype=F64)
-    out, grads = _grads_of(lambda: AttentionFunction.apply(MathKernels, q, k, v, bias, scale, 0.0), leaves, g)
+    out, grads = _grads_of(lambda: AttentionFunction.apply(ReferenceAttentionKernels, q, k, v, bias, scale, 0.0), leaves, g)
     out_r, grads_r = _grads_of(lambda: attention_reference(q, k, v, bias, scale), leaves, g)
     assert out.dtype == F64
     assert max_err(out, out_r) < TOL64
@@ -351,18 +352,12 @@ def test_attention_function_bias_without_grad():
     q, k, v = (torch.randn(B, H, N, D, dtype=F64, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, H, N, N, dtype=F64)  # does not require grad
     g = torch.randn(B, H, N, D, dtype=F64)
-    out, grads = _grads_of(lambda: AttentionFunction.apply(MathKernels, q, k, v, bias, None, 0.0), (q, k, v), g)
+    out, grads = _grads_of(lambda: AttentionFunction.apply(ReferenceAttentionKernels, q, k, v, bias, None, 0.0), (q, k, v), g)
     out_r, grads_r = _grads_of(lambda: attention_reference(q, k, v, bias), (q, k, v), g)
     assert max_err(out, out_r) < TOL64
     for a, b in zip(grads, grads_r):
         assert max_err(a, b) < TOL64
     assert bias.grad is None
-
-
-def test_math_kernels_refuse_dropout():
-    q = torch.randn(1, 1, 4, 16, dtype=F64)
-    with pytest.raises(ValueError, match="dropout"):
-        AttentionFunction.apply(MathKernels, q, q, q, None, None, 0.1)
 
 
 def test_math_kernels_lse_is_logsumexp_of_scaled_biased_logits():
@@ -373,7 +368,7 @@ def test_math_kernels_lse_is_logsumexp_of_scaled_biased_logits():
     bias = torch.randn(B, 1, Nq, Nk, dtype=F64)
     bias[0, 0, 4, :] = NEG_INF  # one all -inf row (both heads)
     bias[1, 0, :, -5:] = NEG_INF
-    out, lse, _ = MathKernels.forward(q, k, v, bias, scale, 0.0)
+    out, lse, _ = ReferenceAttentionKernels.forward(q, k, v, bias, scale, 0.0)
     logits = q @ k.transpose(-2, -1) * scale + bias
     expected = torch.logsumexp(logits, dim=-1)
     assert lse.shape == (B, H, Nq)
@@ -390,7 +385,7 @@ def test_math_kernels_lse_is_logsumexp_of_scaled_biased_logits():
     # autograd through the reference.
     qq, kk, vv, bb = (t.clone().requires_grad_(True) for t in (q, k, v, bias))
     g = torch.randn(B, H, Nq, D, dtype=F64)
-    _, (dq, dk, dv, db) = _grads_of(lambda: AttentionFunction.apply(MathKernels, qq, kk, vv, bb, scale, 0.0),
+    _, (dq, dk, dv, db) = _grads_of(lambda: AttentionFunction.apply(ReferenceAttentionKernels, qq, kk, vv, bb, scale, 0.0),
                                     (qq, kk, vv, bb), g)
     _, (dq_r, dk_r, dv_r, db_r) = _grads_of(lambda: attention_reference(qq, kk, vv, bb, scale), (qq, kk, vv, bb), g)
     for a, b in ((dq, dq_r), (dk, dk_r), (dv, dv_r), (db, db_r)):
@@ -404,7 +399,7 @@ def test_math_kernels_lse_is_logsumexp_of_scaled_biased_logits():
 def test_math_kernels_lse_is_float32_for_kernel_dtypes(dtype):
     B, H, N, D = 1, 2, 49, 64
     q, k, v = (torch.randn(B, H, N, D, dtype=F64) for _ in range(3))
-    out, lse, _ = MathKernels.forward(q.to(dtype), k.to(dtype), v.to(dtype), None, None, 0.0)
+    out, lse, _ = ReferenceAttentionKernels.forward(q.to(dtype), k.to(dtype), v.to(dtype), None, None, 0.0)
     assert out.dtype == dtype and lse.dtype == torch.float32
     expected = torch.logsumexp(q.to(dtype).double() @ k.to(dtype).double().transpose(-2, -1) * D ** -0.5, dim=-1)
     assert max_err(lse, expected) < 1e-4
@@ -429,7 +424,7 @@ def test_gradcheck_attention_function_math_kernels():
     k = torch.randn(B, H, Nk, D, dtype=F64, requires_grad=True)
     v = torch.randn(B, H, Nk, D, dtype=F64, requires_grad=True)
     bias = torch.randn(1, H, Nq, Nk, dtype=F64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *a: AttentionFunction.apply(MathKernels, *a, 0.5, 0.0), (q, k, v, bias))
+    assert torch.autograd.gradcheck(lambda *a: AttentionFunction.apply(ReferenceAttentionKernels, *a, 0.5, 0.0), (q, k, v, bias))
 
 
 # ------------------------------------------------------------------------ same-dtype accuracy (2x)

@@ -1,43 +1,106 @@
-"""The per-op autograd.Functions pass a backend's forward/backward through correctly: checked with
-kernel pairs computed from the references (gradients of every input, broadcast biases, tables)."""
+"""The per-op autograd.Functions pass a backend's forward/backward through correctly, and the reference
+kernel pairs (the plain forward/backward math the reference backend runs under torch.compile) equal
+autograd through the references: every gradient, broadcast biases, tables, padding values, dropout."""
 import pytest
 import torch
 
+from vitkernels.ops.attention.function import AttentionFunction
+from vitkernels.ops.attention.reference import ReferenceAttentionKernels, attention_reference, reference_dropout_mask
+from vitkernels.ops.patch_embed.function import PatchEmbedFunction
+from vitkernels.ops.patch_embed.reference import ReferencePatchEmbedKernels, patch_embed_reference
 from vitkernels.ops.window_attention.checks import check_window_inputs
-from vitkernels.ops.window_attention.function import ReplayKernels, window_attention_function
-from vitkernels.ops.window_attention.reference import window_attention_reference
+from vitkernels.ops.window_attention.function import window_attention_function
+from vitkernels.ops.window_attention.reference import ReferenceWindowKernels, window_attention_reference
 
 f64 = torch.float64
 
 
-@pytest.mark.parametrize("spatial,window,shift", [((9, 11), 4, 2), ((3, 5, 6), (2, 3, 3), (1, 1, 2))],
-                         ids=["2d-shift-pad", "3d-shift-pad"])
-def test_window_function_matches_autograd_through_the_reference(spatial, window, shift):
+def _grads(out, leaves, g):
+    # a leaf the output does not depend on (qkv_bias without padding) has a zero gradient
+    return torch.autograd.grad(out, leaves, g, allow_unused=True, materialize_grads=True)
+
+
+def _close(got, want, names):
+    for name, a, b in zip(names, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name}: {m}")
+
+
+WINDOW_CASES = [((9, 11), 4, 2), ((7, 7), 7, 0), ((8, 8), 4, 2), ((5, 6), 7, 3), ((3, 5, 6), (2, 3, 3), (1, 1, 2)),
+                ((2, 4, 4), (2, 7, 7), (1, 3, 3))]
+
+
+@pytest.mark.parametrize("spatial,window,shift", WINDOW_CASES,
+                         ids=["2d-shift-pad", "2d-plain", "2d-shift", "2d-clipped", "3d-shift-pad", "3d-clipped"])
+@pytest.mark.parametrize("with_table,with_bias", [(True, True), (False, False), (True, False)],
+                         ids=["table+bias", "none", "table"])
+def test_window_reference_kernels_match_autograd_through_the_reference(spatial, window, shift, with_table, with_bias):
     heads, hd = 2, 8
     nd = len(spatial)
     window = (window,) * nd if isinstance(window, int) else window
     shift = (shift,) * nd if isinstance(shift, int) else shift
-    rows = 1
-    for w in window:
-        rows *= 2 * w - 1
     qkv = torch.randn(2, *spatial, 3 * heads * hd, dtype=f64, requires_grad=True)
-    table = torch.randn(rows, heads, dtype=f64, requires_grad=True)
-    qkv_bias = torch.randn(3 * heads * hd, dtype=f64, requires_grad=True)
+    inputs = check_window_inputs(qkv, heads, window, shift)
+    rows = 1
+    for w in inputs.table_window:
+        rows *= 2 * w - 1
+    table = torch.randn(rows, heads, dtype=f64, requires_grad=True) if with_table else None
+    qkv_bias = torch.randn(3 * heads * hd, dtype=f64, requires_grad=True) if with_bias else None
     inputs = check_window_inputs(qkv, heads, window, shift, table, qkv_bias)
-    out = window_attention_function(ReplayKernels, inputs)
+    out = window_attention_function(ReferenceWindowKernels, inputs)
     ref = window_attention_reference(qkv, heads, window, shift, table, qkv_bias)
     g = torch.randn_like(ref)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    got = torch.autograd.grad(out, (qkv, table, qkv_bias), g)
-    want = torch.autograd.grad(ref, (qkv, table, qkv_bias), g)
-    for name, a, b in zip(("qkv", "rel_pos_bias", "qkv_bias"), got, want):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12, msg=lambda m: f"d{name}: {m}")
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    leaves = [t for t in (qkv, table, qkv_bias) if t is not None]
+    _close(_grads(out, leaves, g), _grads(ref, leaves, g), ("qkv", "table", "qkv_bias"))
 
 
 def test_window_function_skips_gradients_nobody_asked_for():
     qkv = torch.randn(1, 5, 5, 48, dtype=f64, requires_grad=True)
     table = torch.randn(25, 2, dtype=f64)  # no grad wanted
     inputs = check_window_inputs(qkv, 2, 3, 1, table, None)
-    out = window_attention_function(ReplayKernels, inputs)
+    out = window_attention_function(ReferenceWindowKernels, inputs)
     out.sum().backward()
     assert qkv.grad is not None and table.grad is None
+
+
+@pytest.mark.parametrize("bias_shape", [None, (1, 2, 9, 11), (2, 1, 1, 11), (9, 11)])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_attention_reference_kernels_match_autograd_with_the_same_mask(bias_shape, dropout_p):
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 9, 16, dtype=f64, requires_grad=True)
+    k, v = (torch.randn(2, 2, 11, 16, dtype=f64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(*bias_shape, dtype=f64, requires_grad=True) if bias_shape else None
+    leaves = [t for t in (q, k, v, bias) if t is not None]
+    state = torch.get_rng_state()
+    out = AttentionFunction.apply(ReferenceAttentionKernels, q, k, v, bias, 0.3, dropout_p)
+    mask = None
+    if dropout_p:  # the mask the kernels drew: the one the same seed gives (drawn again from torch's RNG)
+        torch.set_rng_state(state)
+        rng = torch.randint(0, 2 ** 62, (2,), dtype=torch.int64)
+        mask = reference_dropout_mask(rng, (2, 2, 9, 11), dropout_p, "cpu")
+        assert 0.15 < 1 - mask.double().mean() < 0.45
+    ref = attention_reference(q, k, v, bias, 0.3, dropout_p, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(ref)
+    _close(_grads(out, leaves, g), _grads(ref, leaves, g), ("q", "k", "v", "bias"))
+
+
+@pytest.mark.parametrize("video,prefix,pos", [(False, 1, "all"), (False, 2, "patches"), (False, 0, None),
+                                              (True, 1, "all")])
+def test_patch_embed_reference_kernels_match_autograd(video, prefix, pos):
+    E = 8
+    x = torch.randn(2, 3, *((4, 8, 12) if video else (8, 12)), dtype=f64, requires_grad=True)
+    weight = torch.randn(E, 3, *((2, 4, 4) if video else (4, 4)), dtype=f64, requires_grad=True)
+    bias = torch.randn(E, dtype=f64, requires_grad=True)
+    num_patches = (2 if video else 1) * 2 * 3
+    prefix_tokens = torch.randn(1, prefix, E, dtype=f64, requires_grad=True) if prefix else None
+    pos_embed = None
+    if pos is not None:
+        pos_embed = torch.randn(1, num_patches + (prefix if pos == "all" else 0), E, dtype=f64, requires_grad=True)
+    tensors = (x, weight, bias, pos_embed, prefix_tokens)
+    out = PatchEmbedFunction.apply(ReferencePatchEmbedKernels, *tensors)
+    ref = patch_embed_reference(*tensors)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    leaves = [t for t in tensors if t is not None]
+    g = torch.randn_like(ref)
+    _close(_grads(out, leaves, g), _grads(ref, leaves, g), ("x", "w", "b", "pos", "prefix"))

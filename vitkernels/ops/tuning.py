@@ -454,9 +454,56 @@ def _lookup(spec: TunedKernel, key: Dict[str, Any], kstr: str, gpu: GPU, mode: s
     return None
 
 
+def traced(tensor) -> bool:
+    """Whether ``tensor`` is a tracer's stand-in (a fake or functional tensor: torch.compile tracing a
+    ``triton_op``), so a launch must be recorded with ``wrap_triton`` instead of run."""
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return isinstance(tensor, torch.Tensor) and type(tensor) is not torch.Tensor and is_fake(tensor)
+
+
+def launcher(kernel, *tensors):
+    """``kernel`` to index with a grid and call: recorded into the graph (``wrap_triton``) when the tensors
+    are traced, the kernel itself otherwise (no wrapper on the eager hot path)."""
+    if any(traced(t) for t in tensors):
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def _real(arg):
+    """A real stand-in for a traced argument while a config is timed: a tensor of the same sizes, strides,
+    dtype and device (random floats, zero integers), a symbolic int as its value; anything else as it is."""
+    if isinstance(arg, torch.SymInt):
+        return int(arg)
+    if not traced(arg):
+        return arg
+    size, stride = [int(s) for s in arg.shape], [int(s) for s in arg.stride()]
+    real = torch.empty_strided(size, stride, dtype=arg.dtype, device=arg.device)
+    return real.normal_() if real.is_floating_point() else real.zero_()
+
+
 def launch(spec: TunedKernel, kernel, grid: Callable[[Dict[str, int]], Tuple[int, ...]], args: Sequence[Any],
            constexprs: Dict[str, Any], key: Dict[str, Any], device: torch.device) -> Config:
-    """Launch ``kernel[grid(config)](*args, **constexprs, **config)`` with the selected config."""
+    """Launch ``kernel[grid(config)](*args, **constexprs, **config)`` with the selected config.
+
+    Traced (torch.compile through a ``triton_op``): the launch with the selected config is recorded with
+    ``wrap_triton`` (Inductor launches it); a config that must be timed first is timed on real stand-ins
+    of the traced tensors, outside the tracer, so the graph holds exactly one launch."""
+    if any(traced(a) for a in args):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        def time_on_stand_ins(config: Config) -> None:
+            with _disable_current_modes():  # real tensors, real launches, nothing recorded
+                if not stand_ins:  # made once, for the first config timed
+                    stand_ins.extend(_real(a) for a in args)
+                kernel[tuple(int(g) for g in grid(config.meta))](*stand_ins, **constexprs, **config.launch_kwargs())
+
+        stand_ins: List[Any] = []
+        config = select(spec, key, device, time_on_stand_ins)
+        torch.library.wrap_triton(kernel)[grid(config.meta)](*args, **constexprs, **config.launch_kwargs())
+        return config
 
     def run(config: Config) -> None:
         kernel[grid(config.meta)](*args, **constexprs, **config.launch_kwargs())
@@ -464,9 +511,6 @@ def launch(spec: TunedKernel, kernel, grid: Callable[[Dict[str, int]], Tuple[int
     config = select(spec, key, device, run)
     run(config)
     return config
-
-
-# ---------------------------------------------------------------------------------------------------- tables
 
 
 def cached_entries(gpu_slug: Optional[str] = None) -> Dict[str, Dict[str, Dict[str, Any]]]:

@@ -5,10 +5,12 @@ from typing import List, Optional
 
 import torch
 
-from vitkernels import dispatch, library
+from vitkernels import dispatch
+from vitkernels.ops import _compile
 from vitkernels.ops.attention.checks import OP, AttentionInputs, check_attention_inputs
+from vitkernels.ops.attention.compile import compiled_attention
 from vitkernels.ops.attention.function import AttentionFunction
-from vitkernels.ops.attention.reference import attention_reference
+from vitkernels.ops.attention.reference import ReferenceAttentionKernels, attention_reference
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.triton_limits import triton_reasons
 
@@ -44,12 +46,8 @@ def flash_attention(
         q, k, v, bias = autocast_cast(ac, q, k, v, bias)
         with torch.autocast(q.device.type, enabled=False):
             return flash_attention(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p, backend=backend)
-    if library.compiling():  # one opaque node for torch.compile
-        inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
-        if library.triton_attention_direct(q.device.type, str(q.dtype).replace("torch.", ""), backend or "_"):
-            return library.flash_attention_triton_op(q, k, v, bias, inputs.scale, inputs.dropout_p)[0]
-        return library.flash_attention_op(q, k, v, bias, inputs.scale, inputs.dropout_p,
-                                          library.draw_seed(inputs.dropout_p), backend or "_")
+    if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
+        return compiled_attention(check_attention_inputs(q, k, v, bias, scale, dropout_p), backend)
     signature = _signature(q, k, v, bias, scale, dropout_p, backend)
     known = _CALLS.get(signature)
     if known is not None:  # checked and dispatched before: same metadata, same answer
@@ -83,14 +81,19 @@ def _triton_reasons(inputs: AttentionInputs) -> List[str]:
     return triton_reasons(inputs.device, inputs.dtype)
 
 
-def _triton_run(inputs: AttentionInputs) -> torch.Tensor:
+def _triton_kernels():
     from vitkernels.ops.attention.triton import TritonAttentionKernels  # imports triton: only when used
 
-    return AttentionFunction.apply(TritonAttentionKernels, inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale,
+    return TritonAttentionKernels
+
+
+def _triton_run(inputs: AttentionInputs) -> torch.Tensor:
+    return AttentionFunction.apply(_triton_kernels(), inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale,
                                    inputs.dropout_p)
 
 
-dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
-dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run)
+dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,
+                  kernels=lambda: ReferenceAttentionKernels)
+dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernels=_triton_kernels)
 
 __all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs"]

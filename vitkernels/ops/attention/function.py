@@ -1,9 +1,12 @@
 """``AttentionFunction``: the one autograd.Function of flash_attention, wired to a backend's kernels.
 
-A backend that computes its own gradients passes an object with
+Every backend's kernels (``OpBackend.kernels()``) are an object with
 ``forward(q, k, v, bias, scale, dropout_p) -> (out, lse, rng)`` and
-``backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad) -> (dq, dk, dv, dbias)``.
-The forward saves q, k, v, bias, out and the row log-sum-exp: nothing N x N.
+``backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad) -> (dq, dk, dv, dbias)``:
+out (B, H, Nq, Dv) in q's dtype, lse (B, H, Nq) float32 (float64 for fp64 inputs), rng the dropout seed
+(int64 [seed, offset] on q's device; zeros without dropout); dq, dk, dv contiguous. The forward saves q,
+k, v, bias, out and the row log-sum-exp: nothing N x N. The torch.compile ops (``compile.py``) call the
+same pair.
 """
 from __future__ import annotations
 
@@ -27,21 +30,13 @@ class AttentionFunction(torch.autograd.Function):
         return None, dq, dk, dv, dbias, None, None
 
 
-class MathKernels:
-    """FlashAttention-2's forward/backward contract computed plainly in PyTorch (no dropout): the oracle
-    for a fused backend's saved log-sum-exp and its backward, and the test of this Function's wiring."""
+def draw_dropout_seed(device) -> torch.Tensor:
+    """The Philox (seed, offset) of one dropout call: an int64 tensor of 2 on ``device``, drawn from that
+    device's torch generator (reproducible under torch.manual_seed, no host sync; inside a captured CUDA
+    graph the draw is part of the graph, so every replay gets a new seed, as SDPA's dropout does)."""
+    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
 
-    @staticmethod
-    def forward(q, k, v, bias, scale, dropout_p):
-        from vitkernels.ops.attention.reference import attention_forward_math
 
-        if dropout_p:
-            raise ValueError("MathKernels: dropout is not modelled (use attention_reference with a mask)")
-        out, lse = attention_forward_math(q, k, v, bias, scale)
-        return out, lse, None
-
-    @staticmethod
-    def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad):
-        from vitkernels.ops.attention.reference import attention_backward_math
-
-        return attention_backward_math(dout, q, k, v, bias, out, lse, scale, bias_requires_grad)
+def no_dropout_seed(device) -> torch.Tensor:
+    """The seed tensor of a call without dropout (never read)."""
+    return torch.zeros(2, dtype=torch.int64, device=device)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.ops import tuning
+from vitkernels.ops.attention.function import draw_dropout_seed, no_dropout_seed
 from vitkernels.ops.attention import triton_configs as configs
 from vitkernels.ops.tuning import interpreting  # noqa: F401  (re-exported for the other triton backends)
 
@@ -490,12 +491,20 @@ def _aligned_rows(bias4: torch.Tensor, batch: int) -> torch.Tensor:
     if bb != 1 or batch == 1 or bn == 1 or bias4.stride(3) != 1:
         return bias4
     strides = (bias4.stride(1), bias4.stride(2))
-    if all(st % ROW_ALIGN == 0 for st, n in zip(strides, (bh, bm)) if n > 1) and bias4.data_ptr() % 16 == 0:
+    if all(st % ROW_ALIGN == 0 for st, n in zip(strides, (bh, bm)) if n > 1) and _aligned_start(bias4):
         return bias4
     padded = -(-bn // ROW_ALIGN) * ROW_ALIGN
     aligned = bias4.new_zeros((bb, bh, bm, padded))[..., :bn]  # the padding is read (then masked): zeros
     aligned.copy_(bias4)
     return aligned
+
+
+def _aligned_start(t: torch.Tensor) -> bool:
+    """Whether the tensor's first element sits on 16 bytes; traced, from its storage offset (the
+    allocator's blocks are aligned far beyond 16)."""
+    if tuning.traced(t):
+        return (t.storage_offset() * t.element_size()) % 16 == 0
+    return t.data_ptr() % 16 == 0
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -511,18 +520,14 @@ def _block_d(d: int) -> int:
     return configs.block_d(d)
 
 
-def draw_dropout_seed(device) -> torch.Tensor:
-    """The Philox (seed, offset) of one dropout call: an int64 tensor of 2 on ``device``, drawn from that
-    device's torch generator (reproducible under torch.manual_seed, no host sync; inside a captured CUDA
-    graph the draw is part of the graph, so every replay gets a new seed, as SDPA's dropout does)."""
-    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
-
-
-def _no_seed(device) -> torch.Tensor:
-    """A placeholder seed (never read: HAS_DROPOUT is off), one per device, never written."""
-    seed = _NO_SEED.get(device)
+def _no_seed(like: torch.Tensor) -> torch.Tensor:
+    """A placeholder seed (never read: HAS_DROPOUT is off), one per device, never written; a fresh one while
+    traced (a graph holds no cached tensor)."""
+    if tuning.traced(like):
+        return no_dropout_seed(like.device)
+    seed = _NO_SEED.get(like.device)
     if seed is None:
-        seed = _NO_SEED[device] = torch.zeros(2, dtype=torch.int64, device=device)
+        seed = _NO_SEED[like.device] = no_dropout_seed(like.device)
     return seed
 
 
@@ -537,7 +542,7 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float
     with tuning.on_device(q):
         out = torch.empty((B, H, n_q, d), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-        seed = draw_dropout_seed(q.device) if dropout_p > 0 else _no_seed(q.device)
+        seed = draw_dropout_seed(q.device) if dropout_p > 0 else _no_seed(q)
         _, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_strides = bias_b.stride() if bias_b is not None else None
         tuning.launch(
@@ -559,7 +564,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
     block_d = _block_d(d)
     with tuning.on_device(q):
         delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-        _flash_attn_bwd_preprocess_kernel[(B * H, triton.cdiv(n_q, 64))](
+        tuning.launcher(_flash_attn_bwd_preprocess_kernel, q, out, dout)[(B * H, triton.cdiv(n_q, 64))](
             out, dout, delta, *out.stride(), *dout.stride(), H, n_q, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d,
         )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -5,11 +5,13 @@ from typing import List, Optional
 
 import torch
 
-from vitkernels import dispatch, library
+from vitkernels import dispatch
+from vitkernels.ops import _compile
 from vitkernels.ops.patch_embed.checks import OP, PatchEmbedInputs, check_patch_embed_inputs
+from vitkernels.ops.patch_embed.compile import compiled_patch_embed
 from vitkernels.ops.patch_embed.function import PatchEmbedFunction
 from vitkernels.ops.patch_embed.gather_gemm import GatherGemmKernels
-from vitkernels.ops.patch_embed.reference import patch_embed_reference
+from vitkernels.ops.patch_embed.reference import ReferencePatchEmbedKernels, patch_embed_reference
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.triton_limits import triton_reasons
 
@@ -41,9 +43,8 @@ def patch_embed(
         x, weight, bias, pos_embed, prefix_tokens = autocast_cast(ac, x, weight, bias, pos_embed, prefix_tokens)
         with torch.autocast(x.device.type, enabled=False):
             return patch_embed(x, weight, bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, backend=backend)
-    if library.compiling():  # one opaque node for torch.compile
-        check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens)
-        return library.patch_embed_op(x, weight, bias, pos_embed, prefix_tokens, backend or "_")
+    if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
+        return compiled_patch_embed(check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens), backend)
     sig = dispatch.tensor_signature
     try:
         signature = (sig(x), sig(weight), sig(bias), sig(pos_embed), sig(prefix_tokens), backend,
@@ -83,16 +84,22 @@ def _device_reasons(device_type: str):
     return reasons
 
 
-def _triton_run(inputs: PatchEmbedInputs) -> torch.Tensor:
+def _triton_kernels():
     from vitkernels.ops.patch_embed.triton import TritonPatchEmbedKernels  # imports triton: only when used
 
-    return PatchEmbedFunction.apply(TritonPatchEmbedKernels, inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
+    return TritonPatchEmbedKernels
+
+
+def _triton_run(inputs: PatchEmbedInputs) -> torch.Tensor:
+    return PatchEmbedFunction.apply(_triton_kernels(), inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
                                     inputs.prefix_tokens)
 
 
-dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
-dispatch.register(OP, "triton", reasons=lambda inputs: triton_reasons(inputs.device, inputs.dtype), run=_triton_run)
-dispatch.register(OP, "cpu", reasons=_device_reasons("cpu"), run=_gather_gemm_run)
-dispatch.register(OP, "cuda", reasons=_device_reasons("cuda"), run=_gather_gemm_run)
+dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,
+                  kernels=lambda: ReferencePatchEmbedKernels)
+dispatch.register(OP, "triton", reasons=lambda inputs: triton_reasons(inputs.device, inputs.dtype), run=_triton_run,
+                  kernels=_triton_kernels)
+dispatch.register(OP, "cpu", reasons=_device_reasons("cpu"), run=_gather_gemm_run, kernels=lambda: GatherGemmKernels)
+dispatch.register(OP, "cuda", reasons=_device_reasons("cuda"), run=_gather_gemm_run, kernels=lambda: GatherGemmKernels)
 
 __all__ = ["patch_embed", "patch_embed_reference", "check_patch_embed_inputs", "PatchEmbedInputs"]

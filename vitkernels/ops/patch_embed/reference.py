@@ -52,3 +52,33 @@ def patch_embed_reference(
     if pos_embed is not None:
         tokens = tokens + pos_embed
     return tokens
+
+
+class ReferencePatchEmbedKernels:
+    """patch_embed's reference as a forward/backward pair in the kernels' contract
+    (``function.PatchEmbedFunction``): the plain math of the forward and of its gradients, nothing
+    replayed. What the reference backend runs under torch.compile."""
+
+    @staticmethod
+    def forward(x, weight, bias, pos_embed, prefix_tokens):
+        return patch_embed_reference(x, weight, bias, pos_embed, prefix_tokens)
+
+    @staticmethod
+    def backward(dout, x, weight, bias, pos_embed, prefix_tokens, needs):
+        need_x, need_w, need_b, need_pos, need_prefix = needs
+        E, patch = weight.shape[0], weight.shape[2:]
+        num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+        dbody = dout[:, num_prefix:]  # B, Np, E
+        dx = dw = db = dpos = dprefix = None
+        if need_b:
+            db = dbody.sum(dim=(0, 1))
+        if need_pos:
+            dpos = (dout if pos_embed.shape[1] == dout.shape[1] else dbody).sum(dim=0, keepdim=True)
+        if need_prefix:
+            dprefix = dout[:, :num_prefix].sum(dim=0, keepdim=True)
+        if need_w:
+            patches = patchify(x, patch)  # B, Np, K
+            dw = torch.matmul(dbody.reshape(-1, E).t(), patches.reshape(-1, patches.shape[-1])).view(weight.shape)
+        if need_x:
+            dx = unpatchify(torch.matmul(dbody, weight.reshape(E, -1)), x.shape, patch)
+        return dx, dw, db, dpos, dprefix

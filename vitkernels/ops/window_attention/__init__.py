@@ -6,12 +6,14 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from vitkernels import dispatch, library
+from vitkernels import dispatch
+from vitkernels.ops import _compile
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.triton_limits import triton_reasons
 from vitkernels.ops.window_attention.checks import OP, WindowInputs, check_window_inputs
+from vitkernels.ops.window_attention.compile import compiled_window_attention
 from vitkernels.ops.window_attention.function import window_attention_function
-from vitkernels.ops.window_attention.reference import window_attention_reference
+from vitkernels.ops.window_attention.reference import ReferenceWindowKernels, window_attention_reference
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -49,10 +51,9 @@ def window_attention(
         with torch.autocast(qkv.device.type, enabled=False):
             return window_attention(qkv, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
                                     rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, scale=scale, backend=backend)
-    if library.compiling():  # one opaque node for torch.compile
+    if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
         inputs = check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias, qkv_bias, scale)
-        return library.window_attention_op(qkv, rel_pos_bias, qkv_bias, num_heads, list(inputs.window_size),
-                                           list(inputs.shift_size), inputs.scale, backend or "_")
+        return compiled_window_attention(inputs, backend, triton_can_run=not _triton_shape_reasons(inputs))
     sig = dispatch.tensor_signature
     try:
         signature = (sig(qkv), sig(rel_pos_bias), sig(qkv_bias), type(num_heads), num_heads, _hashable(window_size),
@@ -85,7 +86,11 @@ def _reference_run(inputs: WindowInputs) -> torch.Tensor:
 
 
 def _triton_reasons(inputs: WindowInputs) -> List[str]:
-    reasons = triton_reasons(inputs.device, inputs.dtype)
+    return triton_reasons(inputs.device, inputs.dtype) + _triton_shape_reasons(inputs)
+
+
+def _triton_shape_reasons(inputs: WindowInputs) -> List[str]:
+    reasons = []
     if inputs.qkv.stride(-1) != 1:
         reasons.append(f"qkv must have unit stride in its channel dim, got strides {tuple(inputs.qkv.stride())}")
     if inputs.qkv_bias is not None and inputs.qkv_bias.stride(0) != 1:
@@ -95,13 +100,18 @@ def _triton_reasons(inputs: WindowInputs) -> List[str]:
     return reasons
 
 
-def _triton_run(inputs: WindowInputs) -> torch.Tensor:
+def _triton_kernels():
     from vitkernels.ops.window_attention.triton import TritonWindowKernels  # imports triton: only when used
 
-    return window_attention_function(TritonWindowKernels, inputs)
+    return TritonWindowKernels
 
 
-dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run)
-dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run)
+def _triton_run(inputs: WindowInputs) -> torch.Tensor:
+    return window_attention_function(_triton_kernels(), inputs)
+
+
+dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,
+                  kernels=lambda: ReferenceWindowKernels)
+dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernels=_triton_kernels)
 
 __all__ = ["window_attention", "window_attention_reference", "check_window_inputs", "WindowInputs"]

@@ -2,10 +2,13 @@
 padding, relative-position index and shift-mask regions, for 2-D (Swin) and 3-D (Video Swin) maps."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence, Tuple
 
 import torch
+
+from vitkernels.ops._compile import constant_tensors
 
 
 def resolve_window_shift(
@@ -72,3 +75,29 @@ def shift_region_ids(padded: Sequence[int], window: Sequence[int], shift: Sequen
         shape[d] = length
         ids = ids * 3 + region.view(shape)
     return ids
+
+
+@constant_tensors
+@functools.lru_cache(maxsize=64)
+def pairs_by_table_row(window: Tuple[int, ...], table_window: Tuple[int, ...], device: str) -> torch.Tensor:
+    """For each table row, the flat (i * N + j) pairs that read it, padded with N*N (a zero slot):
+    (rows, max pairs) long, for a deterministic gather-sum of dS into d(table)."""
+    index = window_bias_index(window, table_window).reshape(-1)  # N*N
+    rows = table_rows(table_window)
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=rows)
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(index.numel()) - starts[index[order]]
+    pairs = torch.full((rows, width), index.numel(), dtype=torch.long)
+    pairs[index[order], slot] = order
+    return pairs.to(device)
+
+
+def sum_by_table_row(dscores: torch.Tensor, window: Sequence[int], table_window: Sequence[int]) -> torch.Tensor:
+    """(heads, N, N) per-pair gradients -> (table rows, heads): each row the sum of its pairs, gathered in
+    a fixed order (no atomics: bitwise deterministic on every device)."""
+    heads = dscores.shape[0]
+    pairs = pairs_by_table_row(tuple(window), tuple(table_window), str(dscores.device))
+    flat = torch.cat([dscores.reshape(heads, -1), dscores.new_zeros(heads, 1)], dim=1)  # the N*N slot: 0
+    return flat.index_select(1, pairs.view(-1)).view(heads, *pairs.shape).sum(-1).t()

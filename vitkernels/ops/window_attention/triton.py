@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from vitkernels.ops import tuning
+from vitkernels.ops._compile import constant_tensors
 from vitkernels.ops.attention.triton import (
     _precision,
     finalize_rows,
@@ -679,6 +680,7 @@ def _fused_block(n_tok: int) -> int:
     return max(16, triton.next_power_of_2(n_tok))  # tl.dot needs 16 rows at least
 
 
+@constant_tensors
 @functools.lru_cache(maxsize=64)
 def _fused_layout(window: Tuple[int, ...], table_window: Tuple[int, ...], padded: Tuple[int, ...],
                   shift: Tuple[int, ...], dtype: torch.dtype, device: str):
@@ -719,22 +721,6 @@ def _dense_bias(inputs, g: "_Geometry") -> torch.Tensor:
     gathered = table.detach().index_select(0, rows).view(block, block, -1).permute(2, 0, 1)  # heads, B, B
     bias = masks.new_empty((8, gathered.shape[0], block, block))  # contiguous: the kernels read rows of BLOCK
     return torch.add(masks, gathered, out=bias)
-
-
-@functools.lru_cache(maxsize=64)
-def _pairs_by_table_row(window: Tuple[int, ...], table_window: Tuple[int, ...], device: str):
-    """For each table row, the flat (i * N + j) pairs that read it, padded with N*N (a zero slot):
-    (rows, max pairs) long, for a deterministic gather-sum of dS into d(table)."""
-    index = geometry.window_bias_index(window, table_window).reshape(-1)  # N*N
-    rows = geometry.table_rows(table_window)
-    order = torch.argsort(index, stable=True)
-    counts = torch.bincount(index, minlength=rows)
-    width = int(counts.max())
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(index.numel()) - starts[index[order]]
-    pairs = torch.full((rows, width), index.numel(), dtype=torch.long)
-    pairs[index[order], slot] = order
-    return pairs.to(device)
 
 
 def window_attention_bwd_triton(dout, inputs, out, lse, needs, bias=None):
@@ -791,7 +777,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
     else:
         num_tokens = B * math.prod(g.spatial)
         delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
-        _window_bwd_delta_kernel[(triton.cdiv(num_tokens, 64), heads)](
+        tuning.launcher(_window_bwd_delta_kernel, qkv, dout)[(triton.cdiv(num_tokens, 64), heads)](
             o3, d3, delta, *o3.stride()[:4], *d3.stride()[:4], *g.spatial, heads, num_tokens,
             HEAD_DIM=hd, BLOCK=64, BLOCK_D=block_d,
         )
@@ -841,21 +827,20 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
         dbias = dbias.to(qkv_bias.dtype)
     if need_table:
         # groups summed in a fixed order, then each table row gathers its pairs (padded with the 0 slot)
-        pairs = _pairs_by_table_row(inputs.window, inputs.table_window, str(qkv.device))
+        pairs = geometry.pairs_by_table_row(inputs.window, inputs.table_window, str(qkv.device))
         per_pair = ds_part.sum(dim=0).index_select(1, pairs.view(-1))  # heads, rows * width
         dtable = per_pair.view(heads, *pairs.shape).sum(-1).t().to(table.dtype)  # rows, heads
     return (dqkv if need_qkv else None), dtable, dbias
 
 
 class TritonWindowKernels:
-    """window_attention's Triton forward/backward, in the shape ``WindowAttentionFunction`` expects."""
+    """window_attention's Triton forward/backward, in the contract of ``function.WindowAttentionFunction``;
+    the forward's cache is the fused kernels' dense bias (rebuilt by the backward when not given)."""
 
     @staticmethod
     def forward(inputs):
-        out, lse, bias = window_attention_fwd_triton(inputs, return_bias=True)
-        return out, (out, lse, bias)
+        return window_attention_fwd_triton(inputs, return_bias=True)
 
     @staticmethod
-    def backward(dout, inputs, saved, needs):
-        out, lse, bias = saved
-        return window_attention_bwd_triton(dout, inputs, out, lse, needs, bias)
+    def backward(dout, inputs, out, lse, needs, cache=None):
+        return window_attention_bwd_triton(dout, inputs, out, lse, needs, cache)

@@ -1,0 +1,155 @@
+"""window_attention under torch.compile: a forward op that returns (out, lse) and a backward op that runs
+the same backend's backward kernels on them (see ``vitkernels.ops._compile``); nothing is replayed.
+
+``window_fwd`` / ``window_bwd``: custom ops, any backend, dispatch inside (as in eager).
+``window_triton_fwd`` / ``window_triton_bwd``: the Triton launchers as ``triton_op`` (torch >= 2.6), so
+Inductor launches the kernels itself; taken for the triton backend on a CUDA device.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from vitkernels import dispatch
+from vitkernels.ops import _compile
+from vitkernels.ops.window_attention import geometry
+from vitkernels.ops.window_attention.checks import OP, WindowInputs, check_window_inputs
+
+
+def _inputs(qkv, table, qkv_bias, num_heads, window_size, shift_size, scale) -> WindowInputs:
+    return check_window_inputs(qkv, num_heads, tuple(window_size), tuple(shift_size), table, qkv_bias, scale)
+
+
+def _kernels(inputs: WindowInputs, backend: str):
+    return dispatch.select(OP, inputs, _compile.backend_of(backend)).kernels()
+
+
+def _fake_forward(qkv, num_heads, window_size, shift_size):
+    spatial = tuple(qkv.shape[1:-1])
+    window, _ = geometry.resolve_window_shift(spatial, window_size, shift_size)
+    padded = geometry.padded_size(spatial, window)
+    num_windows = math.prod(p // w for p, w in zip(padded, window))
+    lse_dtype = torch.float64 if qkv.dtype == torch.float64 else torch.float32
+    return (qkv.new_empty(qkv.shape[:-1] + (qkv.shape[-1] // 3,)),
+            qkv.new_empty((qkv.shape[0] * num_windows, num_heads, math.prod(window)), dtype=lse_dtype))
+
+
+def _fake_backward(dout, qkv, table, qkv_bias, needs):
+    return [torch.empty_like(t) if (t is not None and n) else _compile.empty_grad(dout)
+            for t, n in zip((qkv, table, qkv_bias), needs)]
+
+
+def _grads(grads, qkv, table, qkv_bias, dout):
+    return [_compile.strided_like(g, t) if g is not None else _compile.empty_grad(dout)
+            for g, t in zip(grads, (qkv, table, qkv_bias))]
+
+
+# ---- any backend: dispatch when the op runs -----------------------------------------------------------
+
+
+@torch.library.custom_op("vitkernels::window_attention_fwd", mutates_args=())
+def window_fwd(qkv: Tensor, rel_pos_bias: Optional[Tensor], qkv_bias: Optional[Tensor], num_heads: int,
+               window_size: List[int], shift_size: List[int], scale: float, backend: str) -> Tuple[Tensor, Tensor]:
+    inputs = _inputs(qkv, rel_pos_bias, qkv_bias, num_heads, window_size, shift_size, scale)
+    out, lse, _ = _kernels(inputs, backend).forward(inputs)
+    return _compile.fresh(out, qkv), _compile.fresh(lse, qkv)
+
+
+@window_fwd.register_fake
+def _(qkv, rel_pos_bias, qkv_bias, num_heads, window_size, shift_size, scale, backend):
+    return _fake_forward(qkv, num_heads, window_size, shift_size)
+
+
+@torch.library.custom_op("vitkernels::window_attention_bwd", mutates_args=())
+def window_bwd(dout: Tensor, qkv: Tensor, rel_pos_bias: Optional[Tensor], qkv_bias: Optional[Tensor], out: Tensor,
+               lse: Tensor, num_heads: int, window_size: List[int], shift_size: List[int], scale: float,
+               backend: str, needs: List[bool]) -> List[Tensor]:
+    inputs = _inputs(qkv, rel_pos_bias, qkv_bias, num_heads, window_size, shift_size, scale)
+    grads = _kernels(inputs, backend).backward(dout, inputs, out, lse, tuple(needs))
+    return _grads(grads, qkv, rel_pos_bias, qkv_bias, dout)
+
+
+@window_bwd.register_fake
+def _(dout, qkv, rel_pos_bias, qkv_bias, out, lse, num_heads, window_size, shift_size, scale, backend, needs):
+    return _fake_backward(dout, qkv, rel_pos_bias, qkv_bias, needs)
+
+
+def _needs(ctx, qkv_bias, table):
+    # A gradient only for what exists and asks for one (None inputs have nothing to differentiate)
+    return [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[:3], (True, table, qkv_bias))]
+
+
+def _setup(ctx, inputs, output):
+    qkv, table, qkv_bias, *attrs = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(qkv, table, qkv_bias, out, lse)
+    ctx.attrs = attrs  # num_heads, window_size, shift_size, scale, backend
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+    needs = _needs(ctx, qkv_bias, table)
+    grads = window_bwd(dout, qkv, table, qkv_bias, out, lse, *ctx.attrs, needs)
+    return _compile.grads_or_none(grads, needs) + (None,) * 5
+
+
+window_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+# ---- the triton backend on a GPU: traced launchers -------------------------------------------------------
+
+
+@_compile.register_pair("window_attention_triton_fwd", traced=True)
+def window_triton_fwd(qkv: Tensor, rel_pos_bias: Optional[Tensor], qkv_bias: Optional[Tensor], num_heads: int,
+                      window_size: List[int], shift_size: List[int], scale: float) -> Tuple[Tensor, Tensor]:
+    from vitkernels.ops.window_attention.triton import window_attention_fwd_triton
+
+    out, lse = window_attention_fwd_triton(_inputs(qkv, rel_pos_bias, qkv_bias, num_heads, window_size, shift_size,
+                                                   scale))
+    return _compile.fresh(out, qkv), _compile.fresh(lse, qkv)
+
+
+@window_triton_fwd.register_fake
+def _(qkv, rel_pos_bias, qkv_bias, num_heads, window_size, shift_size, scale):
+    return _fake_forward(qkv, num_heads, window_size, shift_size)
+
+
+@_compile.register_pair("window_attention_triton_bwd", traced=True)
+def window_triton_bwd(dout: Tensor, qkv: Tensor, rel_pos_bias: Optional[Tensor], qkv_bias: Optional[Tensor],
+                      out: Tensor, lse: Tensor, num_heads: int, window_size: List[int], shift_size: List[int],
+                      scale: float, needs: List[bool]) -> List[Tensor]:
+    from vitkernels.ops.window_attention.triton import window_attention_bwd_triton
+
+    inputs = _inputs(qkv, rel_pos_bias, qkv_bias, num_heads, window_size, shift_size, scale)
+    grads = window_attention_bwd_triton(dout, inputs, out, lse, tuple(needs))
+    return _grads(grads, qkv, rel_pos_bias, qkv_bias, dout)
+
+
+@window_triton_bwd.register_fake
+def _(dout, qkv, rel_pos_bias, qkv_bias, out, lse, num_heads, window_size, shift_size, scale, needs):
+    return _fake_backward(dout, qkv, rel_pos_bias, qkv_bias, needs)
+
+
+def _triton_backward(ctx, dout, _dlse):
+    qkv, table, qkv_bias, out, lse = ctx.saved_tensors
+    needs = _needs(ctx, qkv_bias, table)
+    grads = window_triton_bwd(dout, qkv, table, qkv_bias, out, lse, *ctx.attrs, needs)
+    return _compile.grads_or_none(grads, needs) + (None,) * 4
+
+
+window_triton_fwd.register_autograd(_triton_backward, setup_context=_setup)
+
+
+def compiled_window_attention(inputs: WindowInputs, backend: Optional[str], triton_can_run: bool) -> Tensor:
+    """The op's output while torch.compile traces (``inputs`` checked; ``triton_can_run``: the triton
+    backend's shape-dependent limits accept them)."""
+    qkv, table, qkv_bias = inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias
+    args = (qkv, table, qkv_bias, inputs.num_heads, list(inputs.window_size), list(inputs.shift_size), inputs.scale)
+    if triton_can_run and _compile.traced_triton(OP, qkv.device.type, str(qkv.dtype).replace("torch.", ""),
+                                                 _compile.backend_arg(backend)):
+        return window_triton_fwd(*args)[0]
+    return window_fwd(*args, _compile.backend_arg(backend))[0]

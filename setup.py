@@ -1,13 +1,19 @@
-"""Installs vitkernels and builds vitkernels._C from csrc/.
+"""Builds vitkernels._C from csrc/ (the package metadata is in pyproject.toml).
 
-C++ CPU kernels are always built. CUDA kernels (csrc/cuda/*.cu) are built when the CUDA_HOME environment
-variable is set and holds nvcc (set TORCH_CUDA_ARCH_LIST to keep the build short). VITKERNELS_NO_EXT=1
-skips the extension: the package still imports and its references run.
+- C++ CPU kernels are always built; CUDA kernels (csrc/cuda/*.cu) when CUDA_HOME holds nvcc (set
+  TORCH_CUDA_ARCH_LIST to keep the build short).
+- The extension is compiled against the torch it will run with, so build it where that torch is
+  importable: ``pip install --no-build-isolation .`` (or ``-e .``; ``python -m build --no-isolation``).
+- Without torch at build time (a plain ``pip install .``: build isolation hides torch) the package is
+  installed without vitkernels._C: the reference and Triton backends work, ``cpu``/``cuda`` report that the
+  extension is missing and how to build it. VITKERNELS_REQUIRE_EXT=1 makes that an error instead;
+  VITKERNELS_NO_EXT=1 skips the extension on purpose.
 """
 import glob
 import os
+import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -15,7 +21,16 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def extensions():
     if os.environ.get("VITKERNELS_NO_EXT", "0") == "1":
         return [], {}
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:
+        message = (f"vitkernels: torch is not importable at build time ({exc}); building without the compiled "
+                   "extension vitkernels._C (the cpu/cuda backends). With torch installed, build it with "
+                   "`pip install --no-build-isolation .`")
+        if os.environ.get("VITKERNELS_REQUIRE_EXT", "0") == "1":
+            raise SystemExit(message + " (VITKERNELS_REQUIRE_EXT=1)")
+        print("WARNING: " + message, file=sys.stderr)
+        return [], {}
 
     def rel(pattern):  # setuptools wants paths relative to setup.py
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
@@ -38,15 +53,4 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
-setup(
-    name="vitkernels",
-    version="0.1.0",
-    description="Fused GPU kernels for Vision Transformers: flash attention, Swin window attention, patch embedding",
-    packages=find_packages(include=["vitkernels", "vitkernels.*"]),
-    package_data={"vitkernels.ops": ["tuned_configs.json"]},  # configs tuned on GPUs, read at launch
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton>=3.0"], "test": ["pytest", "timm"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

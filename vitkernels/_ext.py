@@ -14,7 +14,8 @@ def _load() -> Tuple[Optional[object], str]:
     try:
         from vitkernels import _C  # type: ignore[attr-defined]
     except Exception as exc:  # ImportError, or an undefined symbol from a stale build
-        return None, f"compiled extension vitkernels._C is not importable ({type(exc).__name__}: {exc})"
+        return None, (f"compiled extension vitkernels._C is not importable ({type(exc).__name__}: {exc}); build it "
+                      "against the installed torch with `pip install --no-build-isolation .` (README, Install)")
     return _C, ""
 
 

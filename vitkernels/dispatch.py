@@ -7,9 +7,10 @@ never silently replaced. Everything is read at call time, never at import.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -121,7 +122,7 @@ def available_backends() -> Dict[str, Tuple[bool, str]]:
     return result
 
 
-def _requested(backend: Optional[str]) -> Optional[str]:
+def requested_backend(backend: Optional[str]) -> Optional[str]:
     if backend is not None:
         if not isinstance(backend, str) or backend not in BACKEND_NAMES:
             raise ValueError(f"backend={backend!r} is not a backend; valid: {', '.join(BACKEND_NAMES)} "
@@ -138,7 +139,7 @@ def _requested(backend: Optional[str]) -> Optional[str]:
 def select(op: str, inputs, backend: Optional[str] = None) -> OpBackend:
     """The backend that runs ``op`` on ``inputs``: the named one (checked), or the first that can run."""
     impls = _REGISTRY.get(op, {})
-    name = _requested(backend)
+    name = requested_backend(backend)
     if name is not None:
         source = f"backend={name!r}" if backend is not None else f"{ENV_VAR}={name!r}"
         impl = impls.get(name)
@@ -151,8 +152,9 @@ def select(op: str, inputs, backend: Optional[str] = None) -> OpBackend:
         if reasons:
             raise BackendUnavailableError(
                 f"{op}: {source} cannot run these inputs ({inputs.describe()}): " + "; ".join(reasons))
+        _log_choice(op, inputs, impl, source)
         return impl
-    order = _PRIORITY.get(inputs.device.type, ("reference",))
+    order = priority(inputs.device)
     refusals = []
     for candidate in order:
         impl = impls.get(candidate)
@@ -161,9 +163,54 @@ def select(op: str, inputs, backend: Optional[str] = None) -> OpBackend:
             continue
         reasons = impl.not_supported_reasons(inputs)
         if not reasons:
+            _log_choice(op, inputs, impl, "dispatch", refusals)
             return impl
         refusals.append(f"{candidate}: " + "; ".join(reasons))
     raise BackendUnavailableError(f"{op}: no backend can run {inputs.describe()}: " + " | ".join(refusals))
+
+
+def priority(device: torch.device) -> Tuple[str, ...]:
+    """The order ``backend=None`` tries the backends in, for tensors on ``device``."""
+    return _PRIORITY.get(device.type, ("reference",))
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+
+LOG_ENV_VAR = "VITKERNELS_LOG"
+log = logging.getLogger("vitkernels.dispatch")
+_LOGGED: set = set()
+_HANDLER: Optional[logging.Handler] = None
+
+
+def _logging_requested() -> bool:
+    """``VITKERNELS_LOG=dispatch`` (a comma list may name more), or the ``vitkernels.dispatch`` logger at INFO."""
+    value = os.environ.get(LOG_ENV_VAR, "")
+    if "dispatch" in (part.strip() for part in value.split(",")) or value.strip() in ("1", "all"):
+        global _HANDLER
+        if _HANDLER is None:  # the variable alone prints to stderr, as TORCH_LOGS does
+            _HANDLER = logging.StreamHandler()
+            _HANDLER.setFormatter(logging.Formatter("[vitkernels] %(message)s"))
+            log.addHandler(_HANDLER)
+            if log.level == logging.NOTSET or log.level > logging.INFO:
+                log.setLevel(logging.INFO)
+        return True
+    return log.isEnabledFor(logging.INFO)
+
+
+def _log_choice(op: str, inputs, impl: OpBackend, source: str, refusals: Sequence[str] = ()) -> None:
+    """One line per distinct (op, inputs, backend): what dispatch chose and why the ones before it refused."""
+    if not _logging_requested():
+        return
+    line = f"{op}: {inputs.describe()} -> {impl.name} ({source}"
+    line += f"; passed over: {' | '.join(refusals)})" if refusals else ")"
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.info(line)
+
+
+def forget_logged_choices() -> None:
+    """Log every choice again (the log prints each distinct one once per process)."""
+    _LOGGED.clear()
 
 
 # ---------------------------------------------------------------------------------------------------- call memo
@@ -193,7 +240,7 @@ class CallMemo:
 
     @staticmethod
     def environment() -> tuple:
-        return os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET")
+        return os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), os.environ.get(LOG_ENV_VAR)
 
     def get(self, signature: Optional[tuple]):
         return None if signature is None else self._memo.get(signature)

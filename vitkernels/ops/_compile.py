@@ -69,11 +69,11 @@ def traced_triton(op: str, device_type: str, dtype_name: str, backend: str) -> b
     return not triton_reasons(torch.device(device_type), getattr(torch, dtype_name))
 
 
-def register_pair(name: str, *, traced: bool):
-    """Decorator: ``fn`` as the torch.library op ``vitkernels::<name>``; a ``triton_op`` when ``traced`` and
-    torch has it, else a ``custom_op``."""
+def triton_launcher_op(name: str):
+    """Decorator: a Triton launcher as the torch.library op ``vitkernels::<name>``: a ``triton_op`` (traced by
+    Inductor) where torch has it, else a ``custom_op`` (opaque)."""
     def wrap(fn: Callable):
-        if traced and triton_op_supported():
+        if triton_op_supported():
             return torch.library.triton_op(f"vitkernels::{name}", fn, mutates_args=())
         return torch.library.custom_op(f"vitkernels::{name}", fn, mutates_args=())
     return wrap

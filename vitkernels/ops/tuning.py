@@ -494,14 +494,15 @@ def launch(spec: TunedKernel, kernel, grid: Callable[[Dict[str, int]], Tuple[int
     if any(traced(a) for a in args):
         from torch.utils._python_dispatch import _disable_current_modes
 
-        def time_on_stand_ins(config: Config) -> None:
-            with _disable_current_modes():  # real tensors, real launches, nothing recorded
-                if not stand_ins:  # made once, for the first config timed
-                    stand_ins.extend(_real(a) for a in args)
-                kernel[tuple(int(g) for g in grid(config.meta))](*stand_ins, **constexprs, **config.launch_kwargs())
-
         stand_ins: List[Any] = []
-        config = select(spec, key, device, time_on_stand_ins)
+
+        def time_on_stand_ins(config: Config) -> None:
+            if not stand_ins:  # made once, for the first config timed
+                stand_ins.extend(_real(a) for a in args)
+            kernel[tuple(int(g) for g in grid(config.meta))](*stand_ins, **constexprs, **config.launch_kwargs())
+
+        with _disable_current_modes():  # selecting (maybe timing) is real work: nothing of it is recorded
+            config = select(spec, key, device, time_on_stand_ins)
         torch.library.wrap_triton(kernel)[grid(config.meta)](*args, **constexprs, **config.launch_kwargs())
         return config
 

@@ -94,7 +94,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup)
 # ---- the triton backend on a GPU: traced launchers -------------------------------------------------------
 
 
-@_compile.register_pair("flash_attention_triton_fwd", traced=True)
+@_compile.triton_launcher_op("flash_attention_triton_fwd")
 def attention_triton_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], scale: float,
                          dropout_p: float) -> Tuple[Tensor, Tensor, Tensor]:
     from vitkernels.ops.attention.triton import flash_attention_fwd_triton
@@ -108,7 +108,7 @@ def _(q, k, v, bias, scale, dropout_p):
     return _fake_forward(q, v)
 
 
-@_compile.register_pair("flash_attention_triton_bwd", traced=True)
+@_compile.triton_launcher_op("flash_attention_triton_bwd")
 def attention_triton_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
                          lse: Tensor, rng: Tensor, scale: float, dropout_p: float, needs_bias: bool) -> List[Tensor]:
     from vitkernels.ops.attention.triton import flash_attention_bwd_triton

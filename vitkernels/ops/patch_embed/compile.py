@@ -83,7 +83,7 @@ def _backward(ctx, dout):
 patch_embed_fwd.register_autograd(_backward, setup_context=_setup)
 
 
-@_compile.register_pair("patch_embed_triton_fwd", traced=True)
+@_compile.triton_launcher_op("patch_embed_triton_fwd")
 def patch_embed_triton_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], pos_embed: Optional[Tensor],
                            prefix_tokens: Optional[Tensor]) -> Tensor:
     from vitkernels.ops.patch_embed.triton import patch_embed_fwd_triton
@@ -96,7 +96,7 @@ def _(x, weight, bias, pos_embed, prefix_tokens):
     return _fake_forward(x, weight, prefix_tokens)
 
 
-@_compile.register_pair("patch_embed_triton_bwd", traced=True)
+@_compile.triton_launcher_op("patch_embed_triton_bwd")
 def patch_embed_triton_bwd(dout: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                            pos_embed: Optional[Tensor], prefix_tokens: Optional[Tensor],
                            needs: List[bool]) -> List[Tensor]:

@@ -103,7 +103,7 @@ window_fwd.register_autograd(_backward, setup_context=_setup)
 # ---- the triton backend on a GPU: traced launchers -------------------------------------------------------
 
 
-@_compile.register_pair("window_attention_triton_fwd", traced=True)
+@_compile.triton_launcher_op("window_attention_triton_fwd")
 def window_triton_fwd(qkv: Tensor, rel_pos_bias: Optional[Tensor], qkv_bias: Optional[Tensor], num_heads: int,
                       window_size: List[int], shift_size: List[int], scale: float) -> Tuple[Tensor, Tensor]:
     from vitkernels.ops.window_attention.triton import window_attention_fwd_triton
@@ -118,7 +118,7 @@ def _(qkv, rel_pos_bias, qkv_bias, num_heads, window_size, shift_size, scale):
     return _fake_forward(qkv, num_heads, window_size, shift_size)
 
 
-@_compile.register_pair("window_attention_triton_bwd", traced=True)
+@_compile.triton_launcher_op("window_attention_triton_bwd")
 def window_triton_bwd(dout: Tensor, qkv: Tensor, rel_pos_bias: Optional[Tensor], qkv_bias: Optional[Tensor],
                       out: Tensor, lse: Tensor, num_heads: int, window_size: List[int], shift_size: List[int],
                       scale: float, needs: List[bool]) -> List[Tensor]:

@@ -72,7 +72,8 @@ def test_wheel_built_against_the_installed_torch_carries_an_extension_that_impor
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True, timeout=600)
     code = ("import vitkernels, vitkernels._C, torch; from vitkernels import dispatch; "
-            "assert vitkernels.__file__.startswith(%r); print(dispatch.backend_environment('cpu'))" % str(target))
+            "assert vitkernels.__file__.startswith(%r) and vitkernels._C.__file__.startswith(%r); "
+            "print(dispatch.backend_environment('cpu'))" % (str(target), str(target)))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(target)}, cwd=str(tmp_path))
     assert done.returncode == 0 and "True" in done.stdout, done.stderr[-2000:]

@@ -456,20 +456,19 @@ def _lookup(spec: TunedKernel, key: Dict[str, Any], kstr: str, gpu: GPU, mode: s
 
 def traced(tensor) -> bool:
     """Whether ``tensor`` is a tracer's stand-in (a fake or functional tensor: torch.compile tracing a
-    ``triton_op``), so a launch must be recorded with ``wrap_triton`` instead of run."""
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:  # pragma: no cover - every supported torch has it
+    ``triton_op``), so a launch must be recorded with ``wrap_triton`` instead of run. A plain tensor answers
+    after one type check (the eager hot path)."""
+    if type(tensor) is torch.Tensor or not isinstance(tensor, torch.Tensor):
         return False
-    return isinstance(tensor, torch.Tensor) and type(tensor) is not torch.Tensor and is_fake(tensor)
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)
 
 
-def launcher(kernel, *tensors):
-    """``kernel`` to index with a grid and call: recorded into the graph (``wrap_triton``) when the tensors
-    are traced, the kernel itself otherwise (no wrapper on the eager hot path)."""
-    if any(traced(t) for t in tensors):
-        return torch.library.wrap_triton(kernel)
-    return kernel
+def launcher(kernel, tensor):
+    """``kernel`` to index with a grid and call: recorded into the graph (``wrap_triton``) when ``tensor``
+    (one of the launch's tensors: they are all traced or none is) is traced, the kernel itself otherwise."""
+    return torch.library.wrap_triton(kernel) if traced(tensor) else kernel
 
 
 def _real(arg):
@@ -491,7 +490,7 @@ def launch(spec: TunedKernel, kernel, grid: Callable[[Dict[str, int]], Tuple[int
     Traced (torch.compile through a ``triton_op``): the launch with the selected config is recorded with
     ``wrap_triton`` (Inductor launches it); a config that must be timed first is timed on real stand-ins
     of the traced tensors, outside the tracer, so the graph holds exactly one launch."""
-    if any(traced(a) for a in args):
+    if traced(args[0]):  # the launch's tensors are all traced or none is
         from torch.utils._python_dispatch import _disable_current_modes
 
         stand_ins: List[Any] = []

@@ -564,7 +564,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
     block_d = _block_d(d)
     with tuning.on_device(q):
         delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-        tuning.launcher(_flash_attn_bwd_preprocess_kernel, q, out, dout)[(B * H, triton.cdiv(n_q, 64))](
+        tuning.launcher(_flash_attn_bwd_preprocess_kernel, out)[(B * H, triton.cdiv(n_q, 64))](
             out, dout, delta, *out.stride(), *dout.stride(), H, n_q, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d,
         )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -777,7 +777,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
     else:
         num_tokens = B * math.prod(g.spatial)
         delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
-        tuning.launcher(_window_bwd_delta_kernel, qkv, dout)[(triton.cdiv(num_tokens, 64), heads)](
+        tuning.launcher(_window_bwd_delta_kernel, qkv)[(triton.cdiv(num_tokens, 64), heads)](
             o3, d3, delta, *o3.stride()[:4], *d3.stride()[:4], *g.spatial, heads, num_tokens,
             HEAD_DIM=hd, BLOCK=64, BLOCK_D=block_d,
         )

@@ -213,20 +213,27 @@ def _opcheck_cases(device):
             rand(1, 3, 5, 6, 3 * 16), rand(3 * 5 * 5, 2), None, 2, [2, 3, 3], [1, 1, 2], 8 ** -0.5, backend)),
         "patch_embed": lambda backend: (patch_compile.patch_embed_fwd, (
             rand(2, 3, 16, 16), rand(8, 3, 8, 8), rand(8), rand(1, 5, 8), rand(1, 1, 8), backend)),
+        # dx keeps x's channels-last layout, as the fake (empty_like) says
+        "patch_embed_channels_last": lambda backend: (patch_compile.patch_embed_fwd, (
+            torch.randn(2, 3, 16, 16, device=device).to(memory_format=torch.channels_last).requires_grad_(),
+            rand(8, 3, 8, 8), None, rand(1, 4, 8), None, backend)),
+        "video_patch_embed": lambda backend: (patch_compile.patch_embed_fwd, (
+            rand(2, 3, 4, 16, 16), rand(8, 3, 2, 8, 8), rand(8), None, rand(1, 2, 8), backend)),
     }
 
 
 @pytest.mark.parametrize("backend", ["_", "reference", pytest.param("cpu", marks=pytest.mark.ext),
                                      pytest.param("triton", marks=pytest.mark.triton)],
                          ids=["dispatch", "reference", "cpu", "triton"])
-@pytest.mark.parametrize("name", ["flash_attention", "window_attention", "video_window", "patch_embed"])
+@pytest.mark.parametrize("name", ["flash_attention", "window_attention", "video_window", "patch_embed",
+                                  "patch_embed_channels_last", "video_patch_embed"])
 def test_opcheck(name, backend):
     """The custom ops (any backend, run opaque), autograd registration and fake kernels included."""
     device = "cpu"
     if backend == "triton":
         _triton_runs()
         device = DEVICE
-    if backend == "cpu" and name != "patch_embed":
+    if backend == "cpu" and "patch_embed" not in name:
         pytest.skip("the cpu backend has only patch_embed so far")
     if backend == "cpu" and not dispatch.backend_environment("cpu")[0]:
         pytest.skip(dispatch.backend_environment("cpu")[1])
@@ -291,6 +298,35 @@ def test_triton_launchers_trace_into_graphs_of_kernel_launches():
     # attention: fwd, delta, dK/dV, dQ, dBias; window 7x7 (fused): fwd, bwd; video window 8x8x8 (blocked):
     # fwd, delta, dK/dV, dQ, d(table); patch embed: fwd, dW, dX
     assert counts == {"attention": "5", "window": "2", "video_window": "5", "patch": "3"}, counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,kwargs,size", [("vit_tiny_patch16_224", dict(depth=2), 224),
+                                              ("swin_tiny_patch4_window7_224", dict(depths=(1, 1, 1, 1)), 224)],
+                         ids=["vit", "swin"])
+def test_compiled_triton_model_is_captured_in_a_cuda_graph(name, kwargs, size, monkeypatch):
+    """The traced Triton ops leave no opaque call in the graph (no op dispatches at run time), so
+    mode="reduce-overhead" captures the whole model (torch counts every graph it had to skip) and replays
+    it with eager's numbers."""
+    if not _compile.triton_op_supported():
+        pytest.skip(f"torch {torch.__version__} has no torch.library.triton_op (torch >= 2.6)")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = models.create_model(name, **kwargs).cuda().eval()
+    x = torch.randn(4, 3, size, size, device="cuda")
+    with torch.no_grad():
+        eager = model(x)
+
+        def no_runtime_dispatch(*args, **kwargs):
+            raise AssertionError("an opaque custom op dispatched at run time: the traced triton ops were not taken")
+        monkeypatch.setattr(dispatch, "select", no_runtime_dispatch)
+        compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+        for _ in range(3):  # warm-up, record, replay
+            out = compiled(x).clone()
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_traced_triton_is_taken_only_for_compiled_triton_kernels_on_a_gpu(monkeypatch):

@@ -8,7 +8,6 @@ import dataclasses
 import datetime
 import itertools
 import json
-import math
 import os
 import platform
 import statistics

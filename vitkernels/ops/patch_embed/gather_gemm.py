@@ -9,6 +9,7 @@ import math
 import torch
 
 from vitkernels import _ext
+from vitkernels.ops.patch_embed.reference import epilogue_grads
 
 
 def _as_5d(x: torch.Tensor) -> torch.Tensor:
@@ -54,14 +55,8 @@ class GatherGemmKernels:
         E = weight.shape[0]
         num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
         dbody = dout[:, num_prefix:]  # B, Np, E
-        num_patches = dbody.shape[1]
-        dx = dw = db = dpos = dprefix = None
-        if need_b:
-            db = dbody.sum(dim=(0, 1))
-        if need_pos:
-            dpos = (dout if pos_embed.shape[1] == dout.shape[1] else dbody).sum(dim=0, keepdim=True)
-        if need_prefix:
-            dprefix = dout[:, :num_prefix].sum(dim=0, keepdim=True)
+        dx = dw = None
+        db, dpos, dprefix = epilogue_grads(dout, pos_embed, num_prefix, need_b, need_pos, need_prefix)
         k = math.prod(weight.shape[1:])
         if need_w:
             patches = ext.patch_gather(_as_5d(x), _patch3(weight))  # gathered again, never stored

@@ -54,6 +54,18 @@ def patch_embed_reference(
     return tokens
 
 
+def epilogue_grads(dout, pos_embed, num_prefix: int, need_bias: bool, need_pos: bool, need_prefix: bool):
+    """(dbias, dpos_embed, dprefix_tokens) from dout (B, P + Np, E): the epilogue's gradients are sums of
+    dout over the batch (and the patches, for the bias); None where not needed."""
+    dbody = dout[:, num_prefix:]  # B, Np, E
+    db = dbody.sum(dim=(0, 1)) if need_bias else None
+    dpos = None
+    if need_pos:
+        dpos = (dout if pos_embed.shape[1] == dout.shape[1] else dbody).sum(dim=0, keepdim=True)
+    dprefix = dout[:, :num_prefix].sum(dim=0, keepdim=True) if need_prefix else None
+    return db, dpos, dprefix
+
+
 class ReferencePatchEmbedKernels:
     """patch_embed's reference as a forward/backward pair in the kernels' contract
     (``function.PatchEmbedFunction``): the plain math of the forward and of its gradients, nothing
@@ -69,13 +81,8 @@ class ReferencePatchEmbedKernels:
         E, patch = weight.shape[0], weight.shape[2:]
         num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
         dbody = dout[:, num_prefix:]  # B, Np, E
-        dx = dw = db = dpos = dprefix = None
-        if need_b:
-            db = dbody.sum(dim=(0, 1))
-        if need_pos:
-            dpos = (dout if pos_embed.shape[1] == dout.shape[1] else dbody).sum(dim=0, keepdim=True)
-        if need_prefix:
-            dprefix = dout[:, :num_prefix].sum(dim=0, keepdim=True)
+        dx = dw = None
+        db, dpos, dprefix = epilogue_grads(dout, pos_embed, num_prefix, need_b, need_pos, need_prefix)
         if need_w:
             patches = patchify(x, patch)  # B, Np, K
             dw = torch.matmul(dbody.reshape(-1, E).t(), patches.reshape(-1, patches.shape[-1])).view(weight.shape)

@@ -1,7 +1,7 @@
 """vitkernels: fused kernels for Vision Transformers (flash attention, Swin window attention, patch
 embedding), each with a pure-PyTorch reference, and one dispatch layer over its backends.
 
-``vitkernels.nn`` (drop-in modules, ``patch_timm``, ``replace_mha``), ``vitkernels.models`` and
+``vitkernels.nn`` (drop-in modules, ``patch_timm``, ``replace_mha`` and their inverses), ``vitkernels.models`` and
 ``vitkernels.bench`` load on first access; none of them imports timm until a timm model is patched or built.
 """
 from __future__ import annotations
@@ -20,7 +20,9 @@ _LAZY = {
     "models": ("vitkernels.models", None),
     "bench": ("vitkernels.bench", None),
     "patch_timm": ("vitkernels.nn.timm_layers", "patch_timm"),
+    "unpatch_timm": ("vitkernels.nn.timm_layers", "unpatch_timm"),
     "replace_mha": ("vitkernels.nn.multihead_attention", "replace_mha"),
+    "restore_mha": ("vitkernels.nn.multihead_attention", "restore_mha"),
     "MultiheadAttention": ("vitkernels.nn.multihead_attention", "MultiheadAttention"),
 }
 

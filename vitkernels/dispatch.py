@@ -136,10 +136,18 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     return None
 
 
+DATA_FREE = "meta or empty tensors: nothing to compute, the reference gives torch's result on any backend"
+
+
 def select(op: str, inputs, backend: Optional[str] = None) -> OpBackend:
-    """The backend that runs ``op`` on ``inputs``: the named one (checked), or the first that can run."""
+    """The backend that runs ``op`` on ``inputs``: the named one (checked), or the first that can run;
+    the reference for inputs with no data (``inputs.data_free``: meta tensors, a zero-size dim)."""
     impls = _REGISTRY.get(op, {})
     name = requested_backend(backend)
+    if getattr(inputs, "data_free", False) and "reference" in impls:
+        impl = impls["reference"]
+        _log_choice(op, inputs, impl, DATA_FREE)
+        return impl
     if name is not None:
         source = f"backend={name!r}" if backend is not None else f"{ENV_VAR}={name!r}"
         impl = impls.get(name)

@@ -90,7 +90,9 @@ def explain(op: Union[str, Callable], *args, **kwargs) -> Explanation:
     source = f"backend={backend!r}"
     try:
         requested = dispatch.requested_backend(backend)
-        if requested is None:
+        if inputs.data_free:
+            source = dispatch.DATA_FREE
+        elif requested is None:
             source = f"dispatch order for {inputs.device.type}: {', '.join(order)}"
         elif backend is None:
             source = f"{dispatch.ENV_VAR}={requested!r}"

@@ -1,9 +1,10 @@
-"""Drop-in modules: ``MultiheadAttention`` / ``replace_mha`` for torch's, and timm's ``Attention``,
-``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock`` with ``patch_timm`` (these need timm)."""
-from vitkernels.nn.multihead_attention import MultiheadAttention, replace_mha
-from vitkernels.nn.timm_layers import patch_timm
+"""Drop-in modules: ``MultiheadAttention`` / ``replace_mha`` (undone by ``restore_mha``) for torch's, and
+timm's ``Attention``, ``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock`` with ``patch_timm``
+(undone by ``unpatch_timm``; these need timm)."""
+from vitkernels.nn.multihead_attention import MultiheadAttention, replace_mha, restore_mha
+from vitkernels.nn.timm_layers import patch_timm, unpatch_timm
 
-__all__ = ["MultiheadAttention", "replace_mha", "patch_timm", "Attention", "PatchEmbed", "WindowAttention",
+__all__ = ["MultiheadAttention", "replace_mha", "restore_mha", "patch_timm", "unpatch_timm", "Attention", "PatchEmbed", "WindowAttention",
            "SwinTransformerBlock"]
 
 

@@ -12,7 +12,12 @@ it). Paths:
   the fused path and returns ``None`` weights unless a forward hook is registered on the module: code that
   discards ``attn(x, x, x)[0]``'s weights gets the fused speed, and hook-based attention-map helpers still
   receive the exact weights.
-- Head dims the kernels do not take (not a multiple of 8 in 16..256) go to torch's computation.
+- Torch's own computation (the same result, or torch's own error) also runs for what the fused path does
+  not take: ``is_causal`` (a hint about ``attn_mask``; torch needs the mask), nested tensors, masks of a
+  shape or dtype torch rejects or converts (float masks of another dtype than the query, key_padding_mask
+  and attn_mask of different dtypes), inputs whose shapes torch rejects, head dims the kernels do not take
+  (not a multiple of 8 in 16..256), and under FX symbolic tracing, ``torch.jit.trace`` and ONNX export.
+- ``torch.jit.script`` raises an error naming ``vitkernels.nn.restore_mha``.
 """
 from __future__ import annotations
 
@@ -22,21 +27,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vitkernels.nn import _dropin
 from vitkernels.ops.attention import flash_attention
 from vitkernels.ops.attention.checks import head_dim_supported
 
 WEIGHTS_MODES = ("always", "hooks")
 
 
-def _additive(mask: Optional[Tensor], dtype: torch.dtype, name: str) -> Optional[Tensor]:
+def _additive(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """A torch-MHA mask as an additive bias: bool True (not allowed) -> -inf, float masks as they are."""
     if mask is None:
         return None
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
-    if not mask.is_floating_point():
-        raise TypeError(f"MultiheadAttention: {name} must be a bool or float tensor, got {mask.dtype}")
-    return mask.to(dtype)
+    return mask.to(dtype)  # a float mask of the query's dtype (others take torch's path)
 
 
 class MultiheadAttention(nn.MultiheadAttention):
@@ -49,11 +53,53 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         return bool(self._forward_hooks or self._forward_pre_hooks or module_mod._global_forward_hooks)
 
+    def __prepare_scriptable__(self):
+        raise _dropin.script_error(self, "torch.nn.MultiheadAttention", "vitkernels.nn.restore_mha")
+
+    def _fusable(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+        """Whether the fused path gives what torch's forward gives for these arguments (else torch's code runs,
+        with its own conversions and error messages)."""
+        tensors = (query, key, value, key_padding_mask, attn_mask)
+        if _dropin.plain_path_reason(*tensors) is not None or not head_dim_supported(self.head_dim):
+            return False
+        if not all(t is None or (isinstance(t, Tensor) and not t.is_nested) for t in tensors):
+            return False
+        if not all(isinstance(t, Tensor) for t in (query, key, value)):
+            return False
+        batched = query.dim() == 3
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            return False
+        if (query.shape[-1] != self.embed_dim or key.shape[-1] != self.kdim or value.shape[-1] != self.vdim
+                or key.shape[:-1] != value.shape[:-1]):
+            return False
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
+        if not _dropin.autocast_on(query.device.type) and not (query.dtype == key.dtype == value.dtype == weight.dtype):
+            return False
+        b_dim = 0 if self.batch_first else 1
+        B = query.shape[b_dim] if batched else None
+        if batched and key.shape[b_dim] != B:
+            return False
+        L = query.shape[1 - b_dim] if batched else query.shape[0]
+        S = key.shape[1 - b_dim] if batched else key.shape[0]
+        masks = [m for m in (key_padding_mask, attn_mask) if m is not None]
+        if len({m.dtype for m in masks}) > 1:  # torch converts (with a deprecation warning)
+            return False
+        for mask in masks:
+            if mask.dtype != torch.bool and mask.dtype != query.dtype:
+                return False
+        if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((B, S) if batched else (S,)):
+            return False
+        if attn_mask is not None:
+            heads = self.num_heads * (B if batched else 1)
+            if tuple(attn_mask.shape) not in ((L, S), (heads, L, S)):
+                return False
+        return True
+
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
         wants_weights = need_weights and (self.weights_mode == "always" or self._has_hooks())
-        if wants_weights or not head_dim_supported(self.head_dim):
+        if wants_weights or is_causal or not self._fusable(query, key, value, key_padding_mask, attn_mask):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
@@ -84,8 +130,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         H, D = self.num_heads, self.head_dim
         q, k, v = self._project(query, key, value)
         dtype = q.dtype
-        kpm = _additive(key_padding_mask, dtype, "key_padding_mask")
-        mask = _additive(attn_mask, dtype, "attn_mask")
+        kpm = _additive(key_padding_mask, dtype)
+        mask = _additive(attn_mask, dtype)
         if self.bias_k is not None:  # one learned key/value appended to every sequence
             k = torch.cat([k, self.bias_k.view(1, 1, E).expand(B, 1, E)], dim=1)
             v = torch.cat([v, self.bias_v.view(1, 1, E).expand(B, 1, E)], dim=1)
@@ -112,6 +158,16 @@ class MultiheadAttention(nn.MultiheadAttention):
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)
         return out.squeeze(1) if unbatched else out
+
+
+def restore_mha(model: nn.Module) -> nn.Module:
+    """Switch every ``vitkernels.nn.MultiheadAttention`` in ``model`` (``model`` itself included) back to
+    ``torch.nn.MultiheadAttention`` in place (same parameters); returns the model."""
+    for module in model.modules():
+        if type(module) is MultiheadAttention:
+            module.__class__ = nn.MultiheadAttention
+            module.__dict__.pop("weights_mode", None)
+    return model
 
 
 def replace_mha(model: nn.Module, weights: str = "always") -> nn.Module:

@@ -1,20 +1,34 @@
 """timm drop-ins: the same modules as timm (constructor, attributes, state_dict keys, methods), with the
 compute routed through vitkernels' fused ops, and ``patch_timm(model)`` that switches a built timm model
-in place.
+in place (``unpatch_timm(model)`` switches it back).
 
 Each fused module is timm's own class with a mixin in front that overrides only ``forward`` (or Swin's
-``_attn``, or ViT's ``_pos_embed``): parameters, buffers and every other method are timm's. Anything a
-fused path does not cover (dynamic image size, register tokens, attention dropout in training, masks the
-op cannot take) runs timm's own code, so behaviour never changes, only speed.
+``_attn``, or ViT's ``forward_features`` / ``_pos_embed``): parameters, buffers and every other method are
+timm's. A class whose code for those methods is not timm's (a subclass overriding them) is left as it is.
+Wherever the fused path does not apply, timm's own code runs, so behaviour never changes, only speed:
 
-- Attention: qkv Linear -> strided q/k/v views -> ``flash_attention`` -> proj.
-- PatchEmbed: ``patch_embed`` (gathered GEMM, no im2col) for flattened NCHW and NHWC outputs.
+- Attention: qkv Linear -> strided q/k/v views -> ``flash_attention`` -> proj. timm's code for
+  ``fused_attn=False`` (timm's switch: attention-map extraction), ``is_causal``, bool masks and masks
+  SDPA would reject, head dims the kernels do not take.
+- PatchEmbed: ``patch_embed`` (gathered GEMM, no im2col) for flattened (NLC) and NHWC outputs; timm's code
+  for dynamic padding, sizes timm checks (strict image size, a map the patch does not divide), a dtype
+  the conv would reject, other output formats, hooks on ``proj``.
 - VisionTransformer (ViT, DeiT, distilled DeiT): patchify + projection + cls/dist tokens + pos_embed in one
-  ``patch_embed`` call; the model's patch_embed hands the raw image through to ``_pos_embed``.
+  ``patch_embed`` call inside ``forward_features``. ``model.patch_embed`` called on its own (or hooked, or
+  by ``forward_intermediates``) gives its tokens as in timm. timm's code for ``dynamic_img_size``,
+  register tokens, no pos_embed, a norm in the patch embedding.
 - SwinTransformerBlock: ``_attn`` = qkv Linear -> ``window_attention`` (shift, pad, partition, bias, mask,
-  reverse inside) -> proj. (Its WindowAttention is then not called.)
+  reverse inside) -> proj; its WindowAttention is then not called. timm's code for dropout on the
+  attention in training, ``always_partition`` / ``dynamic_mask``, a shifted map of another size than the
+  block's mask, hooks on ``attn`` or its submodules, and timm's fused attention switched off globally
+  (``TIMM_FUSED_ATTN=0``, ``timm.layers.set_fused_attn(False)``). (Swin's own ``fused_attn`` flag is an
+  experimental opt-in that defaults to off; the explicit softmax it selects is the same math.)
 - WindowAttention on its own (already partitioned windows): ``flash_attention`` with windows x heads on
   one axis and the table bias + shift mask as one small (1, nW * heads, N, N) bias.
+
+Every drop-in also runs timm's code under FX symbolic tracing, ``torch.jit.trace`` and ONNX export (so
+those graphs are the unpatched model's) and when a hook is on a module the fused path skips
+(``vitkernels.nn._dropin``). ``torch.jit.script`` raises an error naming ``unpatch_timm``.
 """
 from __future__ import annotations
 
@@ -22,9 +36,9 @@ import functools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vitkernels.nn import _dropin
 from vitkernels.ops.attention import flash_attention
 from vitkernels.ops.attention.checks import head_dim_supported
 from vitkernels.ops.patch_embed import patch_embed
@@ -35,19 +49,60 @@ def _timm():
     try:
         import timm  # noqa: F401
         from timm.layers import Attention, PatchEmbed
+        from timm.models.deit import VisionTransformerDistilled
         from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
         from timm.models.vision_transformer import VisionTransformer
     except ImportError as exc:  # pragma: no cover - exercised only without timm
         raise ImportError(f"vitkernels' timm drop-ins need timm installed ({exc})") from exc
     return dict(Attention=Attention, PatchEmbed=PatchEmbed, SwinTransformerBlock=SwinTransformerBlock,
-                WindowAttention=WindowAttention, VisionTransformer=VisionTransformer)
+                WindowAttention=WindowAttention, VisionTransformer=VisionTransformer,
+                VisionTransformerDistilled=VisionTransformerDistilled)
 
 
-class FusedAttentionMixin:
+def _timm_fused_attn_on() -> bool:
+    """timm's global fused-attention switch (TIMM_FUSED_ATTN, ``set_fused_attn``, exportable mode)."""
+    from timm.layers import use_fused_attn
+
+    return use_fused_attn()
+
+
+class _TimmDropIn:
+    """Module-level behaviour of every fused timm class: pickles and copies as itself (the class is made at
+    run time, so pickle rebuilds it from the timm class it extends), refuses TorchScript by name."""
+
+    def __reduce_ex__(self, protocol):
+        base = _timm_base(type(self))
+        return _rebuild, (base.__module__, base.__qualname__), self.__getstate__()
+
+    def __prepare_scriptable__(self):
+        raise _dropin.script_error(self, "timm", "vitkernels.nn.unpatch_timm")
+
+
+def _rebuild(module_name: str, qualname: str):
+    cls = fused_class(_dropin.import_qualified(module_name, qualname))
+    return cls.__new__(cls)
+
+
+def _timm_base(cls: type) -> type:
+    return next(c for c in cls.__mro__ if not issubclass(c, _TimmDropIn) and issubclass(c, nn.Module))
+
+
+class FusedAttentionMixin(_TimmDropIn):
     """timm ``Attention.forward`` on ``flash_attention``."""
 
+    def _fused_call(self, x, attn_mask, is_causal) -> bool:
+        if (is_causal or not self.fused_attn or not head_dim_supported(self.head_dim)
+                or _dropin.plain_path_reason(x, attn_mask) is not None or x.dim() != 3):
+            return False
+        if attn_mask is None:
+            return True
+        B, N, _ = x.shape
+        return (attn_mask.is_floating_point()  # bool masks: SDPA's own semantics
+                and (attn_mask.dtype == x.dtype or _dropin.autocast_on(x.device.type))
+                and _dropin.broadcastable(attn_mask.shape, (B, self.num_heads, N, N)))
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        if is_causal or not head_dim_supported(self.head_dim) or (attn_mask is not None and attn_mask.dtype == torch.bool):
+        if not self._fused_call(x, attn_mask, is_causal):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
@@ -61,26 +116,38 @@ class FusedAttentionMixin:
         return self.proj_drop(self.proj(x))
 
 
-class FusedPatchEmbedMixin:
+class FusedPatchEmbedMixin(_TimmDropIn):
     """timm ``PatchEmbed.forward`` on ``patch_embed`` (flattened tokens, or NHWC maps as Swin uses)."""
 
-    _defer_to_model: bool = False  # set by patch_timm when the ViT fuses cls/pos into the same call
+    _defer_next_call: bool = False  # set by the fused ViT's forward_features for the one call it makes
 
-    def _fusable(self, x: torch.Tensor) -> bool:
+    def _fusable(self, x) -> bool:
+        """Whether ``patch_embed`` gives exactly what timm's forward gives for ``x`` (else timm's code runs,
+        with its own checks and messages)."""
+        proj = self.proj
         fmt = getattr(self, "output_fmt", None)
         fmt = getattr(fmt, "value", fmt)
-        return (x.dim() == 4 and not getattr(self, "dynamic_img_pad", False) and isinstance(self.proj, nn.Conv2d)
-                and tuple(self.proj.kernel_size) == tuple(self.proj.stride) and self.proj.padding in ((0, 0), 0)
-                and (self.flatten or fmt == "NHWC"))
+        if (_dropin.plain_path_reason(x) is not None or not isinstance(x, torch.Tensor) or x.dim() != 4
+                or getattr(self, "dynamic_img_pad", False) or not (self.flatten or fmt == "NHWC")
+                or type(proj) is not nn.Conv2d or _dropin.observed(proj)):
+            return False
+        if (tuple(proj.kernel_size) != tuple(proj.stride) or tuple(proj.padding) != (0, 0)
+                or tuple(proj.dilation) != (1, 1) or proj.groups != 1 or x.shape[1] != proj.in_channels):
+            return False
+        H, W = x.shape[-2:]
+        if H % proj.stride[0] or W % proj.stride[1]:  # timm asserts, or the conv drops the remainder
+            return False
+        if getattr(self, "strict_img_size", False) and getattr(self, "img_size", None) is not None:
+            if (H, W) != tuple(self.img_size):
+                return False
+        return x.dtype == proj.weight.dtype or _dropin.autocast_on(x.device.type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._defer_to_model:
-            return x  # the model's _pos_embed runs patch_embed with its cls/dist tokens and positions
+        if self._defer_next_call:  # the ViT's _pos_embed runs patch_embed with its tokens and positions
+            self._defer_next_call = False
+            return x
         if not self._fusable(x):
             return super().forward(x)
-        if getattr(self, "strict_img_size", False) and getattr(self, "img_size", None) is not None:
-            if tuple(x.shape[-2:]) != tuple(self.img_size):
-                return super().forward(x)  # timm's own size check and message
         tokens = patch_embed(x, self.proj.weight, self.proj.bias)
         if not self.flatten:  # NHWC map
             gh, gw = x.shape[-2] // self.proj.stride[0], x.shape[-1] // self.proj.stride[1]
@@ -88,18 +155,34 @@ class FusedPatchEmbedMixin:
         return self.norm(tokens)
 
 
-class FusedVisionTransformerMixin:
+class FusedVisionTransformerMixin(_TimmDropIn):
     """ViT/DeiT: patchify + projection + prefix tokens + positions in one ``patch_embed`` call."""
 
-    def _fused_embed_ok(self) -> bool:
+    _embed_deferred: bool = False  # forward_features asked patch_embed to hand the image to _pos_embed
+
+    def _fused_embed_ok(self, x) -> bool:
         pe = self.patch_embed
         return (isinstance(pe, FusedPatchEmbedMixin) and pe.flatten and isinstance(pe.norm, nn.Identity)
-                and not getattr(pe, "dynamic_img_pad", False) and not getattr(self, "dynamic_img_size", False)
-                and getattr(self, "reg_token", None) is None and self.pos_embed is not None)
+                and not getattr(self, "dynamic_img_size", False) and getattr(self, "reg_token", None) is None
+                and self.pos_embed is not None and pe._fusable(x) and not _dropin.observed(pe, pe.norm))
+
+    def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not self._fused_embed_ok(x):
+            return super().forward_features(x, *args, **kwargs)
+        # timm's forward_features calls patch_embed(x) then _pos_embed(x): patch_embed hands the image on
+        # (nobody observes it: no hooks, checked above) and _pos_embed embeds it in one call.
+        self.patch_embed._defer_next_call = True
+        self._embed_deferred = True
+        try:
+            return super().forward_features(x, *args, **kwargs)
+        finally:
+            self.patch_embed._defer_next_call = False
+            self._embed_deferred = False
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:  # patch_embed already ran (not deferred)
+        if not self._embed_deferred or self.patch_embed._defer_next_call:
             return super()._pos_embed(x)
+        self._embed_deferred = False
         prefix = [t for t in (getattr(self, "cls_token", None), getattr(self, "dist_token", None)) if t is not None]
         prefix_tokens = (prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)) if prefix else None
         pe = self.patch_embed
@@ -107,16 +190,30 @@ class FusedVisionTransformerMixin:
         return self.pos_drop(tokens)
 
 
-class FusedWindowAttentionMixin:
+class FusedWindowAttentionMixin(_TimmDropIn):
     """timm Swin ``WindowAttention.forward`` (already partitioned windows) on ``flash_attention``: windows
     become the head axis of one call, relative-position bias + shift mask one (1, nW * heads, N, N) bias."""
 
+    def _fused_call(self, x, mask) -> bool:
+        if (_dropin.plain_path_reason(x, mask) is not None or not (self.fused_attn or _timm_fused_attn_on())
+                or (self.training and self.attn_drop.p > 0) or x.dim() != 3
+                or _dropin.observed(getattr(self, "softmax", None), self.attn_drop)):
+            return False
+        head_dim = self.qkv.out_features // (3 * self.num_heads)
+        if not head_dim_supported(head_dim):
+            return False
+        if mask is None:
+            return True
+        B_, N, _ = x.shape
+        return (mask.is_floating_point() and mask.dim() == 3 and tuple(mask.shape[1:]) == (N, N)
+                and B_ % mask.shape[0] == 0)
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if not self._fused_call(x, mask):
+            return super().forward(x, mask=mask)
         B_, N, C = x.shape
         head_dim = self.qkv.out_features // (3 * self.num_heads)
         num_win = 1 if mask is None else mask.shape[0]
-        if (not head_dim_supported(head_dim) or B_ % num_win != 0 or (self.training and self.attn_drop.p > 0)):
-            return super().forward(x, mask=mask)
         B, H = B_ // num_win, self.num_heads
         bias = self._get_rel_pos_bias().to(x.dtype)  # 1, H, N, N
         if mask is not None:
@@ -129,54 +226,81 @@ class FusedWindowAttentionMixin:
         return self.proj_drop(self.proj(out))
 
 
-class FusedSwinBlockMixin:
+class FusedSwinBlockMixin(_TimmDropIn):
     """Swin ``SwinTransformerBlock._attn`` on ``window_attention``."""
 
-    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+    def _fused_call(self, x) -> bool:
         attn = self.attn
-        if (getattr(self, "always_partition", False) or getattr(self, "dynamic_mask", False)
-                or (self.training and attn.attn_drop.p > 0)):
+        if (_dropin.plain_path_reason(x) is not None or getattr(self, "always_partition", False)
+                or getattr(self, "dynamic_mask", False) or (self.training and attn.attn_drop.p > 0)
+                or not (attn.fused_attn or _timm_fused_attn_on()) or x.dim() != 4
+                or _dropin.observed(attn, getattr(attn, "softmax", None), attn.attn_drop)):
+            return False
+        # timm's mask is built for the block's input_resolution: another shifted map is timm's business
+        return self.attn_mask is None or tuple(x.shape[1:3]) == tuple(self.input_resolution)
+
+    def _attn(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused_call(x):
             return super()._attn(x)
-        qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias)
-        out = window_attention(qkv, num_heads=attn.num_heads, window_size=self.window_size,
+        attn = self.attn
+        out = window_attention(attn.qkv(x), num_heads=attn.num_heads, window_size=self.window_size,
                                shift_size=self.shift_size, rel_pos_bias=attn.relative_position_bias_table,
                                qkv_bias=attn.qkv.bias, scale=attn.scale)
         return attn.proj_drop(attn.proj(out))
 
 
+# mixin -> (timm class name, the methods the mixin reimplements): a timm class is fused only when its code
+# for each of them is the code of one of the named timm classes (a subclass that overrides one keeps its own)
+_MIXINS = (
+    (FusedVisionTransformerMixin, ("VisionTransformer", "VisionTransformerDistilled"),
+     ("forward_features", "_pos_embed")),
+    (FusedSwinBlockMixin, ("SwinTransformerBlock",), ("_attn",)),
+    (FusedPatchEmbedMixin, ("PatchEmbed",), ("forward",)),
+    (FusedWindowAttentionMixin, ("WindowAttention",), ("forward",)),
+    (FusedAttentionMixin, ("Attention",), ("forward",)),
+)
+
+
+def _mixin_for(cls: type):
+    t = _timm()
+    for mixin, names, methods in _MIXINS:
+        known = [t[n] for n in names]
+        if issubclass(cls, known[0]):
+            ok = all(any(getattr(cls, m) is getattr(k, m) for k in known) for m in methods)
+            return mixin if ok else None
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def fused_class(base: type) -> type:
     """timm class -> the same class with vitkernels' fused forward in front of it."""
-    t = _timm()
-    if issubclass(base, t["VisionTransformer"]):
-        mixin = FusedVisionTransformerMixin
-    elif issubclass(base, t["SwinTransformerBlock"]):
-        mixin = FusedSwinBlockMixin
-    elif issubclass(base, t["PatchEmbed"]):
-        mixin = FusedPatchEmbedMixin
-    elif issubclass(base, t["WindowAttention"]):
-        mixin = FusedWindowAttentionMixin
-    elif issubclass(base, t["Attention"]):
-        mixin = FusedAttentionMixin
-    else:
-        raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__}")
-    return type(base.__name__, (mixin, base), {"__module__": __name__, "__doc__": base.__doc__})
+    mixin = _mixin_for(base)
+    if mixin is None:
+        raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__} (timm's Attention, "
+                        "PatchEmbed, VisionTransformer, SwinTransformerBlock, WindowAttention, or a subclass "
+                        "that keeps their forward code)")
+    return type(base.__name__, (mixin, base), {"__module__": __name__, "__doc__": base.__doc__,
+                                                "__qualname__": base.__qualname__})
 
 
 def patch_timm(model: nn.Module) -> nn.Module:
-    """Switch timm's Attention, PatchEmbed, VisionTransformer (ViT/DeiT) and SwinTransformerBlock modules
-    of ``model`` to their fused versions in place (same parameters, buffers and state_dict keys) and
-    return the model."""
-    t = _timm()
-    supported = (t["VisionTransformer"], t["SwinTransformerBlock"], t["PatchEmbed"], t["Attention"],
-                 t["WindowAttention"])
+    """Switch timm's Attention, PatchEmbed, VisionTransformer (ViT/DeiT), SwinTransformerBlock and
+    WindowAttention modules of ``model`` to their fused versions in place (same parameters, buffers and
+    state_dict keys) and return the model. ``unpatch_timm`` undoes it."""
     for module in model.modules():
         cls = type(module)
-        if cls.__module__ != __name__ and issubclass(cls, supported):
+        if not issubclass(cls, _TimmDropIn) and _mixin_for(cls) is not None:
             module.__class__ = fused_class(cls)
+    return model
+
+
+def unpatch_timm(model: nn.Module) -> nn.Module:
+    """Switch every fused timm module of ``model`` back to its timm class in place; returns the model."""
     for module in model.modules():
-        if isinstance(module, FusedVisionTransformerMixin) and module._fused_embed_ok():
-            module.patch_embed._defer_to_model = True
+        if isinstance(module, _TimmDropIn):
+            module.__class__ = _timm_base(type(module))
+            for flag in ("_defer_next_call", "_embed_deferred"):
+                module.__dict__.pop(flag, None)
     return model
 
 

@@ -97,6 +97,8 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
         enabled = torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4: per-device functions
         enabled = torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast has no key for (meta): no autocast there, as for torch's ops
+        return None
     if not enabled:
         return None
     try:

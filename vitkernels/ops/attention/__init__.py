@@ -6,7 +6,7 @@ from typing import List, Optional
 import torch
 
 from vitkernels import dispatch
-from vitkernels.ops import _compile
+from vitkernels.ops import _compile, _tracing
 from vitkernels.ops.attention.checks import OP, AttentionInputs, check_attention_inputs
 from vitkernels.ops.attention.compile import compiled_attention
 from vitkernels.ops.attention.function import AttentionFunction
@@ -40,12 +40,19 @@ def flash_attention(
 
     Returns:
         (B, H, Nq, D) in q's dtype. A row whose logits are all -inf gives zeros, never NaN.
-        Under autocast, float inputs are taken in the autocast dtype.
+        Under autocast, float inputs are taken in the autocast dtype. Under tracers and exporters, with
+        meta or empty inputs: see ``vitkernels.ops._tracing``.
     """
+    proxy = _tracing.fx_proxy(q, k, v, bias)
+    if proxy is not None:  # FX symbolic tracing: one node
+        return _tracing.fx_leaf(proxy, flash_attention, (q, k, v),
+                                dict(bias=bias, scale=scale, dropout_p=dropout_p, backend=backend))
     if isinstance(q, torch.Tensor) and (ac := autocast_dtype(q.device.type)) is not None:
         q, k, v, bias = autocast_cast(ac, q, k, v, bias)
         with torch.autocast(q.device.type, enabled=False):
             return flash_attention(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p, backend=backend)
+    if _tracing.plain_math_reason() is not None:  # jit.trace / ONNX export: record the reference math
+        return _reference_run(check_attention_inputs(q, k, v, bias, scale, dropout_p))
     if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
         return compiled_attention(check_attention_inputs(q, k, v, bias, scale, dropout_p), backend)
     signature = _signature(q, k, v, bias, scale, dropout_p, backend)

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from vitkernels.ops import _checks as C
+from vitkernels.ops._tracing import data_free
 
 OP = "flash_attention"
 HEAD_DIMS = "multiples of 8 from 16 to 256"
@@ -33,6 +34,11 @@ class AttentionInputs:
     @property
     def head_dim(self) -> int:
         return self.q.shape[-1]
+
+    @property
+    def data_free(self) -> bool:
+        """Meta tensors or a zero-size dim: nothing to compute (dispatch gives it to the reference)."""
+        return data_free(self.q, self.k, self.v, self.bias)
 
     def describe(self) -> str:
         bias = "none" if self.bias is None else f"{tuple(self.bias.shape)}"

@@ -40,6 +40,8 @@ def attention_reference(
         scores = scores + bias
     # Shift by the row max (detached: softmax does not depend on it). A row of all -inf has max -inf;
     # shifting by 0 instead keeps exp() at 0 there rather than NaN.
+    if scores.shape[-1] == 0:  # no keys: every row is "all -inf" (SDPA's zeros); amax needs a key
+        return torch.matmul(scores, v).to(out_dtype)
     row_max = scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     weights = torch.exp(scores - row_max)

@@ -6,7 +6,7 @@ from typing import List, Optional
 import torch
 
 from vitkernels import dispatch
-from vitkernels.ops import _compile
+from vitkernels.ops import _compile, _tracing
 from vitkernels.ops.patch_embed.checks import OP, PatchEmbedInputs, check_patch_embed_inputs
 from vitkernels.ops.patch_embed.compile import compiled_patch_embed
 from vitkernels.ops.patch_embed.function import PatchEmbedFunction
@@ -37,12 +37,19 @@ def patch_embed(
         backend: None (dispatch picks), "reference", "triton", "cuda" or "cpu".
 
     Returns:
-        (B, P + Np, E) in x's dtype; patches in row-major (t, h, w) order.
+        (B, P + Np, E) in x's dtype; patches in row-major (t, h, w) order. Under tracers and exporters,
+        with meta or empty inputs: see ``vitkernels.ops._tracing``.
     """
+    proxy = _tracing.fx_proxy(x, weight, bias, pos_embed, prefix_tokens)
+    if proxy is not None:  # FX symbolic tracing: one node
+        return _tracing.fx_leaf(proxy, patch_embed, (x, weight, bias),
+                                dict(pos_embed=pos_embed, prefix_tokens=prefix_tokens, backend=backend))
     if isinstance(x, torch.Tensor) and (ac := autocast_dtype(x.device.type)) is not None:
         x, weight, bias, pos_embed, prefix_tokens = autocast_cast(ac, x, weight, bias, pos_embed, prefix_tokens)
         with torch.autocast(x.device.type, enabled=False):
             return patch_embed(x, weight, bias, pos_embed=pos_embed, prefix_tokens=prefix_tokens, backend=backend)
+    if _tracing.plain_math_reason() is not None:  # jit.trace / ONNX export: record the reference math
+        return _reference_run(check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens))
     if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
         return compiled_patch_embed(check_patch_embed_inputs(x, weight, bias, pos_embed, prefix_tokens), backend)
     sig = dispatch.tensor_signature

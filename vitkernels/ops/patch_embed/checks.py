@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from vitkernels.ops import _checks as C
+from vitkernels.ops._tracing import data_free
 
 OP = "patch_embed"
 
@@ -44,6 +45,11 @@ class PatchEmbedInputs:
     @property
     def num_prefix(self) -> int:
         return 0 if self.prefix_tokens is None else self.prefix_tokens.shape[1]
+
+    @property
+    def data_free(self) -> bool:
+        """Meta tensors or a zero-size dim: nothing to compute (dispatch gives it to the reference)."""
+        return data_free(self.x, self.weight, self.bias, self.pos_embed, self.prefix_tokens)
 
     def describe(self) -> str:
         return (f"x {tuple(self.x.shape)} {C.dtype_name(self.dtype)} on {self.device}, "

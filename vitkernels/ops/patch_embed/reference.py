@@ -11,12 +11,13 @@ def patchify(x: torch.Tensor, patch) -> torch.Tensor:
     """(B, C, [T,] H, W) -> (B, Np, C * prod(patch)): patches in row-major (t, h, w) order, each flattened
     (c, [pt,] ph, pw) as Conv2d/Conv3d see it."""
     B, C, nd = x.shape[0], x.shape[1], len(patch)
+    num_patches = math.prod(s // p for s, p in zip(x.shape[2:], patch))  # explicit: B may be 0
     split = []
     for s, p in zip(x.shape[2:], patch):
         split += [s // p, p]
     x = x.reshape(B, C, *split)  # B, C, n1, p1, n2, p2, [n3, p3]
     perm = [0] + [2 + 2 * d for d in range(nd)] + [1] + [3 + 2 * d for d in range(nd)]
-    return x.permute(perm).reshape(B, -1, C * math.prod(patch))
+    return x.permute(perm).reshape(B, num_patches, C * math.prod(patch))
 
 
 def unpatchify(patches: torch.Tensor, x_shape, patch) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from vitkernels import dispatch
-from vitkernels.ops import _compile
+from vitkernels.ops import _compile, _tracing
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.triton_limits import triton_reasons
 from vitkernels.ops.window_attention.checks import OP, WindowInputs, check_window_inputs
@@ -45,12 +45,21 @@ def window_attention(
 
     Returns:
         (B, H, W, C) or (B, T, H, W, C): attention output before ``proj`` at the original positions.
+        Under tracers and exporters, with meta or empty inputs: see ``vitkernels.ops._tracing``.
     """
+    proxy = _tracing.fx_proxy(qkv, rel_pos_bias, qkv_bias)
+    if proxy is not None:  # FX symbolic tracing: one node
+        return _tracing.fx_leaf(proxy, window_attention, (qkv,),
+                                dict(num_heads=num_heads, window_size=window_size, shift_size=shift_size,
+                                     rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, scale=scale, backend=backend))
     if isinstance(qkv, torch.Tensor) and (ac := autocast_dtype(qkv.device.type)) is not None:
         qkv, rel_pos_bias, qkv_bias = autocast_cast(ac, qkv, rel_pos_bias, qkv_bias)
         with torch.autocast(qkv.device.type, enabled=False):
             return window_attention(qkv, num_heads=num_heads, window_size=window_size, shift_size=shift_size,
                                     rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias, scale=scale, backend=backend)
+    if _tracing.plain_math_reason() is not None:  # jit.trace / ONNX export: record the reference math
+        return _reference_run(check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias, qkv_bias,
+                                                  scale))
     if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
         inputs = check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias, qkv_bias, scale)
         return compiled_window_attention(inputs, backend, triton_can_run=not _triton_shape_reasons(inputs))

@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from vitkernels.ops import _checks as C
+from vitkernels.ops._tracing import data_free
 from vitkernels.ops.window_attention import geometry
 
 OP = "window_attention"
@@ -38,6 +39,11 @@ class WindowInputs:
     @property
     def spatial(self) -> Tuple[int, ...]:
         return tuple(self.qkv.shape[1:-1])
+
+    @property
+    def data_free(self) -> bool:
+        """Meta tensors or a zero-size dim: nothing to compute (dispatch gives it to the reference)."""
+        return data_free(self.qkv, self.rel_pos_bias, self.qkv_bias)
 
     def describe(self) -> str:
         return (f"qkv {tuple(self.qkv.shape)} {C.dtype_name(self.dtype)} on {self.device}, "

@@ -21,6 +21,10 @@ def _pad_with_bias(x: torch.Tensor, pads: Sequence[int], qkv_bias: Optional[torc
     """Pad every spatial dim of (B, *S, 3C) at its end; padded tokens take ``qkv_bias`` (the qkv Linear
     of a zero token), zeros when it is None."""
     if not any(pads):
+        if qkv_bias is not None and qkv_bias.requires_grad and torch.is_grad_enabled():
+            # Nothing padded: the output does not depend on qkv_bias, yet it is an input that requires a
+            # grad (as in the fused backends' autograd function): keep it in the graph with a zero grad.
+            return torch.where(torch.ones((), dtype=torch.bool, device=x.device), x, qkv_bias)
         return x
     spec = [0, 0]
     for p in reversed(pads):
@@ -41,7 +45,8 @@ def _partition(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
         split += [s // w, w]
     x = x.reshape(B, *split, C)
     perm = [0] + [1 + 2 * d for d in range(nd)] + [2 + 2 * d for d in range(nd)] + [1 + 2 * nd]
-    return x.permute(perm).reshape(B, -1, math.prod(window), C)
+    num_windows = math.prod(split[0::2])  # explicit: B may be 0
+    return x.permute(perm).reshape(B, num_windows, math.prod(window), C)
 
 
 def _reverse(windows: torch.Tensor, window: Sequence[int], padded: Sequence[int]) -> torch.Tensor:
@@ -92,10 +97,12 @@ def _from_windows(windows: torch.Tensor, geo: _Geometry):
     if geo.nd == 3:
         x = torch.roll(x, list(geo.shift), geo.dims) if geo.has_shift else x
     pad_sum = None
-    if any(geo.pads):
-        inside = torch.zeros(geo.padded, dtype=torch.bool, device=x.device)
-        inside[crop[1:]] = True
-        pad_sum = x[:, ~inside].sum(dim=(0, 1))
+    if any(geo.pads):  # the padded positions as disjoint slabs: past the map in dim d, inside it before d
+        slabs = []
+        for d, size in enumerate(geo.spatial):
+            slab = x[(slice(None),) + crop[1:d + 1] + (slice(size, None),)]
+            slabs.append(slab.reshape(-1, x.shape[-1]).sum(dim=0))
+        pad_sum = torch.stack(slabs).sum(dim=0)
     x = x[crop]
     if geo.nd == 2:
         x = torch.roll(x, list(geo.shift), geo.dims) if geo.has_shift else x

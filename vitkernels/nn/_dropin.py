@@ -1,0 +1,72 @@
+"""What every drop-in module shares: when a call must take the original module's own code, and the
+module-level behaviour (pickling, TorchScript) of the classes ``patch_timm`` / ``replace_mha`` switch to.
+
+A drop-in runs the fused path only where nobody can tell it from the original but by speed; the original
+code runs (the same code as the unpatched module, so the same result or the same error) when:
+- a tracer records the call: FX symbolic tracing (timm / torchvision feature extraction),
+  ``torch.jit.trace``, ONNX export; the recorded graph is then the unpatched model's;
+- a hook is registered on a module the fused path does not call (e.g. ``patch_embed.proj`` when the
+  projection runs inside ``patch_embed``), or a global module hook is;
+- the arguments are ones the fused path does not take; each drop-in lists its own.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+from torch import nn
+from torch.nn.modules import module as _module
+
+from vitkernels.ops import _tracing
+
+
+def plain_path_reason(*inputs) -> Optional[str]:
+    """Why a drop-in must run the original module's code for a call with these inputs, or None."""
+    if _tracing.fx_proxy(*inputs) is not None:
+        return "FX symbolic tracing"
+    return _tracing.plain_math_reason()
+
+
+def hooks_global() -> bool:
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
+
+
+def observed(*modules: Optional[nn.Module]) -> bool:
+    """Whether a hook would notice that one of ``modules`` (ones the fused path does not call) is skipped."""
+    if hooks_global():
+        return True
+    for m in modules:
+        if m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                              or getattr(m, "_backward_pre_hooks", None)):
+            return True
+    return False
+
+
+def script_error(module: nn.Module, original: str, restore: str) -> TypeError:
+    name = type(module).__name__
+    return TypeError(
+        f"torch.jit.script: vitkernels' fused {name} cannot be compiled by TorchScript (its fused ops are "
+        f"Python functions). Script the model with the original {original} modules: "
+        f"torch.jit.script({restore}(copy.deepcopy(model))) gives the same parameters and outputs. "
+        "torch.jit.trace, torch.export and torch.compile take the patched model as it is.")
+
+
+def import_qualified(module_name: str, qualname: str):
+    obj = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def autocast_on(device_type: str) -> bool:
+    from vitkernels.ops._checks import autocast_dtype
+
+    return autocast_dtype(device_type) is not None
+
+
+def broadcastable(shape, target) -> bool:
+    """Whether a tensor of ``shape`` broadcasts to ``target`` (as an attention mask must)."""
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(tuple(shape)), reversed(tuple(target))))

@@ -56,11 +56,13 @@ class MultiheadAttention(nn.MultiheadAttention):
     def __prepare_scriptable__(self):
         raise _dropin.script_error(self, "torch.nn.MultiheadAttention", "vitkernels.nn.restore_mha")
 
-    def _fusable(self, query, key, value, key_padding_mask, attn_mask) -> bool:
+    def _fusable(self, query, key, value, key_padding_mask, attn_mask, need_weights, is_causal) -> bool:
         """Whether the fused path gives what torch's forward gives for these arguments (else torch's code runs,
         with its own conversions and error messages)."""
         tensors = (query, key, value, key_padding_mask, attn_mask)
-        if _dropin.plain_path_reason(*tensors) is not None or not head_dim_supported(self.head_dim):
+        if _dropin.plain_path_reason(*tensors, need_weights, is_causal) is not None:  # first: may be proxies
+            return False
+        if not head_dim_supported(self.head_dim):
             return False
         if not all(t is None or (isinstance(t, Tensor) and not t.is_nested) for t in tensors):
             return False
@@ -98,8 +100,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-        wants_weights = need_weights and (self.weights_mode == "always" or self._has_hooks())
-        if wants_weights or is_causal or not self._fusable(query, key, value, key_padding_mask, attn_mask):
+        fusable = self._fusable(query, key, value, key_padding_mask, attn_mask, need_weights, is_causal)
+        if not fusable or is_causal or (need_weights and (self.weights_mode == "always" or self._has_hooks())):
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)

@@ -91,8 +91,9 @@ class FusedAttentionMixin(_TimmDropIn):
     """timm ``Attention.forward`` on ``flash_attention``."""
 
     def _fused_call(self, x, attn_mask, is_causal) -> bool:
-        if (is_causal or not self.fused_attn or not head_dim_supported(self.head_dim)
-                or _dropin.plain_path_reason(x, attn_mask) is not None or x.dim() != 3):
+        if _dropin.plain_path_reason(x, attn_mask, is_causal) is not None:  # first: arguments may be proxies
+            return False
+        if is_causal or not self.fused_attn or not head_dim_supported(self.head_dim) or x.dim() != 3:
             return False
         if attn_mask is None:
             return True
@@ -167,7 +168,8 @@ class FusedVisionTransformerMixin(_TimmDropIn):
                 and self.pos_embed is not None and pe._fusable(x) and not _dropin.observed(pe, pe.norm))
 
     def forward_features(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not self._fused_embed_ok(x):
+        # the tracer check first: under FX, reading a parameter records a node
+        if _dropin.plain_path_reason(x, *args, *kwargs.values()) is not None or not self._fused_embed_ok(x):
             return super().forward_features(x, *args, **kwargs)
         # timm's forward_features calls patch_embed(x) then _pos_embed(x): patch_embed hands the image on
         # (nobody observes it: no hooks, checked above) and _pos_embed embeds it in one call.

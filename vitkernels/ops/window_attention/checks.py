@@ -81,8 +81,11 @@ def check_window_inputs(qkv, num_heads, window_size, shift_size=0, rel_pos_bias=
         C.require_same_device(OP, "rel_pos_bias", rel_pos_bias, "qkv", qkv)
         expected = (geometry.table_rows(table_window), num_heads)
         terms = "*".join(f"(2*{w}-1)" for w in table_window)
-        C.require_shape(OP, "rel_pos_bias", rel_pos_bias, expected,
-                        f"({terms}, num_heads) for window {table_window}")
+        meaning = f"({terms}, num_heads) for window {table_window}"
+        if tuple(table_window) != tuple(window_size):  # 2-D, clipped: timm sizes the table for the used window
+            meaning += (f": window_size {window_size} is clipped to the {spatial} map (a window not smaller than "
+                        "the map is the whole map, as in timm), and the table is the clipped window's")
+        C.require_shape(OP, "rel_pos_bias", rel_pos_bias, expected, meaning)
     if qkv_bias is not None:
         C.require_tensor(OP, "qkv_bias", qkv_bias)
         C.require_same_dtype(OP, "qkv_bias", qkv_bias, "qkv", qkv)

@@ -117,6 +117,52 @@ def test_submodules_called_alone_and_hooks_see_timms_tensors(family):
             torch.testing.assert_close(a, b, **TOL)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_swapped_module_called_on_its_own_gives_timms_output(family):
+    """Record each module's inputs and output in the plain model's forward, then call the swapped module of
+    the patched model with them: module semantics, not only the model's output (a Swin block's
+    WindowAttention is not called by the fused block, yet alone it still gives timm's output)."""
+    plain, patched, size = build(family)
+    records = {}
+
+    def record(name):
+        def hook(module, args, kwargs, out):
+            records.setdefault(name, (args, kwargs, out))  # the first call (returns None: output unchanged)
+        return hook
+    handles = [m.register_forward_hook(record(name), with_kwargs=True) for name, m in plain.named_modules()]
+    with torch.no_grad():
+        plain(images(size))
+    for h in handles:
+        h.remove()
+    checked = set()
+    with torch.no_grad():
+        for name, module in patched.named_modules():
+            if isinstance(module, timm_layers._TimmDropIn) and name in records:
+                args, kwargs, expected = records[name]
+                torch.testing.assert_close(module(*args, **kwargs), expected, **TOL, msg=lambda m: f"{name}: {m}")
+                checked.add(type(module).__name__)
+    wanted = {"vit": {"VisionTransformer", "PatchEmbed", "Attention"},
+              "deit_distilled": {"VisionTransformerDistilled", "PatchEmbed", "Attention"},
+              "swin": {"PatchEmbed", "SwinTransformerBlock", "WindowAttention"}}[family]
+    assert checked == wanted
+
+
+@pytest.mark.parametrize("mask", ["float", "bool", "causal", "broadcast"])
+def test_timm_attention_with_masks_gives_timms_output(mask):
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    plain = Attention(64, num_heads=4).eval()
+    patched = patch_timm(nn.Sequential(copy.deepcopy(plain)))[0]
+    x = torch.randn(2, 10, 64)
+    kwargs = {"float": dict(attn_mask=torch.randn(2, 4, 10, 10)),
+              "bool": dict(attn_mask=torch.rand(2, 1, 10, 10) > 0.3),
+              "causal": dict(is_causal=True),
+              "broadcast": dict(attn_mask=torch.randn(10, 10))}[mask]
+    with torch.no_grad():
+        torch.testing.assert_close(patched(x, **kwargs), plain(x, **kwargs), **TOL)
+
+
 def _python_ops(graph) -> list:
     return [n for n in graph.nodes() if n.kind() == "prim::PythonOp"]
 

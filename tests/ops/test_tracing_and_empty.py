@@ -148,16 +148,24 @@ def test_fx_symbolic_trace_keeps_each_op_as_one_node():
     torch.testing.assert_close(graph_module(x), module(x))
 
 
-def test_onnx_export_of_the_ops_takes_its_input():
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
+def test_onnx_export_of_the_ops_takes_its_input(dynamo):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
     module = _AllThree()
-    buffer = io.BytesIO()
-    torch.onnx.export(module, (torch.randn(2, 3, 32, 32),), buffer, dynamo=False, input_names=["x"],
-                      dynamic_axes={"x": {0: "batch"}})
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
-    other = torch.randn(3, 3, 32, 32)
-    (out,) = session.run(None, {"x": other.numpy()})
+    x = torch.randn(2, 3, 32, 32)
+    if dynamo:
+        proto = torch.onnx.export(module, (x,), dynamo=True, verbose=False).model_proto.SerializeToString()
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=["x"])
+        proto = buffer.getvalue()
+    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    other = torch.randn(2, 3, 32, 32)  # another input: a baked-in constant would show
+    (out,) = session.run(None, {name: other.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), module(other).detach(), rtol=1e-4, atol=1e-4)
 
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from vitkernels.ops import _compile
+
 
 def fx_proxy(*values) -> Optional["torch.fx.Proxy"]:
     """The first ``torch.fx.Proxy`` among ``values`` (the op is being symbolically traced), else None."""
@@ -33,9 +35,15 @@ def fx_leaf(proxy: "torch.fx.Proxy", fn: Callable, args: Tuple[Any, ...], kwargs
 
 
 def plain_math_reason() -> Optional[str]:
-    """Why an op must run its plain PyTorch reference right now (a tracer records the ops it runs), or None."""
+    """Why an op must run its plain PyTorch reference right now (a tracer records the ops it runs), or None.
+    Cheap on the eager path (every drop-in call asks): the ONNX flag is read only inside an export."""
     if torch.jit.is_tracing():
         return "torch.jit.trace (ONNX export with dynamo=False traces too)"
+    if not _compile.compiling():  # the dynamo ONNX exporter runs torch.export: compiling and exporting
+        return None
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and not is_exporting():
+        return None
     onnx = sys.modules.get("torch.onnx")  # not imported: not exporting
     if onnx is not None and onnx.is_in_onnx_export():
         return "ONNX export"

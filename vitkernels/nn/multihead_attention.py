@@ -87,7 +87,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         if len({m.dtype for m in masks}) > 1:  # torch converts (with a deprecation warning)
             return False
         for mask in masks:
-            if mask.dtype != torch.bool and mask.dtype != query.dtype:
+            if (mask.dtype != torch.bool and mask.dtype != query.dtype) or mask.device != query.device:
                 return False
         if key_padding_mask is not None and tuple(key_padding_mask.shape) != ((B, S) if batched else (S,)):
             return False

@@ -98,7 +98,7 @@ class FusedAttentionMixin(_TimmDropIn):
         if attn_mask is None:
             return True
         B, N, _ = x.shape
-        return (attn_mask.is_floating_point()  # bool masks: SDPA's own semantics
+        return (attn_mask.is_floating_point() and attn_mask.device == x.device  # bool masks: SDPA's own semantics
                 and (attn_mask.dtype == x.dtype or _dropin.autocast_on(x.device.type))
                 and _dropin.broadcastable(attn_mask.shape, (B, self.num_heads, N, N)))
 
@@ -141,6 +141,8 @@ class FusedPatchEmbedMixin(_TimmDropIn):
         if getattr(self, "strict_img_size", False) and getattr(self, "img_size", None) is not None:
             if (H, W) != tuple(self.img_size):
                 return False
+        if x.device != proj.weight.device:  # the conv's own error
+            return False
         return x.dtype == proj.weight.dtype or _dropin.autocast_on(x.device.type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,8 +209,8 @@ class FusedWindowAttentionMixin(_TimmDropIn):
         if mask is None:
             return True
         B_, N, _ = x.shape
-        return (mask.is_floating_point() and mask.dim() == 3 and tuple(mask.shape[1:]) == (N, N)
-                and B_ % mask.shape[0] == 0)
+        return (mask.is_floating_point() and mask.device == x.device and mask.dim() == 3
+                and tuple(mask.shape[1:]) == (N, N) and B_ % mask.shape[0] == 0)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not self._fused_call(x, mask):

@@ -31,3 +31,27 @@ def qkv_views(B, H, N, D, dtype=torch.float32, device="cpu", requires_grad=False
     base = torch.randn(B, N, 3, H, D, dtype=dtype, device=device, requires_grad=requires_grad)
     q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v, base
+
+
+def onnx_run(module, example, other, *, dynamo: bool = False):
+    """Export ``module`` to ONNX on ``example`` (torch's TorchScript-based exporter, or the dynamo one) and run
+    the exported graph in onnxruntime on ``other``: a graph that ignores its input shows here. Skips
+    without onnx / onnxruntime (/ onnxscript for dynamo). Asserts the graph has exactly one input."""
+    import io
+
+    import pytest
+
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+        proto = torch.onnx.export(module, (example,), dynamo=True, verbose=False).model_proto.SerializeToString()
+    else:
+        buffer = io.BytesIO()
+        torch.onnx.export(module, (example,), buffer, dynamo=False, input_names=["x"])
+        proto = buffer.getvalue()
+    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    inputs = session.get_inputs()
+    assert len(inputs) == 1, f"the exported graph has inputs {[i.name for i in inputs]}"
+    (out,) = session.run(None, {inputs[0].name: other.numpy()})
+    return torch.from_numpy(out)

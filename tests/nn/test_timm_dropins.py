@@ -13,20 +13,6 @@ FAMILIES = ["vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distille
             "swin_tiny_patch4_window7_224"]
 
 
-@pytest.fixture
-def op_calls(monkeypatch):
-    """Counts the calls the drop-ins make to each fused op."""
-    calls = {"flash_attention": 0, "window_attention": 0, "patch_embed": 0}
-    for name in calls:
-        real = getattr(timm_layers, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(timm_layers, name, spy)
-    return calls
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_create_model_loads_timm_state_dict_strictly_and_matches_its_logits(name, op_calls):
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ timm = pytest.importorskip("timm")
 
 from vitkernels.nn import replace_mha, restore_mha, timm_layers  # noqa: E402
 from vitkernels.nn import patch_timm, unpatch_timm  # noqa: E402
+from tests.utils import onnx_run  # noqa: E402
 
 FAMILIES = {
     "vit": ("vit_tiny_patch16_224", dict(depth=2, img_size=64), 64),
@@ -40,20 +41,6 @@ def build(family, **overrides):
 
 def images(size, batch=2, seed=1):
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-@pytest.fixture
-def op_calls(monkeypatch):
-    """Counts the fused ops the timm drop-ins call (to tell the fused path from timm's code)."""
-    calls = {"flash_attention": 0, "window_attention": 0, "patch_embed": 0}
-    for name in calls:
-        real = getattr(timm_layers, name)
-
-        def spy(*args, _real=real, _name=name, **kwargs):
-            calls[_name] += 1
-            return _real(*args, **kwargs)
-        monkeypatch.setattr(timm_layers, name, spy)
-    return calls
 
 
 def fused_calls(calls):
@@ -196,24 +183,11 @@ def test_jit_script_names_the_way_out_and_the_way_out_scripts(family):
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_onnx_export_takes_the_image_and_gives_timms_logits(family, dynamo):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    if dynamo:
-        pytest.importorskip("onnxscript")
     plain, patched, size = build(family)
-    x, other = images(size, seed=1), images(size, seed=2)
-    if dynamo:
-        proto = torch.onnx.export(patched, (x,), dynamo=True, verbose=False).model_proto.SerializeToString()
-    else:
-        buffer = io.BytesIO()
-        torch.onnx.export(patched, (x,), buffer, dynamo=False, input_names=["x"])
-        proto = buffer.getvalue()
-    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
-    inputs = session.get_inputs()
-    assert len(inputs) == 1, f"the exported graph has inputs {[i.name for i in inputs]}"
-    (logits,) = session.run(None, {inputs[0].name: other.numpy()})
+    other = images(size, seed=2)
+    logits = onnx_run(patched, images(size, seed=1), other, dynamo=dynamo)
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(logits), plain(other), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits, plain(other), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -466,9 +440,6 @@ def test_mha_jit_trace_script_pickle_and_export():
 
 
 def test_mha_onnx_export_takes_its_inputs():
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-
     class SelfAttention(nn.Module):
         def __init__(self):
             super().__init__()
@@ -480,10 +451,7 @@ def test_mha_onnx_export_takes_its_inputs():
     torch.manual_seed(0)
     plain = SelfAttention().eval()
     patched = replace_mha(copy.deepcopy(plain))
-    buffer = io.BytesIO()
-    torch.onnx.export(patched, (tokens(seed=1),), buffer, dynamo=False, input_names=["x"])
-    session = ort.InferenceSession(buffer.getvalue(), providers=["CPUExecutionProvider"])
     other = tokens(seed=2)
-    (out,) = session.run(None, {"x": other.numpy()})
+    out = onnx_run(patched, tokens(seed=1), other)
     with torch.no_grad():
-        torch.testing.assert_close(torch.from_numpy(out), plain(other), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out, plain(other), rtol=1e-4, atol=1e-5)

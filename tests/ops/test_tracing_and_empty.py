@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import vitkernels
 from vitkernels import dispatch, flash_attention, patch_embed, window_attention
 from vitkernels.ops.window_attention.reference import window_attention_reference
+from tests.utils import onnx_run
 
 BACKENDS = [None, "reference", pytest.param("triton", marks=pytest.mark.triton)]
 
@@ -150,23 +151,10 @@ def test_fx_symbolic_trace_keeps_each_op_as_one_node():
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript_exporter", "dynamo_exporter"])
 def test_onnx_export_of_the_ops_takes_its_input(dynamo):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
-    if dynamo:
-        pytest.importorskip("onnxscript")
     module = _AllThree()
-    x = torch.randn(2, 3, 32, 32)
-    if dynamo:
-        proto = torch.onnx.export(module, (x,), dynamo=True, verbose=False).model_proto.SerializeToString()
-    else:
-        buffer = io.BytesIO()
-        torch.onnx.export(module, (x,), buffer, dynamo=False, input_names=["x"])
-        proto = buffer.getvalue()
-    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
-    (name,) = [i.name for i in session.get_inputs()]
     other = torch.randn(2, 3, 32, 32)  # another input: a baked-in constant would show
-    (out,) = session.run(None, {name: other.numpy()})
-    torch.testing.assert_close(torch.from_numpy(out), module(other).detach(), rtol=1e-4, atol=1e-4)
+    out = onnx_run(module, torch.randn(2, 3, 32, 32), other, dynamo=dynamo)
+    torch.testing.assert_close(out, module(other).detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_a_clipped_window_says_it_was_clipped():

@@ -15,7 +15,7 @@ export MAX_JOBS ?= 2
 
 DEPS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pytest pytest-benchmark ninja pybind11 matplotlib "setuptools>=77" \
         onnx onnxruntime onnxscript
-SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
 # The lent GPU machines run triton 3.6: make test-slow also compiles every kernel ahead of time with it
 # (installed beside the venv, never imported by the venv itself).

@@ -36,7 +36,14 @@ def extensions():
         return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
     sources = ["csrc/bindings.cpp"] + rel("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3"]
+    # -fno-trapping-math: lets GCC vectorise the float->int steps of the CPU kernels' exp (no value changes).
+    # -fopenmp: at::parallel_for is an OpenMP loop in torch's headers; without it the CPU kernels run on one
+    # thread (torch's Linux wheels use the same libgomp).
+    cxx_flags = ["-O3", "-fno-trapping-math"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     cuda_home = os.environ.get("CUDA_HOME", "")
     with_cuda = bool(cuda_home) and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     if with_cuda:
@@ -45,9 +52,11 @@ def extensions():
             sources + rel("csrc/cuda/*.cu"),
             define_macros=[("WITH_CUDA", None)],
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
+            extra_link_args=link_flags,
         )
     else:
-        ext = CppExtension("vitkernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        ext = CppExtension("vitkernels._C", sources, extra_compile_args={"cxx": cxx_flags},
+                           extra_link_args=link_flags)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -1,7 +1,9 @@
 // The one binding file of vitkernels._C: device dispatch of each kernel and the build flags.
 #include <torch/extension.h>
 
+#include "attention.h"
 #include "patch_embed.h"
+#include "window_attention.h"
 
 namespace vitkernels {
 namespace {
@@ -53,6 +55,20 @@ at::Tensor patch_scatter(const at::Tensor& patches, const std::vector<int64_t>& 
   return patch_scatter_cpu(patches, x_sizes, p);
 }
 
+WindowGeometry window_geometry(const std::vector<int64_t>& spatial, const std::vector<int64_t>& window,
+                               const std::vector<int64_t>& shift, const std::vector<int64_t>& padded,
+                               bool roll_after_pad) {
+  for (const auto* v : {&spatial, &window, &shift, &padded})
+    TORCH_CHECK(v->size() == 3, "window geometry: spatial, window, shift and padded take 3 values (t, h, w)");
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK(window[d] >= 1 && padded[d] % window[d] == 0 && padded[d] >= spatial[d] && shift[d] >= 0 &&
+                    shift[d] < window[d] && spatial[d] >= 1,
+                "window geometry: inconsistent window / shift / padded size in dim ", d);
+  WindowGeometry g;
+  g.spatial = spatial, g.window = window, g.shift = shift, g.padded = padded, g.roll_after_pad = roll_after_pad;
+  return g;
+}
+
 }  // namespace
 }  // namespace vitkernels
 
@@ -62,6 +78,45 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("patch"));
   m.def("patch_scatter", &vitkernels::patch_scatter, "patches (B, Np, K) -> contiguous (B, C, T, H, W)",
         py::arg("patches"), py::arg("x_sizes"), py::arg("patch"));
+  m.def("attention_forward_cpu", &vitkernels::attention_forward_cpu,
+        "flash attention forward on CPU -> (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),
+        py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
+  m.def("attention_backward_cpu", &vitkernels::attention_backward_cpu,
+        "flash attention backward on CPU -> (dq, dk, dv, dbias)", py::arg("dout"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("dropout_p"),
+        py::arg("seed"), py::arg("offset"), py::arg("bias_requires_grad"));
+  m.def("attention_dropout_mask_cpu", &vitkernels::attention_dropout_mask_cpu,
+        "the keep-mask of the CPU kernels' dropout on a (B, H, Nq, Nk) grid", py::arg("shape"), py::arg("dropout_p"),
+        py::arg("seed"), py::arg("offset"));
+  m.def(
+      "window_forward_cpu",
+      [](const at::Tensor& qkv, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& qkv_bias,
+         const c10::optional<at::Tensor>& index, int64_t num_heads, const std::vector<int64_t>& spatial,
+         const std::vector<int64_t>& window, const std::vector<int64_t>& shift, const std::vector<int64_t>& padded,
+         bool roll_after_pad, double scale) {
+        return vitkernels::window_forward_cpu(
+            qkv, table, qkv_bias, index, num_heads,
+            vitkernels::window_geometry(spatial, window, shift, padded, roll_after_pad), scale);
+      },
+      "shifted-window attention forward on CPU -> (out, lse)", py::arg("qkv"), py::arg("table"), py::arg("qkv_bias"),
+      py::arg("index"), py::arg("num_heads"), py::arg("spatial"), py::arg("window"), py::arg("shift"),
+      py::arg("padded"), py::arg("roll_after_pad"), py::arg("scale"));
+  m.def(
+      "window_backward_cpu",
+      [](const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
+         const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index, const at::Tensor& out,
+         const at::Tensor& lse, int64_t num_heads, const std::vector<int64_t>& spatial,
+         const std::vector<int64_t>& window, const std::vector<int64_t>& shift, const std::vector<int64_t>& padded,
+         bool roll_after_pad, double scale, bool need_qkv, bool need_pairs, bool need_bias) {
+        return vitkernels::window_backward_cpu(
+            dout, qkv, table, qkv_bias, index, out, lse, num_heads,
+            vitkernels::window_geometry(spatial, window, shift, padded, roll_after_pad), scale, need_qkv, need_pairs,
+            need_bias);
+      },
+      "shifted-window attention backward on CPU -> (dqkv, d(pairs), d(qkv_bias))", py::arg("dout"), py::arg("qkv"),
+      py::arg("table"), py::arg("qkv_bias"), py::arg("index"), py::arg("out"), py::arg("lse"), py::arg("num_heads"),
+      py::arg("spatial"), py::arg("window"), py::arg("shift"), py::arg("padded"), py::arg("roll_after_pad"),
+      py::arg("scale"), py::arg("need_qkv"), py::arg("need_pairs"), py::arg("need_bias"));
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -12,6 +12,7 @@ from vitkernels.ops.attention.compile import compiled_attention
 from vitkernels.ops.attention.function import AttentionFunction
 from vitkernels.ops.attention.reference import ReferenceAttentionKernels, attention_reference
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
+from vitkernels.ops.cpu_limits import cpu_reasons
 from vitkernels.ops.triton_limits import triton_reasons
 
 
@@ -99,8 +100,21 @@ def _triton_run(inputs: AttentionInputs) -> torch.Tensor:
                                    inputs.dropout_p)
 
 
+def _cpu_kernels():
+    from vitkernels.ops.attention.cpu import CpuAttentionKernels
+
+    return CpuAttentionKernels
+
+
+def _cpu_run(inputs: AttentionInputs) -> torch.Tensor:
+    return AttentionFunction.apply(_cpu_kernels(), inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale,
+                                   inputs.dropout_p)
+
+
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,
                   kernels=lambda: ReferenceAttentionKernels)
 dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernels=_triton_kernels)
+dispatch.register(OP, "cpu", reasons=lambda inputs: cpu_reasons(inputs.device, inputs.dtype), run=_cpu_run,
+                  kernels=_cpu_kernels)
 
 __all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs"]

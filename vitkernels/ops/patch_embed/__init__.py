@@ -13,6 +13,7 @@ from vitkernels.ops.patch_embed.function import PatchEmbedFunction
 from vitkernels.ops.patch_embed.gather_gemm import GatherGemmKernels
 from vitkernels.ops.patch_embed.reference import ReferencePatchEmbedKernels, patch_embed_reference
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
+from vitkernels.ops.cpu_limits import cpu_reasons
 from vitkernels.ops.triton_limits import triton_reasons
 
 
@@ -91,6 +92,21 @@ def _device_reasons(device_type: str):
     return reasons
 
 
+def _cpu_kernels():
+    from vitkernels.ops.patch_embed.cpu import CpuPatchEmbedKernels
+
+    return CpuPatchEmbedKernels
+
+
+def _cpu_run(inputs: PatchEmbedInputs) -> torch.Tensor:
+    return PatchEmbedFunction.apply(_cpu_kernels(), inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
+                                    inputs.prefix_tokens)
+
+
+def _cpu_reasons(inputs: PatchEmbedInputs) -> List[str]:
+    return cpu_reasons(inputs.device, inputs.dtype)
+
+
 def _triton_kernels():
     from vitkernels.ops.patch_embed.triton import TritonPatchEmbedKernels  # imports triton: only when used
 
@@ -106,7 +122,7 @@ dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run
                   kernels=lambda: ReferencePatchEmbedKernels)
 dispatch.register(OP, "triton", reasons=lambda inputs: triton_reasons(inputs.device, inputs.dtype), run=_triton_run,
                   kernels=_triton_kernels)
-dispatch.register(OP, "cpu", reasons=_device_reasons("cpu"), run=_gather_gemm_run, kernels=lambda: GatherGemmKernels)
+dispatch.register(OP, "cpu", reasons=_cpu_reasons, run=_cpu_run, kernels=_cpu_kernels)
 dispatch.register(OP, "cuda", reasons=_device_reasons("cuda"), run=_gather_gemm_run, kernels=lambda: GatherGemmKernels)
 
 __all__ = ["patch_embed", "patch_embed_reference", "check_patch_embed_inputs", "PatchEmbedInputs"]

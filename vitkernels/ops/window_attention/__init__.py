@@ -9,6 +9,7 @@ import torch
 from vitkernels import dispatch
 from vitkernels.ops import _compile, _tracing
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
+from vitkernels.ops.cpu_limits import cpu_reasons
 from vitkernels.ops.triton_limits import triton_reasons
 from vitkernels.ops.window_attention.checks import OP, WindowInputs, check_window_inputs
 from vitkernels.ops.window_attention.compile import compiled_window_attention
@@ -119,8 +120,20 @@ def _triton_run(inputs: WindowInputs) -> torch.Tensor:
     return window_attention_function(_triton_kernels(), inputs)
 
 
+def _cpu_kernels():
+    from vitkernels.ops.window_attention.cpu import CpuWindowKernels
+
+    return CpuWindowKernels
+
+
+def _cpu_run(inputs: WindowInputs) -> torch.Tensor:
+    return window_attention_function(_cpu_kernels(), inputs)
+
+
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,
                   kernels=lambda: ReferenceWindowKernels)
 dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernels=_triton_kernels)
+dispatch.register(OP, "cpu", reasons=lambda inputs: cpu_reasons(inputs.device, inputs.dtype), run=_cpu_run,
+                  kernels=_cpu_kernels)
 
 __all__ = ["window_attention", "window_attention_reference", "check_window_inputs", "WindowInputs"]

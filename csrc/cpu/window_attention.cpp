@@ -1,0 +1,317 @@
+// C++ CPU shifted-window attention: roll, pad, partition, relative-position bias, shift mask and reverse
+// done by index arithmetic on the unpadded map, never materialised.
+//
+// One task per (batch, window): the window's tokens are gathered once (3C floats each; padded tokens take
+// qkv_bias), every head runs on BLAS tiles of that block (N <= a few hundred: all keys in one step), and the
+// output rows go straight back to their map positions (every position is in exactly one window, so tasks
+// never write the same row). Backward: the same tasks; d(pairs) and d(qkv_bias) are summed per chunk of
+// windows, the chunks fixed by the shape alone, then chunk by chunk in order: bitwise the same at any
+// thread count.
+#include "../window_attention.h"
+
+#include <ATen/Dispatch.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "cpu_kernels.h"
+
+namespace vitkernels {
+namespace {
+
+using cpu::kNegInf;
+using cpu::Scratch;
+
+// Where the tokens of each window come from.
+struct Layout {
+  int64_t B, C3, C, heads, hd, N;
+  int64_t counts[3], windows;  // windows per dim and per sample
+  int64_t window[3], shift[3], spatial[3], padded[3];
+  int64_t xs[5];  // qkv strides (b, t, h, w, c)
+  bool roll_after_pad;
+
+  Layout(const at::Tensor& qkv, int64_t num_heads, const WindowGeometry& g) {
+    B = qkv.size(0);
+    C3 = qkv.size(4);
+    C = C3 / 3;
+    heads = num_heads;
+    hd = C / heads;
+    N = 1;
+    windows = 1;
+    for (int d = 0; d < 3; ++d) {
+      window[d] = g.window[d], shift[d] = g.shift[d], spatial[d] = g.spatial[d], padded[d] = g.padded[d];
+      counts[d] = padded[d] / window[d];
+      N *= window[d];
+      windows *= counts[d];
+    }
+    for (int d = 0; d < 5; ++d) xs[d] = qkv.stride(d);
+    roll_after_pad = g.roll_after_pad;
+  }
+
+  // For window `w` of a sample: the map offset (t, h, w strides of `strides`) of each token, -1 when the token
+  // is padding; and each token's shift region (pairs in different regions are masked). Returns whether the
+  // window holds more than one region.
+  bool tokens(int64_t w, const int64_t* strides, int64_t* src, int32_t* region) const {
+    const int64_t win[3] = {w / (counts[1] * counts[2]), (w / counts[2]) % counts[1], w % counts[2]};
+    int64_t n = 0;
+    bool mixed = false;
+    for (int64_t a = 0; a < window[0]; ++a)
+      for (int64_t b = 0; b < window[1]; ++b)
+        for (int64_t c = 0; c < window[2]; ++c, ++n) {
+          const int64_t off[3] = {a, b, c};
+          int64_t offset = 0;
+          bool pad = false;
+          int32_t id = 0;
+          for (int d = 0; d < 3; ++d) {
+            const int64_t p = win[d] * window[d] + off[d];  // position in the shifted, padded map
+            int64_t coord;
+            if (roll_after_pad) {  // Video Swin: pad, then roll the padded map
+              coord = (p + shift[d]) % padded[d];
+              pad = pad || coord >= spatial[d];
+            } else {  // timm: roll the map, then pad its end
+              pad = pad || p >= spatial[d];
+              coord = (p + shift[d]) % spatial[d];
+            }
+            offset += coord * strides[d];
+            // timm's / Video Swin's mask regions over the padded map: [0, L-w), [L-w, L-s), [L-s, L)
+            const int32_t r = shift[d] == 0 ? 2 : (p >= padded[d] - window[d]) + (p >= padded[d] - shift[d]);
+            id = id * 3 + r;
+          }
+          src[n] = pad ? -1 : offset;
+          region[n] = id;
+          mixed = mixed || id != region[0];
+        }
+    return mixed;
+  }
+};
+
+// The (heads, N, N) bias of every window: table rows gathered by `index` (float; zeros without a table).
+template <typename scalar_t>
+std::vector<float> gather_bias(const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& index,
+                               const Layout& L) {
+  std::vector<float> bias;
+  if (!table.has_value()) return bias;
+  bias.resize(L.heads * L.N * L.N);
+  const scalar_t* t = table->const_data_ptr<scalar_t>();
+  const int64_t ts0 = table->stride(0), ts1 = table->stride(1);
+  auto idx = index->contiguous();
+  const int64_t* ix = idx.const_data_ptr<int64_t>();
+  for (int64_t h = 0; h < L.heads; ++h)
+    for (int64_t p = 0; p < L.N * L.N; ++p) bias[h * L.N * L.N + p] = static_cast<float>(t[ix[p] * ts0 + h * ts1]);
+  return bias;
+}
+
+// qkv_bias as float (3C), zeros without one: the value of every padded token.
+template <typename scalar_t>
+std::vector<float> pad_value(const c10::optional<at::Tensor>& qkv_bias, int64_t C3) {
+  std::vector<float> value(C3, 0.0f);
+  if (qkv_bias.has_value()) cpu::load_strided(qkv_bias->const_data_ptr<scalar_t>(), qkv_bias->stride(0), C3, value.data());
+  return value;
+}
+
+// Gathers the rows of one window (width `cols`, channel stride `cs`) into a dense float block; padded rows
+// take `pad` (or zeros when pad is null).
+template <typename scalar_t>
+void gather_rows(const scalar_t* base, const int64_t* src, int64_t n, int64_t cols, int64_t cs, const float* pad,
+                 float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = dst + i * cols;
+    if (src[i] < 0) {
+      if (pad) std::copy(pad, pad + cols, row);
+      else std::fill(row, row + cols, 0.0f);
+    } else {
+      cpu::load_strided(base + src[i], cs, cols, row);
+    }
+  }
+}
+
+// s = scale q k^T + bias (+ -inf between shift regions) for one head of one window (N x N).
+void head_scores(const float* block, int64_t ld, int64_t C, int64_t hd, int64_t h, int64_t N, float scale,
+                 const float* bias, const int32_t* region, bool mixed, float* S) {
+  const float* Q = block + h * hd;
+  const float* K = block + C + h * hd;
+  cpu::gemm(false, true, N, N, hd, scale, Q, ld, K, ld, 0.0f, S, N);
+  if (bias) cpu::add_strided(S, bias + h * N * N, 1, N * N);
+  if (mixed)
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < N; ++j)
+        if (region[i] != region[j]) S[i * N + j] = kNegInf;
+}
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
+                    const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
+                    const Layout& L, float scale, at::Tensor& out, at::Tensor& lse) {
+  const std::vector<float> bias = gather_bias<scalar_t>(table, index, L);
+  const std::vector<float> pad = pad_value<scalar_t>(qkv_bias, L.C3);
+  const scalar_t* x = qkv.const_data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  float* lse_p = lse.mutable_data_ptr<float>();
+  const int64_t os[3] = {out.stride(1), out.stride(2), out.stride(3)};
+  const int64_t N = L.N, C = L.C, hd = L.hd;
+
+  at::parallel_for(0, L.B * L.windows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> src(N), dst(N);
+    std::vector<int32_t> region(N);
+    Scratch block_buf, s_buf, o_buf;
+    float* block = block_buf.get(N * L.C3);
+    float* S = s_buf.get(N * N);
+    float* O = o_buf.get(N * C);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / L.windows, w = task % L.windows;
+      const bool mixed = L.tokens(w, L.xs + 1, src.data(), region.data());
+      L.tokens(w, os, dst.data(), region.data());
+      gather_rows(x + b * L.xs[0], src.data(), N, L.C3, L.xs[4], pad.data(), block);
+      for (int64_t h = 0; h < L.heads; ++h) {
+        head_scores(block, L.C3, C, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed, S);
+        float* lse_row = lse_p + (task * L.heads + h) * N;
+        for (int64_t i = 0; i < N; ++i) {
+          float* srow = S + i * N;
+          const float m = cpu::row_max(srow, N);
+          const float l = cpu::exp_shift_sum(srow, N, m);
+          const float inv = l == 0.0f ? 0.0f : 1.0f / l;
+          cpu::scale_row(srow, N, inv);  // P; a row of all -inf gives zeros
+          lse_row[i] = l == 0.0f ? kNegInf : m + std::log(l);
+        }
+        // O_h = P V_h, written beside the other heads (N x C)
+        cpu::gemm(false, false, N, hd, N, 1.0f, S, N, block + 2 * C + h * hd, L.C3, 0.0f, O + h * hd, C);
+      }
+      scalar_t* ob = o + b * out.stride(0);
+      for (int64_t i = 0; i < N; ++i)
+        if (src[i] >= 0) cpu::from_float(O + i * C, ob + dst[i], C);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
+                     const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
+                     const at::Tensor& out, const at::Tensor& lse, const Layout& L, float scale, scalar_t* dqkv,
+                     float* dpairs_chunks, float* dbias_chunks, int64_t chunks) {
+  const std::vector<float> bias = gather_bias<scalar_t>(table, index, L);
+  const std::vector<float> pad = pad_value<scalar_t>(qkv_bias, L.C3);
+  const scalar_t* x = qkv.const_data_ptr<scalar_t>();
+  const scalar_t* go = dout.const_data_ptr<scalar_t>();
+  const scalar_t* o = out.const_data_ptr<scalar_t>();
+  const float* lse_p = lse.const_data_ptr<float>();
+  const int64_t ds[3] = {dout.stride(1), dout.stride(2), dout.stride(3)};
+  const int64_t os[3] = {out.stride(1), out.stride(2), out.stride(3)};
+  const int64_t gs[3] = {L.spatial[1] * L.spatial[2] * L.C3, L.spatial[2] * L.C3, L.C3};  // dqkv, contiguous
+  const int64_t N = L.N, C = L.C, hd = L.hd, tasks = L.B * L.windows;
+  const int64_t per_chunk = (tasks + chunks - 1) / chunks;
+
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> src(N), dsrc(N), osrc(N), gsrc(N);
+    std::vector<int32_t> region(N);
+    Scratch block_buf, do_buf, o_buf, g_buf, s_buf, dp_buf, delta_buf;
+    float* block = block_buf.get(N * L.C3);
+    float* dO = do_buf.get(N * C);
+    float* O = o_buf.get(N * C);
+    float* G = g_buf.get(N * L.C3);  // d(q | k | v) of the window
+    float* S = s_buf.get(N * N);
+    float* dP = dp_buf.get(N * N);
+    float* delta = delta_buf.get(N);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      float* dpairs = dpairs_chunks ? dpairs_chunks + chunk * L.heads * N * N : nullptr;
+      float* dbias = dbias_chunks ? dbias_chunks + chunk * L.C3 : nullptr;
+      if (dpairs) std::fill(dpairs, dpairs + L.heads * N * N, 0.0f);
+      if (dbias) std::fill(dbias, dbias + L.C3, 0.0f);
+      for (int64_t task = chunk * per_chunk; task < std::min(tasks, (chunk + 1) * per_chunk); ++task) {
+        const int64_t b = task / L.windows, w = task % L.windows;
+        const bool mixed = L.tokens(w, L.xs + 1, src.data(), region.data());
+        L.tokens(w, ds, dsrc.data(), region.data());
+        L.tokens(w, os, osrc.data(), region.data());
+        L.tokens(w, gs, gsrc.data(), region.data());
+        gather_rows(x + b * L.xs[0], src.data(), N, L.C3, L.xs[4], pad.data(), block);
+        gather_rows(go + b * dout.stride(0), dsrc.data(), N, C, dout.stride(4), nullptr, dO);  // padded: dO 0
+        gather_rows(o + b * out.stride(0), osrc.data(), N, C, out.stride(4), nullptr, O);
+        for (int64_t h = 0; h < L.heads; ++h) {
+          const float* Qh = block + h * hd;
+          const float* Kh = block + C + h * hd;
+          const float* Vh = block + 2 * C + h * hd;
+          const float* dOh = dO + h * hd;
+          for (int64_t i = 0; i < N; ++i) delta[i] = cpu::dot(dOh + i * C, O + i * C + h * hd, hd);
+          head_scores(block, L.C3, C, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed,
+                      S);
+          const float* lse_row = lse_p + (task * L.heads + h) * N;
+          for (int64_t i = 0; i < N; ++i) cpu::exp_shift_sum(S + i * N, N, lse_row[i]);  // P, recomputed
+          cpu::gemm(true, false, N, hd, N, 1.0f, S, N, dOh, C, 0.0f, G + 2 * C + h * hd, L.C3);  // dV = P^T dO
+          cpu::gemm(false, true, N, N, hd, 1.0f, dOh, C, Vh, L.C3, 0.0f, dP, N);                // dP = dO V^T
+          for (int64_t i = 0; i < N; ++i) cpu::softmax_grad_row(S + i * N, dP + i * N, N, delta[i]);  // dS
+          if (dpairs) cpu::add_strided(dpairs + h * N * N, dP, 1, N * N);
+          cpu::gemm(false, false, N, hd, N, scale, dP, N, Kh, L.C3, 0.0f, G + h * hd, L.C3);      // dQ = dS K
+          cpu::gemm(true, false, N, hd, N, scale, dP, N, Qh, L.C3, 0.0f, G + C + h * hd, L.C3);   // dK = dS^T Q
+        }
+        scalar_t* gb = dqkv ? dqkv + b * L.spatial[0] * gs[0] : nullptr;
+        for (int64_t i = 0; i < N; ++i) {
+          if (src[i] >= 0) {
+            if (gb) cpu::from_float(G + i * L.C3, gb + gsrc[i], L.C3);
+          } else if (dbias) {
+            cpu::add_strided(dbias, G + i * L.C3, 1, L.C3);  // a padded token: its gradient goes to qkv_bias
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> window_forward_cpu(const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
+                                                      const c10::optional<at::Tensor>& qkv_bias,
+                                                      const c10::optional<at::Tensor>& index, int64_t num_heads,
+                                                      const WindowGeometry& geo, double scale) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.device().is_cpu(), "window_forward_cpu: qkv must be (B, T, H, W, 3C) on CPU");
+  TORCH_CHECK(table.has_value() == index.has_value(), "window_forward_cpu: table and index go together");
+  const Layout L(qkv, num_heads, geo);
+  auto out = at::empty({L.B, geo.spatial[0], geo.spatial[1], geo.spatial[2], L.C}, qkv.options());
+  auto lse = at::empty({L.B * L.windows, L.heads, L.N}, qkv.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_forward_cpu", [&] {
+    TORCH_CHECK((!std::is_same<scalar_t, double>::value), "window_cpu: fp64 runs on the reference backend");
+    if constexpr (!std::is_same<scalar_t, double>::value)
+      forward_kernel<scalar_t>(qkv, table, qkv_bias, index, L, static_cast<float>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>> window_backward_cpu(
+    const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
+    const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index, const at::Tensor& out,
+    const at::Tensor& lse, int64_t num_heads, const WindowGeometry& geo, double scale, bool need_qkv, bool need_pairs,
+    bool need_bias) {
+  TORCH_CHECK(qkv.dim() == 5 && dout.dim() == 5 && out.dim() == 5, "window_backward_cpu: 5-D qkv, dout, out");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "window_backward_cpu: contiguous float lse");
+  const Layout L(qkv, num_heads, geo);
+  need_pairs = need_pairs && table.has_value();
+  // Chunks of consecutive windows, fixed by the shape: enough to keep every core busy, few enough that
+  // the per-chunk d(pairs) stays under ~32 MB.
+  const int64_t tasks = L.B * L.windows;
+  const int64_t pair_bytes = need_pairs ? L.heads * L.N * L.N * 4 : 1;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({tasks, 64, (32LL << 20) / pair_bytes}));
+  c10::optional<at::Tensor> dqkv, dpairs, dbias;
+  at::Tensor pair_chunks, bias_chunks;
+  auto fopts = qkv.options().dtype(at::kFloat);
+  if (need_qkv) dqkv = at::empty(qkv.sizes(), qkv.options());
+  if (need_pairs) pair_chunks = at::empty({chunks, L.heads * L.N * L.N}, fopts);
+  if (need_bias) bias_chunks = at::empty({chunks, L.C3}, fopts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_backward_cpu", [&] {
+    TORCH_CHECK((!std::is_same<scalar_t, double>::value), "window_cpu: fp64 runs on the reference backend");
+    if constexpr (!std::is_same<scalar_t, double>::value)
+      backward_kernel<scalar_t>(dout, qkv, table, qkv_bias, index, out, lse, L, static_cast<float>(scale),
+                                need_qkv ? dqkv->mutable_data_ptr<scalar_t>() : nullptr,
+                                need_pairs ? pair_chunks.mutable_data_ptr<float>() : nullptr,
+                                need_bias ? bias_chunks.mutable_data_ptr<float>() : nullptr, chunks);
+  });
+  if (need_pairs) {
+    dpairs = at::empty({L.heads, L.N, L.N}, fopts);
+    cpu::sum_slots(pair_chunks.const_data_ptr<float>(), chunks, L.heads * L.N * L.N, L.heads * L.N * L.N,
+                   dpairs->mutable_data_ptr<float>());
+  }
+  if (need_bias) {
+    dbias = at::empty({L.C3}, fopts);
+    cpu::sum_slots(bias_chunks.const_data_ptr<float>(), chunks, L.C3, L.C3, dbias->mutable_data_ptr<float>());
+  }
+  return {dqkv, dpairs, dbias};
+}
+
+}  // namespace vitkernels

@@ -1,0 +1,39 @@
+"""flash_attention's C++ CPU kernels (``vitkernels._C``, csrc/cpu/attention.cpp) in the kernels' contract
+(``function.AttentionFunction``): a blocked online-softmax forward and a FlashAttention-2 backward on
+BLAS tiles, q/k/v read in place by their strides, the bias gradient summed in a fixed order, dropout from a
+Philox stream seeded by torch's generator."""
+from __future__ import annotations
+
+import torch
+
+from vitkernels import _ext
+from vitkernels.ops.attention.function import draw_dropout_seed, no_dropout_seed
+
+
+def _seed(rng: torch.Tensor, dropout_p: float):
+    if dropout_p <= 0.0:
+        return 0, 0
+    seed, offset = rng.tolist()  # a CPU tensor of two int64: no device sync
+    return seed, offset
+
+
+class CpuAttentionKernels:
+    @staticmethod
+    def forward(q, k, v, bias, scale, dropout_p):
+        rng = draw_dropout_seed(q.device) if dropout_p > 0 else no_dropout_seed(q.device)
+        out, lse = _ext.extension().attention_forward_cpu(q, k, v, bias, scale, dropout_p, *_seed(rng, dropout_p))
+        return out, lse, rng
+
+    @staticmethod
+    def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad):
+        if dout.shape[-1] > 1 and dout.stride(-1) != 1:  # the kernels read rows; autograd may hand any strides
+            dout = dout.contiguous()
+        dq, dk, dv, dbias = _ext.extension().attention_backward_cpu(
+            dout, q, k, v, bias, out, lse, scale, dropout_p, *_seed(rng, dropout_p), bias_requires_grad)
+        return dq, dk, dv, dbias
+
+
+def dropout_keep_mask(rng: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:
+    """The keep-mask (True = kept) the CPU kernels draw for seed tensor ``rng`` on a (B, H, Nq, Nk) grid:
+    for tests that replay a kernel's dropout through the reference."""
+    return _ext.extension().attention_dropout_mask_cpu(list(shape), dropout_p, *_seed(rng, dropout_p))

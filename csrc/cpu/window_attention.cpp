@@ -1,10 +1,10 @@
 // C++ CPU shifted-window attention: roll, pad, partition, relative-position bias, shift mask and reverse
 // done by index arithmetic on the unpadded map, never materialised.
 //
-// One task per (batch, window): the window's tokens are gathered once (3C floats each; padded tokens take
-// qkv_bias), every head runs on BLAS tiles of that block (N <= a few hundred: all keys in one step), and the
-// output rows go straight back to their map positions (every position is in exactly one window, so tasks
-// never write the same row). Backward: the same tasks; d(pairs) and d(qkv_bias) are summed per chunk of
+// One task per (batch, window, head): the head's q, k, v columns of the window's tokens are gathered into
+// one float block (padded tokens take qkv_bias), attention runs on BLAS tiles of it (N <= a few hundred:
+// all keys in one step), and the output goes straight back to the map positions (every position is in
+// exactly one window and every head owns its columns, so tasks never write the same element). Backward: the same tasks; d(pairs) and d(qkv_bias) are summed per chunk of
 // windows, the chunks fixed by the shape alone, then chunk by chunk in order: bitwise the same at any
 // thread count.
 #include "../window_attention.h"
@@ -109,28 +109,38 @@ std::vector<float> pad_value(const c10::optional<at::Tensor>& qkv_bias, int64_t 
   return value;
 }
 
-// Gathers the rows of one window (width `cols`, channel stride `cs`) into a dense float block; padded rows
-// take `pad` (or zeros when pad is null).
+// Gathers the q, k, v columns of head h for the tokens of one window into a dense (N, 3 hd) float block
+// [q | k | v]; padded tokens take `pad` (the qkv_bias, 3C floats).
 template <typename scalar_t>
-void gather_rows(const scalar_t* base, const int64_t* src, int64_t n, int64_t cols, int64_t cs, const float* pad,
+void gather_head(const scalar_t* base, const int64_t* src, const Layout& L, int64_t h, int64_t cs, const float* pad,
                  float* dst) {
-  for (int64_t i = 0; i < n; ++i) {
-    float* row = dst + i * cols;
-    if (src[i] < 0) {
-      if (pad) std::copy(pad, pad + cols, row);
-      else std::fill(row, row + cols, 0.0f);
-    } else {
-      cpu::load_strided(base + src[i], cs, cols, row);
+  const int64_t hd = L.hd;
+  for (int64_t i = 0; i < L.N; ++i) {
+    float* row = dst + i * 3 * hd;
+    for (int64_t part = 0; part < 3; ++part) {
+      const int64_t col = part * L.C + h * hd;
+      if (src[i] < 0) std::copy(pad + col, pad + col + hd, row + part * hd);
+      else cpu::load_strided(base + src[i] + col * cs, cs, hd, row + part * hd);
     }
   }
 }
 
-// s = scale q k^T + bias (+ -inf between shift regions) for one head of one window (N x N).
-void head_scores(const float* block, int64_t ld, int64_t C, int64_t hd, int64_t h, int64_t N, float scale,
-                 const float* bias, const int32_t* region, bool mixed, float* S) {
-  const float* Q = block + h * hd;
-  const float* K = block + C + h * hd;
-  cpu::gemm(false, true, N, N, hd, scale, Q, ld, K, ld, 0.0f, S, N);
+// Columns [col, col + width) of the rows of one window (padded rows: zeros) into a dense (N, width) block.
+template <typename scalar_t>
+void gather_cols(const scalar_t* base, const int64_t* src, int64_t n, int64_t col, int64_t width, int64_t cs,
+                 float* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = dst + i * width;
+    if (src[i] < 0) std::fill(row, row + width, 0.0f);
+    else cpu::load_strided(base + src[i] + col * cs, cs, width, row);
+  }
+}
+
+// s = scale q k^T + bias (+ -inf between shift regions) for one head of one window (N x N); `block` is the
+// head's (N, 3 hd) [q | k | v].
+void head_scores(const float* block, int64_t hd, int64_t h, int64_t N, float scale, const float* bias,
+                 const int32_t* region, bool mixed, float* S) {
+  cpu::gemm(false, true, N, N, hd, scale, block, 3 * hd, block + hd, 3 * hd, 0.0f, S, N);
   if (bias) cpu::add_strided(S, bias + h * N * N, 1, N * N);
   if (mixed)
     for (int64_t i = 0; i < N; ++i)
@@ -138,6 +148,7 @@ void head_scores(const float* block, int64_t ld, int64_t C, int64_t hd, int64_t 
         if (region[i] != region[j]) S[i * N + j] = kNegInf;
 }
 
+// Tasks are (batch, window, head): enough of them even for one window (Swin's last stage at batch 1).
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
                     const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
@@ -148,37 +159,33 @@ void forward_kernel(const at::Tensor& qkv, const c10::optional<at::Tensor>& tabl
   scalar_t* o = out.mutable_data_ptr<scalar_t>();
   float* lse_p = lse.mutable_data_ptr<float>();
   const int64_t os[3] = {out.stride(1), out.stride(2), out.stride(3)};
-  const int64_t N = L.N, C = L.C, hd = L.hd;
+  const int64_t N = L.N, hd = L.hd;
 
-  at::parallel_for(0, L.B * L.windows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, L.B * L.windows * L.heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> src(N), dst(N);
     std::vector<int32_t> region(N);
     Scratch block_buf, s_buf, o_buf;
-    float* block = block_buf.get(N * L.C3);
+    float* block = block_buf.get(N * 3 * hd);
     float* S = s_buf.get(N * N);
-    float* O = o_buf.get(N * C);
+    float* O = o_buf.get(N * hd);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / L.windows, w = task % L.windows;
+      const int64_t bw = task / L.heads, h = task % L.heads, b = bw / L.windows, w = bw % L.windows;
       const bool mixed = L.tokens(w, L.xs + 1, src.data(), region.data());
       L.tokens(w, os, dst.data(), region.data());
-      gather_rows(x + b * L.xs[0], src.data(), N, L.C3, L.xs[4], pad.data(), block);
-      for (int64_t h = 0; h < L.heads; ++h) {
-        head_scores(block, L.C3, C, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed, S);
-        float* lse_row = lse_p + (task * L.heads + h) * N;
-        for (int64_t i = 0; i < N; ++i) {
-          float* srow = S + i * N;
-          const float m = cpu::row_max(srow, N);
-          const float l = cpu::exp_shift_sum(srow, N, m);
-          const float inv = l == 0.0f ? 0.0f : 1.0f / l;
-          cpu::scale_row(srow, N, inv);  // P; a row of all -inf gives zeros
-          lse_row[i] = l == 0.0f ? kNegInf : m + std::log(l);
-        }
-        // O_h = P V_h, written beside the other heads (N x C)
-        cpu::gemm(false, false, N, hd, N, 1.0f, S, N, block + 2 * C + h * hd, L.C3, 0.0f, O + h * hd, C);
+      gather_head(x + b * L.xs[0], src.data(), L, h, L.xs[4], pad.data(), block);
+      head_scores(block, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed, S);
+      float* lse_row = lse_p + task * N;  // (B * windows, heads, N)
+      for (int64_t i = 0; i < N; ++i) {
+        float* srow = S + i * N;
+        const float m = cpu::row_max(srow, N);
+        const float l = cpu::exp_shift_sum(srow, N, m);
+        cpu::scale_row(srow, N, l == 0.0f ? 0.0f : 1.0f / l);  // P; a row of all -inf gives zeros
+        lse_row[i] = l == 0.0f ? kNegInf : m + std::log(l);
       }
-      scalar_t* ob = o + b * out.stride(0);
+      cpu::gemm(false, false, N, hd, N, 1.0f, S, N, block + 2 * hd, 3 * hd, 0.0f, O, hd);  // O = P V
+      scalar_t* ob = o + b * out.stride(0) + h * hd * out.stride(4);
       for (int64_t i = 0; i < N; ++i)
-        if (src[i] >= 0) cpu::from_float(O + i * C, ob + dst[i], C);
+        if (src[i] >= 0) cpu::from_float(O + i * hd, ob + dst[i], hd);
     }
   });
 }
@@ -197,17 +204,17 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
   const int64_t ds[3] = {dout.stride(1), dout.stride(2), dout.stride(3)};
   const int64_t os[3] = {out.stride(1), out.stride(2), out.stride(3)};
   const int64_t gs[3] = {L.spatial[1] * L.spatial[2] * L.C3, L.spatial[2] * L.C3, L.C3};  // dqkv, contiguous
-  const int64_t N = L.N, C = L.C, hd = L.hd, tasks = L.B * L.windows;
+  const int64_t N = L.N, C = L.C, hd = L.hd, tasks = L.B * L.windows * L.heads;
   const int64_t per_chunk = (tasks + chunks - 1) / chunks;
 
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> src(N), dsrc(N), osrc(N), gsrc(N);
     std::vector<int32_t> region(N);
     Scratch block_buf, do_buf, o_buf, g_buf, s_buf, dp_buf, delta_buf;
-    float* block = block_buf.get(N * L.C3);
-    float* dO = do_buf.get(N * C);
-    float* O = o_buf.get(N * C);
-    float* G = g_buf.get(N * L.C3);  // d(q | k | v) of the window
+    float* block = block_buf.get(N * 3 * hd);
+    float* dO = do_buf.get(N * hd);
+    float* O = o_buf.get(N * hd);
+    float* G = g_buf.get(N * 3 * hd);  // d[q | k | v] of the head
     float* S = s_buf.get(N * N);
     float* dP = dp_buf.get(N * N);
     float* delta = delta_buf.get(N);
@@ -217,39 +224,35 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
       if (dpairs) std::fill(dpairs, dpairs + L.heads * N * N, 0.0f);
       if (dbias) std::fill(dbias, dbias + L.C3, 0.0f);
       for (int64_t task = chunk * per_chunk; task < std::min(tasks, (chunk + 1) * per_chunk); ++task) {
-        const int64_t b = task / L.windows, w = task % L.windows;
+        const int64_t bw = task / L.heads, h = task % L.heads, b = bw / L.windows, w = bw % L.windows;
         const bool mixed = L.tokens(w, L.xs + 1, src.data(), region.data());
         L.tokens(w, ds, dsrc.data(), region.data());
         L.tokens(w, os, osrc.data(), region.data());
         L.tokens(w, gs, gsrc.data(), region.data());
-        gather_rows(x + b * L.xs[0], src.data(), N, L.C3, L.xs[4], pad.data(), block);
-        gather_rows(go + b * dout.stride(0), dsrc.data(), N, C, dout.stride(4), nullptr, dO);  // padded: dO 0
-        gather_rows(o + b * out.stride(0), osrc.data(), N, C, out.stride(4), nullptr, O);
-        for (int64_t h = 0; h < L.heads; ++h) {
-          const float* Qh = block + h * hd;
-          const float* Kh = block + C + h * hd;
-          const float* Vh = block + 2 * C + h * hd;
-          const float* dOh = dO + h * hd;
-          for (int64_t i = 0; i < N; ++i) delta[i] = cpu::dot(dOh + i * C, O + i * C + h * hd, hd);
-          head_scores(block, L.C3, C, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed,
-                      S);
-          const float* lse_row = lse_p + (task * L.heads + h) * N;
-          for (int64_t i = 0; i < N; ++i) cpu::exp_shift_sum(S + i * N, N, lse_row[i]);  // P, recomputed
-          cpu::gemm(true, false, N, hd, N, 1.0f, S, N, dOh, C, 0.0f, G + 2 * C + h * hd, L.C3);  // dV = P^T dO
-          cpu::gemm(false, true, N, N, hd, 1.0f, dOh, C, Vh, L.C3, 0.0f, dP, N);                // dP = dO V^T
-          for (int64_t i = 0; i < N; ++i) cpu::softmax_grad_row(S + i * N, dP + i * N, N, delta[i]);  // dS
-          if (dpairs) cpu::add_strided(dpairs + h * N * N, dP, 1, N * N);
-          cpu::gemm(false, false, N, hd, N, scale, dP, N, Kh, L.C3, 0.0f, G + h * hd, L.C3);      // dQ = dS K
-          cpu::gemm(true, false, N, hd, N, scale, dP, N, Qh, L.C3, 0.0f, G + C + h * hd, L.C3);   // dK = dS^T Q
-        }
+        gather_head(x + b * L.xs[0], src.data(), L, h, L.xs[4], pad.data(), block);
+        gather_cols(go + b * dout.stride(0), dsrc.data(), N, h * hd, hd, dout.stride(4), dO);  // padded: dO 0
+        gather_cols(o + b * out.stride(0), osrc.data(), N, h * hd, hd, out.stride(4), O);
+        for (int64_t i = 0; i < N; ++i) delta[i] = cpu::dot(dO + i * hd, O + i * hd, hd);
+        head_scores(block, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed, S);
+        const float* lse_row = lse_p + task * N;
+        for (int64_t i = 0; i < N; ++i) cpu::exp_shift_sum(S + i * N, N, lse_row[i]);  // P, recomputed
+        const int64_t ld = 3 * hd;
+        cpu::gemm(true, false, N, hd, N, 1.0f, S, N, dO, hd, 0.0f, G + 2 * hd, ld);         // dV = P^T dO
+        cpu::gemm(false, true, N, N, hd, 1.0f, dO, hd, block + 2 * hd, ld, 0.0f, dP, N);    // dP = dO V^T
+        for (int64_t i = 0; i < N; ++i) cpu::softmax_grad_row(S + i * N, dP + i * N, N, delta[i]);  // dS
+        if (dpairs) cpu::add_strided(dpairs + h * N * N, dP, 1, N * N);
+        cpu::gemm(false, false, N, hd, N, scale, dP, N, block + hd, ld, 0.0f, G, ld);      // dQ = dS K
+        cpu::gemm(true, false, N, hd, N, scale, dP, N, block, ld, 0.0f, G + hd, ld);       // dK = dS^T Q
         scalar_t* gb = dqkv ? dqkv + b * L.spatial[0] * gs[0] : nullptr;
-        for (int64_t i = 0; i < N; ++i) {
-          if (src[i] >= 0) {
-            if (gb) cpu::from_float(G + i * L.C3, gb + gsrc[i], L.C3);
-          } else if (dbias) {
-            cpu::add_strided(dbias, G + i * L.C3, 1, L.C3);  // a padded token: its gradient goes to qkv_bias
+        for (int64_t i = 0; i < N; ++i)
+          for (int64_t part = 0; part < 3; ++part) {
+            const int64_t col = part * C + h * hd;
+            if (src[i] >= 0) {
+              if (gb) cpu::from_float(G + i * ld + part * hd, gb + gsrc[i] + col, hd);
+            } else if (dbias) {
+              cpu::add_strided(dbias + col, G + i * ld + part * hd, 1, hd);  // padded: the grad goes to qkv_bias
+            }
           }
-        }
       }
     }
   });
@@ -285,7 +288,7 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   need_pairs = need_pairs && table.has_value();
   // Chunks of consecutive windows, fixed by the shape: enough to keep every core busy, few enough that
   // the per-chunk d(pairs) stays under ~32 MB.
-  const int64_t tasks = L.B * L.windows;
+  const int64_t tasks = L.B * L.windows * L.heads;
   const int64_t pair_bytes = need_pairs ? L.heads * L.N * L.N * 4 : 1;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({tasks, 64, (32LL << 20) / pair_bytes}));
   c10::optional<at::Tensor> dqkv, dpairs, dbias;

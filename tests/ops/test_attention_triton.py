@@ -12,7 +12,8 @@ import vitkernels
 from vitkernels import BackendUnavailableError
 from vitkernels.ops.attention.reference import attention_reference
 
-from tests.utils import assert_close_2x, qkv_views
+from tests.ops.backend_checks import FLOOR, attention_vs_reference
+from tests.utils import qkv_views
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton  # compiled on a GPU in make test's GPU step
@@ -32,37 +33,12 @@ def dtype_params(dtypes=(torch.float32, torch.float16, torch.bfloat16)):
 
 
 def floor_for(dtype):
-    return {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}[dtype]
+    return FLOOR[dtype]
 
 
 def check_against_reference(q, k, v, bias=None, scale=None, dout=None, bias_grad=True, factor=2.0, grad_factor=3.0):
-    """Run triton, the same-dtype reference and the fp64 reference on the same leaves; compare output and
-    every gradient with the 2x criterion. q, k, v, bias: leaf tensors (not requiring grad)."""
-    dtype = q.dtype
-    leaves = {"q": q, "k": k, "v": v}
-    if bias is not None:
-        leaves["bias"] = bias
-    results = {}
-    for name, cast, backend in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"),
-                                ("tri", dtype, "triton")):
-        ts = {n: t.detach().to(cast).requires_grad_(n != "bias" or bias_grad) for n, t in leaves.items()}
-        out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), scale=scale, backend=backend)
-        g = dout if dout is not None else torch.ones_like(out)
-        out.backward(g.to(cast))
-        results[name] = (out, {n: t.grad for n, t in ts.items()})
-    out_ref, g_ref = results["ref"]
-    out_pt, g_pt = results["pt"]
-    out_tri, g_tri = results["tri"]
-    assert out_tri.dtype == dtype
-    fl = floor_for(dtype)
-    assert_close_2x(out_tri, out_pt, out_ref, factor=factor, floor=fl, name="out")
-    for n in g_ref:
-        if g_ref[n] is None:
-            assert g_tri[n] is None, n
-            continue
-        assert g_tri[n].shape == leaves[n].shape, n
-        assert_close_2x(g_tri[n], g_pt[n], g_ref[n], factor=grad_factor, floor=fl * 10, name=f"d{n}")
-    return results
+    """The triton backend against the same-dtype and the fp64 reference (tests.ops.backend_checks)."""
+    return attention_vs_reference("triton", q, k, v, bias, scale, dout, bias_grad, factor, grad_factor)
 
 
 SHAPES = [(n, d) for n in (1, 49, 197) for d in (32, 40, 64, 80, 96, 128)]

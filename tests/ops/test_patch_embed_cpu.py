@@ -1,5 +1,5 @@
-"""The ``cpu`` backend of patch_embed (vitkernels._C's patch gather/scatter + one GEMM) against the
-reference.
+"""The ``cpu`` backend of patch_embed (torch's conv + a one-pass epilogue; dWeight one GEMM over the
+patches) against the reference.
 
 Low precision uses flash-attn's criterion (tests.utils.assert_close_2x): out_ref = the reference on
 float64-upcast inputs, out_pt = the reference in the same dtype, out = the cpu backend. float64 must match
@@ -10,7 +10,6 @@ Without the compiled extension these tests skip, unless VITKERNELS_REQUIRE_EXT=1
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -201,7 +200,7 @@ def test_dispatch_picks_cpu_for_cpu_tensors():
     assert torch.equal(auto, cpu)
 
 
-# ------------------------------------------------------------------------------- determinism and speed
+# ---------------------------------------------------------------------------------------- determinism
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[7]], ids=[CASES[1].id, CASES[2].id, CASES[7].id])
 def test_cpu_forward_backward_bitwise_deterministic(case, dtype):
@@ -216,7 +215,7 @@ def test_cpu_forward_backward_bitwise_deterministic(case, dtype):
             assert torch.equal(a, b)
 
 
-def test_cpu_big_shape_is_fast_and_correct():
+def test_cpu_big_shape_is_correct():
     B, C, S, p, E, P = 4, 3, 64, 16, 64, 1
     Np = (S // p) ** 2
     x = torch.randn(B, C, S, S).requires_grad_(True)
@@ -227,12 +226,7 @@ def test_cpu_big_shape_is_fast_and_correct():
     g = torch.randn(B, P + Np, E)
     leaves = [x, weight, bias, pos, prefix]
     fn = lambda: patch_embed(x, weight, bias, pos_embed=pos, prefix_tokens=prefix, backend="cpu")  # noqa: E731
-    run_with_grads(fn, leaves, g)  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(3):
-        out, grads = run_with_grads(fn, leaves, g)
-    per_iter = (time.perf_counter() - t0) / 3
-    assert per_iter < 1.0, f"forward + backward took {per_iter:.3f} s per iteration"
+    out, grads = run_with_grads(fn, leaves, g)
 
     x64, w64, b64, pos64, pre64 = (t.detach().double().requires_grad_(True) for t in leaves)
     out_ref, grads_ref = run_with_grads(

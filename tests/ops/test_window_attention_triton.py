@@ -1,7 +1,6 @@
 """The triton backend of window_attention against the float64 reference (interpreter on CPU, small maps;
 GPU-marked cases at Swin sizes when a GPU is present). Criterion: |triton - ref64| <= 2x |reference in
 the same dtype - ref64| + floor, for the output and the gradients of qkv, the table and qkv_bias."""
-import math
 import os
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 import vitkernels
 from vitkernels import BackendUnavailableError
 
+from tests.ops.backend_checks import window_vs_reference
 from tests.utils import assert_close_2x
 
 pytest.importorskip("triton")
@@ -21,46 +21,13 @@ if DEVICE == "cpu" and not INTERPRET:
     pytest.skip("triton needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
 BF16 = pytest.param(torch.bfloat16, id="bfloat16", marks=pytest.mark.skipif(
     INTERPRET, reason="bf16 tl.dot returns garbage under the Triton interpreter: bf16 is verified on a GPU only"))
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
-
-
-def table_rows(window):
-    return math.prod(2 * w - 1 for w in window)
 
 
 def run_case(shape, heads, head_dim, window, shift, table_window=None, dtype=torch.float32, with_bias=True,
              with_table=True, qkv=None):
-    """Compare triton with the reference; window/shift as given to the op, table_window the window the
-    table is laid out for (2-D: the clipped window; 3-D: the configured one)."""
-    B, *spatial = shape
-    nd = len(spatial)
-    window_t = (window,) * nd if isinstance(window, int) else tuple(window)
-    table_window = table_window or window_t
-    C = heads * head_dim
-    base_qkv = torch.randn(B, *spatial, 3 * C, device=DEVICE) if qkv is None else qkv
-    leaves = {"qkv": base_qkv}
-    if with_table:
-        leaves["rel_pos_bias"] = torch.randn(table_rows(table_window), heads, device=DEVICE)
-    if with_bias:
-        leaves["qkv_bias"] = torch.randn(3 * C, device=DEVICE)
-    dout = torch.randn(B, *spatial, C, device=DEVICE)
-    results = {}
-    for name, cast, backend in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"),
-                                ("tri", dtype, "triton")):
-        ts = {n: t.detach().to(cast).requires_grad_() for n, t in leaves.items()}
-        out = vitkernels.window_attention(ts["qkv"], num_heads=heads, window_size=window, shift_size=shift,
-                                          rel_pos_bias=ts.get("rel_pos_bias"), qkv_bias=ts.get("qkv_bias"),
-                                          backend=backend)
-        out.backward(dout.to(cast))
-        grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in ts.items()}
-        results[name] = (out, grads)
-    floor = FLOOR[dtype]
-    assert results["tri"][0].dtype == dtype
-    assert_close_2x(results["tri"][0], results["pt"][0], results["ref"][0], floor=floor, name="out")
-    for n in leaves:
-        assert_close_2x(results["tri"][1][n], results["pt"][1][n], results["ref"][1][n], factor=3.0, floor=floor * 10,
-                        name=f"d{n}")
-    return results
+    """The triton backend against the reference (tests.ops.backend_checks.window_vs_reference)."""
+    return window_vs_reference("triton", DEVICE, shape, heads, head_dim, window, shift, table_window, dtype, with_bias,
+                               with_table, qkv)
 
 
 CASES_2D = [

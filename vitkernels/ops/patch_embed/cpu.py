@@ -1,7 +1,7 @@
-"""patch_embed's CPU backend: torch's own convolution (oneDNN/MKL) for the projection and the epilogue
-(bias inside the conv; position embedding and prefix rows) written once into the output, no ``torch.cat``.
-The backward: dWeight as one GEMM over the patches, dX (when x needs one) by the conv's data backward, the
-epilogue's gradients from one batch sum of dOut.
+"""patch_embed's CPU backend: the projection on torch's own kernels (a GEMM over the patches, or the conv
+for small patches; see CONV_MAX_K) and the epilogue (position embedding and prefix rows) written once into
+the output, no ``torch.cat``.
+The backward is the reference's (see CpuPatchEmbedKernels.backward).
 
 Why not a hand-written GEMM: the projection is a plain (B*Np, K) x (K, E) product that the BLAS torch links
 already runs at the machine's peak; what eager code wastes is the passes around it (cat, a separate add),
@@ -13,20 +13,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitkernels.ops.patch_embed.reference import epilogue_grads, patchify
+from vitkernels.ops.patch_embed.reference import ReferencePatchEmbedKernels, patchify
 
 
-def write_epilogue(tokens, pos_embed, prefix_tokens):
-    """(B, P + Np, E) from the projected patches ``tokens`` (B, Np, E, any strides): + pos, prefix rows
-    first; one pass over the output."""
+def write_epilogue(tokens, body_add, prefix_tokens, pos_embed):
+    """(B, P + Np, E) from the projected patches ``tokens`` (B, Np, E, any strides): ``body_add`` (what the
+    patch rows add: bias and/or their position embedding, broadcastable; None: nothing) added in one pass
+    over the output; prefix rows (+ their position embedding) first."""
     B, num_patches, E = tokens.shape
     num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
     out = torch.empty(B, num_prefix + num_patches, E, dtype=tokens.dtype, device=tokens.device)
     body = out[:, num_prefix:]
-    if pos_embed is None:
+    if body_add is None:
         body.copy_(tokens)
     else:
-        torch.add(tokens, pos_embed[:, -num_patches:], out=body)
+        torch.add(tokens, body_add, out=body)
     if num_prefix:
         head = prefix_tokens
         if pos_embed is not None and pos_embed.shape[1] == num_prefix + num_patches:
@@ -35,43 +36,42 @@ def write_epilogue(tokens, pos_embed, prefix_tokens):
     return out
 
 
+# Up to this many products per output (K = C * prod(patch)) the projection runs as torch's conv: oneDNN sums
+# them in one running sum, as accurate as a GEMM for Swin's K = 48 and ~2.5x the GEMM's error at ViT's
+# K = 768, where the GEMM (MKL's blocked sums; as fast there) runs instead.
+CONV_MAX_K = 64
+
+
 class CpuPatchEmbedKernels:
     @staticmethod
     def forward(x, weight, bias, pos_embed, prefix_tokens):  # -> B, P + Np, E
-        conv = F.conv2d if x.dim() == 4 else F.conv3d
-        # A channels-last conv writes (B, *grid, E): the tokens' own (B, Np, E) layout, so the epilogue reads
-        # rows instead of transposing. oneDNN picks it from either operand; the weight is taken channels-last
-        # unless x already is (a copy of E*K elements; x is never copied here).
-        channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if not x.is_contiguous(memory_format=channels_last):
-            weight = weight.contiguous(memory_format=channels_last)
-        y = conv(x, weight, bias, stride=tuple(weight.shape[2:]))  # B, E, *grid
-        tokens = y.flatten(2).transpose(1, 2)  # B, Np, E
-        if pos_embed is None and prefix_tokens is None:
-            return tokens.contiguous()  # a view of y when the conv wrote channels-last (no copy)
-        return write_epilogue(tokens, pos_embed, prefix_tokens)
-
-    @staticmethod
-    def backward(dout, x, weight, bias, pos_embed, prefix_tokens, needs):
-        need_x, need_w, need_b, need_pos, need_prefix = needs
         E, patch = weight.shape[0], tuple(weight.shape[2:])
-        num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
-        db, dpos, dprefix = epilogue_grads(dout, pos_embed, num_prefix, need_b, need_pos, need_prefix)
-        dx = dw = None
-        grid = [s // p for s, p in zip(x.shape[2:], patch)]
-        dbody = dout[:, num_prefix:]  # B, Np, E
-        if need_w:
-            # One GEMM over the patches (a reshaped copy of x). Not the conv's weight backward: oneDNN sums that
-            # over the batch in a thread-count-dependent order, and these gradients are bitwise reproducible.
-            k = math.prod(weight.shape[1:])
-            dw = torch.mm(dbody.reshape(-1, E).t(), patchify(x, patch).reshape(-1, k)).view(weight.shape)
-        if need_x:
-            # the conv's own data backward (each input element written once: no reduction order to vary), on
-            # dOut's token rows seen as a channels-last (B, E, *grid) map (a view)
-            dy = dbody.transpose(1, 2).reshape(x.shape[0], E, *grid)
+        k = math.prod(weight.shape[1:])
+        if k > CONV_MAX_K:
+            patches = patchify(x, patch)  # B, Np, K (a reshaped copy of x)
+            B, num_patches = patches.shape[:2]
+            tokens = torch.mm(patches.reshape(-1, k), weight.reshape(E, k).t()).view(B, num_patches, E)
+            pos_body = None if pos_embed is None else pos_embed[:, -num_patches:]
+            if bias is None:
+                body_add = pos_body
+            else:  # bias + pos once per call (1, Np, E): the epilogue adds one table
+                body_add = bias if pos_body is None else pos_body + bias
+        else:
+            conv = F.conv2d if x.dim() == 4 else F.conv3d
+            # A channels-last conv writes (B, *grid, E): the tokens' own layout, so the epilogue reads rows
+            # instead of transposing. oneDNN picks it from either operand; the weight is taken channels-last
+            # unless x already is (a copy of E*K elements; x is never copied here).
             channels_last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-            w = weight if x.is_contiguous(memory_format=channels_last) else weight.contiguous(memory_format=channels_last)
-            dx = torch.ops.aten.convolution_backward(
-                dy, x, w, None, list(patch), [0] * len(patch), [1] * len(patch), False, [0] * len(patch), 1,
-                [True, False, False])[0]
-        return dx, dw, db, dpos, dprefix
+            if not x.is_contiguous(memory_format=channels_last):
+                weight = weight.contiguous(memory_format=channels_last)
+            tokens = conv(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)  # B, Np, E
+            body_add = None if pos_embed is None else pos_embed[:, -tokens.shape[1]:]
+        if body_add is None and prefix_tokens is None:
+            return tokens.contiguous()  # no copy when the projection wrote rows
+        return write_epilogue(tokens, body_add, prefix_tokens, pos_embed)
+
+    # The backward is the reference's: dWeight one GEMM over the patches, dX one GEMM scattered back to the
+    # image, the epilogue's gradients from one batch sum of dOut. Measured against the conv's own backward:
+    # its data backward is ~2x slower at patch 16, and its weight backward sums over the batch in a
+    # thread-count-dependent order (these gradients are bitwise reproducible at any thread count).
+    backward = staticmethod(ReferencePatchEmbedKernels.backward)

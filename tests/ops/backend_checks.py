@@ -1,0 +1,83 @@
+"""Backend-against-reference checks shared by the triton and cpu test modules.
+
+Criterion (flash-attn's): |backend - ref64| <= factor x |reference in the same dtype - ref64| + floor, for
+the output and every gradient (q, k, v and bias; qkv, the table and qkv_bias)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import vitkernels
+
+from tests.utils import assert_close_2x
+
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def attention_vs_reference(backend, q, k, v, bias=None, scale=None, dout=None, bias_grad=True, factor=2.0,
+                           grad_factor=3.0):
+    """Run ``backend``, the same-dtype reference and the fp64 reference on the same leaves; compare output and
+    every gradient. q, k, v, bias: leaf tensors (not requiring grad)."""
+    dtype = q.dtype
+    leaves = {"q": q, "k": k, "v": v}
+    if bias is not None:
+        leaves["bias"] = bias
+    results = {}
+    for name, cast, be in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"), ("run", dtype, backend)):
+        ts = {n: t.detach().to(cast).requires_grad_(n != "bias" or bias_grad) for n, t in leaves.items()}
+        out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), scale=scale, backend=be)
+        g = dout if dout is not None else torch.ones_like(out)
+        out.backward(g.to(cast))
+        results[name] = (out, {n: t.grad for n, t in ts.items()})
+    out_ref, g_ref = results["ref"]
+    out_pt, g_pt = results["pt"]
+    out_run, g_run = results["run"]
+    assert out_run.dtype == dtype
+    fl = FLOOR[dtype]
+    assert_close_2x(out_run, out_pt, out_ref, factor=factor, floor=fl, name="out")
+    for n in g_ref:
+        if g_ref[n] is None:
+            assert g_run[n] is None, n
+            continue
+        assert g_run[n].shape == leaves[n].shape, n
+        assert_close_2x(g_run[n], g_pt[n], g_ref[n], factor=grad_factor, floor=fl * 10, name=f"d{n}")
+    return results
+
+
+def table_rows(window):
+    return math.prod(2 * w - 1 for w in window)
+
+
+def window_vs_reference(backend, device, shape, heads, head_dim, window, shift, table_window=None,
+                        dtype=torch.float32, with_bias=True, with_table=True, qkv=None):
+    """Compare ``backend`` with the reference; window/shift as given to the op, table_window the window the
+    table is laid out for (2-D: the clipped window; 3-D: the configured one)."""
+    B, *spatial = shape
+    nd = len(spatial)
+    window_t = (window,) * nd if isinstance(window, int) else tuple(window)
+    table_window = table_window or window_t
+    C = heads * head_dim
+    base_qkv = torch.randn(B, *spatial, 3 * C, device=device) if qkv is None else qkv
+    leaves = {"qkv": base_qkv}
+    if with_table:
+        leaves["rel_pos_bias"] = torch.randn(table_rows(table_window), heads, device=device)
+    if with_bias:
+        leaves["qkv_bias"] = torch.randn(3 * C, device=device)
+    dout = torch.randn(B, *spatial, C, device=device)
+    results = {}
+    for name, cast, be in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"), ("run", dtype, backend)):
+        ts = {n: t.detach().to(cast).requires_grad_() for n, t in leaves.items()}
+        out = vitkernels.window_attention(ts["qkv"], num_heads=heads, window_size=window, shift_size=shift,
+                                          rel_pos_bias=ts.get("rel_pos_bias"), qkv_bias=ts.get("qkv_bias"),
+                                          backend=be)
+        out.backward(dout.to(cast))
+        grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in ts.items()}
+        results[name] = (out, grads)
+    floor = FLOOR[dtype]
+    assert results["run"][0].dtype == dtype
+    assert_close_2x(results["run"][0], results["pt"][0], results["ref"][0], floor=floor, name="out")
+    for n in leaves:
+        assert_close_2x(results["run"][1][n], results["pt"][1][n], results["ref"][1][n], factor=3.0,
+                        floor=floor * 10, name=f"d{n}")
+    return results

@@ -45,8 +45,14 @@ CONV_MAX_K = 64
 class CpuPatchEmbedKernels:
     @staticmethod
     def forward(x, weight, bias, pos_embed, prefix_tokens):  # -> B, P + Np, E
+        return CpuPatchEmbedKernels.forward_keeping_patches(x, weight, bias, pos_embed, prefix_tokens)[0]
+
+    @staticmethod
+    def forward_keeping_patches(x, weight, bias, pos_embed, prefix_tokens):
+        """(out, the (B, Np, K) patch matrix the GEMM path formed, or None on the conv path)."""
         E, patch = weight.shape[0], tuple(weight.shape[2:])
         k = math.prod(weight.shape[1:])
+        patches = None
         if k > CONV_MAX_K:
             patches = patchify(x, patch)  # B, Np, K (a reshaped copy of x)
             B, num_patches = patches.shape[:2]
@@ -67,11 +73,12 @@ class CpuPatchEmbedKernels:
             tokens = conv(x, weight, bias, stride=patch).flatten(2).transpose(1, 2)  # B, Np, E
             body_add = None if pos_embed is None else pos_embed[:, -tokens.shape[1]:]
         if body_add is None and prefix_tokens is None:
-            return tokens.contiguous()  # no copy when the projection wrote rows
-        return write_epilogue(tokens, body_add, prefix_tokens, pos_embed)
+            return tokens.contiguous(), patches  # no copy when the projection wrote rows
+        return write_epilogue(tokens, body_add, prefix_tokens, pos_embed), patches
 
-    # The backward is the reference's: dWeight one GEMM over the patches, dX one GEMM scattered back to the
-    # image, the epilogue's gradients from one batch sum of dOut. Measured against the conv's own backward:
+    # The backward is the reference's: dWeight one GEMM over the patches (the forward's, kept, when the
+    # weight needs a gradient), dX one GEMM scattered back to the image, the epilogue's gradients from one
+    # batch sum of dOut. Measured against the conv's own backward:
     # its data backward is ~2x slower at patch 16, and its weight backward sums over the batch in a
     # thread-count-dependent order (these gradients are bitwise reproducible at any thread count).
     backward = staticmethod(ReferencePatchEmbedKernels.backward)

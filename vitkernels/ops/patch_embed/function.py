@@ -2,7 +2,10 @@
 
 ``kernels`` provides ``forward(x, weight, bias, pos_embed, prefix_tokens) -> out`` and
 ``backward(dout, x, weight, bias, pos_embed, prefix_tokens, needs) -> (dx, dweight, dbias, dpos, dprefix)``
-where ``needs`` is ctx.needs_input_grad for those five inputs.
+where ``needs`` is ctx.needs_input_grad for those five inputs. Kernels may also offer
+``forward_keeping_patches(...) -> (out, patches)`` and take ``patches=`` in ``backward``: the patch matrix
+the forward formed anyway, kept for dWeight when the weight needs a gradient (as autograd keeps the
+reference's), instead of being formed again.
 """
 from __future__ import annotations
 
@@ -13,11 +16,19 @@ class PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, x, weight, bias, pos_embed, prefix_tokens):
         ctx.kernels = kernels
-        ctx.save_for_backward(x, weight, bias, pos_embed, prefix_tokens)
-        return kernels.forward(x, weight, bias, pos_embed, prefix_tokens)
+        patches = None
+        if ctx.needs_input_grad[2] and hasattr(kernels, "forward_keeping_patches"):
+            out, patches = kernels.forward_keeping_patches(x, weight, bias, pos_embed, prefix_tokens)
+        else:
+            out = kernels.forward(x, weight, bias, pos_embed, prefix_tokens)
+        ctx.keeps_patches = patches is not None
+        ctx.save_for_backward(x, weight, bias, pos_embed, prefix_tokens, patches)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bias, pos_embed, prefix_tokens = ctx.saved_tensors
-        grads = ctx.kernels.backward(dout, x, weight, bias, pos_embed, prefix_tokens, ctx.needs_input_grad[1:6])
+        x, weight, bias, pos_embed, prefix_tokens, patches = ctx.saved_tensors
+        extra = dict(patches=patches) if ctx.keeps_patches else {}
+        grads = ctx.kernels.backward(dout, x, weight, bias, pos_embed, prefix_tokens, ctx.needs_input_grad[1:6],
+                                     **extra)
         return (None,) + tuple(grads)

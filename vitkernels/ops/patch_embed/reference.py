@@ -62,8 +62,8 @@ def epilogue_grads(dout, pos_embed, num_prefix: int, need_bias: bool, need_pos: 
     if not (need_bias or need_pos or need_prefix):
         return None, None, None
     acc = torch.promote_types(dout.dtype, torch.float32)
-    rows = dout.sum(dim=0, keepdim=True, dtype=acc)  # 1, P + Np, E
-    db = rows[0, num_prefix:].sum(dim=0).to(dout.dtype) if need_bias else None
+    rows = dout if dout.shape[0] == 1 else dout.sum(dim=0, keepdim=True, dtype=acc)  # 1, P + Np, E
+    db = rows[0, num_prefix:].sum(dim=0, dtype=acc).to(dout.dtype) if need_bias else None
     dpos = None
     if need_pos:
         dpos = (rows if pos_embed.shape[1] == dout.shape[1] else rows[:, num_prefix:]).to(dout.dtype)
@@ -81,7 +81,8 @@ class ReferencePatchEmbedKernels:
         return patch_embed_reference(x, weight, bias, pos_embed, prefix_tokens)
 
     @staticmethod
-    def backward(dout, x, weight, bias, pos_embed, prefix_tokens, needs):
+    def backward(dout, x, weight, bias, pos_embed, prefix_tokens, needs, patches=None):
+        """``patches`` (B, Np, K): the forward's patch matrix when it kept it; None: formed here."""
         need_x, need_w, need_b, need_pos, need_prefix = needs
         E, patch = weight.shape[0], weight.shape[2:]
         num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
@@ -89,7 +90,7 @@ class ReferencePatchEmbedKernels:
         dx = dw = None
         db, dpos, dprefix = epilogue_grads(dout, pos_embed, num_prefix, need_b, need_pos, need_prefix)
         if need_w:
-            patches = patchify(x, patch)  # B, Np, K
+            patches = patchify(x, patch) if patches is None else patches  # B, Np, K
             dw = torch.matmul(dbody.reshape(-1, E).t(), patches.reshape(-1, patches.shape[-1])).view(weight.shape)
         if need_x:
             dx = unpatchify(torch.matmul(dbody, weight.reshape(E, -1)), x.shape, patch)

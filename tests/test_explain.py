@@ -13,8 +13,10 @@ from vitkernels import dispatch
 
 
 def _attention_args():
-    q = torch.randn(2, 3, 49, 32)
-    return (q, q, q), dict(bias=torch.randn(1, 3, 49, 49))
+    # float64: the cpu backend has a kernel but refuses it (the reference runs fp64), so every backend
+    # but the reference has a reason to show
+    q = torch.randn(2, 3, 49, 32, dtype=torch.float64)
+    return (q, q, q), dict(bias=torch.randn(1, 3, 49, 49, dtype=torch.float64))
 
 
 def test_explain_names_the_backend_dispatch_picks_and_every_refusal():
@@ -23,7 +25,9 @@ def test_explain_names_the_backend_dispatch_picks_and_every_refusal():
     assert explanation.op == "flash_attention" and explanation.order == ("cpu", "reference")
     assert explanation.chosen == "reference" and explanation.error is None
     assert explanation.backends["reference"].can_run
-    assert not explanation.backends["cpu"].has_kernel and not explanation.backends["cuda"].has_kernel
+    assert explanation.backends["cpu"].has_kernel and not explanation.backends["cpu"].can_run
+    assert any("float64" in r or "vitkernels._C" in r for r in explanation.backends["cpu"].reasons)
+    assert not explanation.backends["cuda"].has_kernel
     text = str(explanation)
     assert "-> " not in text.splitlines()[0] and "reference" in text.splitlines()[1]
     assert "no kernel" in text and "(1, 3, 49, 49)" in text

@@ -45,15 +45,20 @@ CONV_MAX_K = 64
 class CpuPatchEmbedKernels:
     @staticmethod
     def forward(x, weight, bias, pos_embed, prefix_tokens):  # -> B, P + Np, E
-        return CpuPatchEmbedKernels.forward_keeping_patches(x, weight, bias, pos_embed, prefix_tokens)[0]
+        return CpuPatchEmbedKernels._forward(x, weight, bias, pos_embed, prefix_tokens, False)[0]
 
     @staticmethod
     def forward_keeping_patches(x, weight, bias, pos_embed, prefix_tokens):
-        """(out, the (B, Np, K) patch matrix the GEMM path formed, or None on the conv path)."""
+        """(out, the (B, Np, K) patch matrix) for training: always the GEMM path, whose patch matrix the
+        backward's dWeight needs anyway (the conv would leave the backward to form it again)."""
+        return CpuPatchEmbedKernels._forward(x, weight, bias, pos_embed, prefix_tokens, True)
+
+    @staticmethod
+    def _forward(x, weight, bias, pos_embed, prefix_tokens, keep_patches):
         E, patch = weight.shape[0], tuple(weight.shape[2:])
         k = math.prod(weight.shape[1:])
         patches = None
-        if k > CONV_MAX_K:
+        if k > CONV_MAX_K or keep_patches:
             patches = patchify(x, patch)  # B, Np, K (a reshaped copy of x)
             B, num_patches = patches.shape[:2]
             tokens = torch.mm(patches.reshape(-1, k), weight.reshape(E, k).t()).view(B, num_patches, E)

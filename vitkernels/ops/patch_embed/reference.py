@@ -58,16 +58,15 @@ def patch_embed_reference(
 def epilogue_grads(dout, pos_embed, num_prefix: int, need_bias: bool, need_pos: bool, need_prefix: bool):
     """(dbias, dpos_embed, dprefix_tokens) from dout (B, P + Np, E): the epilogue's gradients are sums of
     dout over the batch (and the patches, for the bias); None where not needed. One pass over dout: its
-    batch sum (in float32 at least) gives all three."""
+    batch sum (torch accumulates it in float32 at least) gives all three."""
     if not (need_bias or need_pos or need_prefix):
         return None, None, None
-    acc = torch.promote_types(dout.dtype, torch.float32)
-    rows = dout if dout.shape[0] == 1 else dout.sum(dim=0, keepdim=True, dtype=acc)  # 1, P + Np, E
-    db = rows[0, num_prefix:].sum(dim=0, dtype=acc).to(dout.dtype) if need_bias else None
+    rows = dout if dout.shape[0] == 1 else dout.sum(dim=0, keepdim=True)  # 1, P + Np, E
+    db = rows[0, num_prefix:].sum(dim=0) if need_bias else None
     dpos = None
     if need_pos:
-        dpos = (rows if pos_embed.shape[1] == dout.shape[1] else rows[:, num_prefix:]).to(dout.dtype)
-    dprefix = rows[:, :num_prefix].to(dout.dtype) if need_prefix else None
+        dpos = rows if pos_embed.shape[1] == dout.shape[1] else rows[:, num_prefix:]
+    dprefix = rows[:, :num_prefix] if need_prefix else None
     return db, dpos, dprefix
 
 

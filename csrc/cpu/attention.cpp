@@ -56,15 +56,19 @@ struct BiasView {
   }
 };
 
-// Rows [r0, r0 + rows) of one (b, h) slice as a float block: the tensor itself when it is float (the GEMMs
-// read it in place with its row stride), else widened into `buffer`.
+// Rows [r0, r0 + rows) of one (b, h) slice as a float block: the tensor itself when it is float and its rows
+// do not overlap (the GEMMs read it in place with its row stride), else copied / widened into `buffer` (a
+// row stride below D: an expanded or overlapping view).
 template <typename scalar_t>
 const float* float_rows(const scalar_t* base, int64_t ld, int64_t r0, int64_t rows, int64_t D, Scratch& buffer,
                         int64_t* ld_out) {
   if constexpr (std::is_same<scalar_t, float>::value) {
-    *ld_out = ld;
-    return base + r0 * ld;
-  } else {
+    if (ld >= D || rows <= 1) {
+      *ld_out = ld;
+      return base + r0 * ld;
+    }
+  }
+  {
     float* dst = buffer.get(rows * D);
     cpu::load_rows(base + r0 * ld, ld, rows, D, dst);
     *ld_out = D;
@@ -88,6 +92,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   float* lse_p = lse.mutable_data_ptr<float>();
 
   at::parallel_for(0, g.B * g.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    const cpu::OneBlasThread one_blas_thread;
     Scratch q_buf, k_buf, v_buf, s_buf, o_buf, stats, row_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / g.H, h = bh % g.H;
@@ -158,6 +163,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   scalar_t* dv_p = dv.mutable_data_ptr<scalar_t>();
 
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
+    const cpu::OneBlasThread one_blas_thread;
     Scratch q_buf, k_buf, v_buf, do_buf, o_row, dq_buf, dkv_buf, s_buf, p_buf, dp_buf, keep_buf, delta_buf, tmp_buf;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.H, h = bh % g.H;
@@ -260,8 +266,19 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "attention_cpu: q, k, v must share a dtype");
     TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1, "attention_cpu: q, k, v need a unit last stride");
   }
-  if (bias.has_value())
-    TORCH_CHECK(bias->scalar_type() == q.scalar_type() && bias->dim() <= 4, "attention_cpu: bias dtype/rank");
+  TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) == q.size(1) && k.size(3) == q.size(3) && v.sizes() == k.sizes(),
+              "attention_cpu: k and v must be (B, H, Nk, D) with q's B, H and D; got q ", q.sizes(), ", k ", k.sizes(),
+              ", v ", v.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == q.scalar_type() && bias->dim() <= 4 && bias->device().is_cpu(),
+                "attention_cpu: bias must be a CPU tensor of q's dtype with at most 4 dims");
+    at::Tensor b4 = *bias;
+    while (b4.dim() < 4) b4 = b4.unsqueeze(0);
+    const int64_t target[4] = {q.size(0), q.size(1), q.size(2), k.size(2)};
+    for (int d = 0; d < 4; ++d)
+      TORCH_CHECK(b4.size(d) == 1 || b4.size(d) == target[d], "attention_cpu: bias ", bias->sizes(),
+                  " does not broadcast to (B, H, Nq, Nk)");
+  }
 }
 
 }  // namespace
@@ -304,7 +321,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> attent
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   (dout.size(3) <= 1 || dout.stride(3) == 1),
               "attention_cpu: dout must match q with a unit last stride");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "attention_cpu: lse must be contiguous float");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == q.size(0) * q.size(1) * q.size(2),
+              "attention_cpu: lse must be the forward's contiguous (B, H, Nq) float32");
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type() && (out.size(3) <= 1 || out.stride(3) == 1),
+              "attention_cpu: out must be the forward's output (q's shape and dtype, unit last stride)");
   const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), Nk = k.size(2);
   auto dq = at::empty(q.sizes(), q.options());
   auto dk = at::empty(k.sizes(), k.options());

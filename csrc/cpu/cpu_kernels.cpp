@@ -14,10 +14,19 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
     for (int64_t i = 0; i < m; ++i) scale_row(c + i * ldc, n, beta);
     return;
   }
-  // BLAS wants leading dims >= the stored rows' length even when a dim is 1
-  lda = std::max<int64_t>(lda, trans_a ? m : k);
-  ldb = std::max<int64_t>(ldb, trans_b ? k : n);
-  ldc = std::max<int64_t>(ldc, n);
+  // BLAS wants a leading dim >= the stored rows' length; only a single stored row may pass less
+  auto leading = [](int64_t ld, int64_t rows, int64_t length, const char* name) {
+    if (rows <= 1) return std::max<int64_t>(ld, std::max<int64_t>(length, 1));
+    TORCH_CHECK(ld >= length, "cpu gemm: leading dim of ", name, " (", ld, ") is below its row length (", length,
+                "): rows would overlap");
+    return ld;
+  };
+  lda = leading(lda, trans_a ? k : m, trans_a ? m : k, "A");
+  ldb = leading(ldb, trans_b ? n : k, trans_b ? k : n, "B");
+  ldc = leading(ldc, m, n, "C");
+  constexpr int64_t kIntMax = 2147483647;
+  TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax,
+              "cpu gemm: a dim or leading dim exceeds the BLAS's 32-bit int");
   static const bool no_blas = std::getenv("VK_NOBLAS") != nullptr;
   if (sgemm_ != nullptr && !no_blas) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same flags, operands swapped.

@@ -29,6 +29,9 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count, C interface (returns the previous setting; 0 = the global one), when
+// libtorch_cpu exports it (its lower-case alias is the Fortran one, which takes a pointer).
+extern "C" int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 
 namespace vitkernels {
 namespace cpu {
@@ -36,10 +39,29 @@ namespace cpu {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Row-major C[M, N] = alpha * op(A)[M, K] @ op(B)[K, N] + beta * C, op = transpose when the flag is set.
-// Called from inside at::parallel_for tasks: the BLAS then runs on the calling thread only.
+// Every leading dim must cover its row (a single-row operand may pass less). Called from inside
+// at::parallel_for tasks, each under OneBlasThread: the BLAS runs on the calling thread only, so a product
+// never depends on how many threads there are.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// For the lifetime of the guard, this thread's BLAS calls use one thread (MKL's thread-local setting; a
+// task that runs inline, outside an OpenMP region, would otherwise let MKL split its products).
+struct OneBlasThread {
+  int previous = 0;
+  bool active = false;
+  OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local != nullptr) {
+      previous = MKL_Set_Num_Threads_Local(1);
+      active = true;
+    }
+  }
+  ~OneBlasThread() {
+    if (active) MKL_Set_Num_Threads_Local(previous);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+};
 // Rows of each storage dtype to and from float (bf16/fp16: round to nearest even).
 void to_float(const float* src, float* dst, int64_t n);
 void to_float(const at::BFloat16* src, float* dst, int64_t n);

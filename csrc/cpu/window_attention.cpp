@@ -4,9 +4,10 @@
 // One task per (batch, window, head): the head's q, k, v columns of the window's tokens are gathered into
 // one float block (padded tokens take qkv_bias), attention runs on BLAS tiles of it (N <= a few hundred:
 // all keys in one step), and the output goes straight back to the map positions (every position is in
-// exactly one window and every head owns its columns, so tasks never write the same element). Backward: the same tasks; d(pairs) and d(qkv_bias) are summed per chunk of
-// windows, the chunks fixed by the shape alone, then chunk by chunk in order: bitwise the same at any
-// thread count.
+// exactly one window and every head owns its columns, so tasks never write the same element).
+// Backward: the same tasks, head-major; each chunk is one head's run of windows and sums that head's
+// d(pairs) (N x N) and its columns of d(qkv_bias); the chunks are fixed by the shape alone and summed in
+// order afterwards: bitwise the same at any thread count.
 #include "../window_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -162,6 +163,7 @@ void forward_kernel(const at::Tensor& qkv, const c10::optional<at::Tensor>& tabl
   const int64_t N = L.N, hd = L.hd;
 
   at::parallel_for(0, L.B * L.windows * L.heads, 1, [&](int64_t begin, int64_t end) {
+    const cpu::OneBlasThread one_blas_thread;
     std::vector<int64_t> src(N), dst(N);
     std::vector<int32_t> region(N);
     Scratch block_buf, s_buf, o_buf;
@@ -194,7 +196,7 @@ template <typename scalar_t>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
                      const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
                      const at::Tensor& out, const at::Tensor& lse, const Layout& L, float scale, scalar_t* dqkv,
-                     float* dpairs_chunks, float* dbias_chunks, int64_t chunks) {
+                     float* dpairs_chunks, float* dbias_chunks, int64_t chunks_per_head) {
   const std::vector<float> bias = gather_bias<scalar_t>(table, index, L);
   const std::vector<float> pad = pad_value<scalar_t>(qkv_bias, L.C3);
   const scalar_t* x = qkv.const_data_ptr<scalar_t>();
@@ -204,10 +206,11 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
   const int64_t ds[3] = {dout.stride(1), dout.stride(2), dout.stride(3)};
   const int64_t os[3] = {out.stride(1), out.stride(2), out.stride(3)};
   const int64_t gs[3] = {L.spatial[1] * L.spatial[2] * L.C3, L.spatial[2] * L.C3, L.C3};  // dqkv, contiguous
-  const int64_t N = L.N, C = L.C, hd = L.hd, tasks = L.B * L.windows * L.heads;
-  const int64_t per_chunk = (tasks + chunks - 1) / chunks;
+  const int64_t N = L.N, C = L.C, hd = L.hd, per_head = L.B * L.windows;
+  const int64_t per_chunk = (per_head + chunks_per_head - 1) / chunks_per_head;
 
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, L.heads * chunks_per_head, 1, [&](int64_t begin, int64_t end) {
+    const cpu::OneBlasThread one_blas_thread;
     std::vector<int64_t> src(N), dsrc(N), osrc(N), gsrc(N);
     std::vector<int32_t> region(N);
     Scratch block_buf, do_buf, o_buf, g_buf, s_buf, dp_buf, delta_buf;
@@ -219,12 +222,13 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
     float* dP = dp_buf.get(N * N);
     float* delta = delta_buf.get(N);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      float* dpairs = dpairs_chunks ? dpairs_chunks + chunk * L.heads * N * N : nullptr;
+      const int64_t h = chunk / chunks_per_head, first = (chunk % chunks_per_head) * per_chunk;
+      float* dpairs = dpairs_chunks ? dpairs_chunks + chunk * N * N : nullptr;  // this head's N x N
       float* dbias = dbias_chunks ? dbias_chunks + chunk * L.C3 : nullptr;
-      if (dpairs) std::fill(dpairs, dpairs + L.heads * N * N, 0.0f);
+      if (dpairs) std::fill(dpairs, dpairs + N * N, 0.0f);
       if (dbias) std::fill(dbias, dbias + L.C3, 0.0f);
-      for (int64_t task = chunk * per_chunk; task < std::min(tasks, (chunk + 1) * per_chunk); ++task) {
-        const int64_t bw = task / L.heads, h = task % L.heads, b = bw / L.windows, w = bw % L.windows;
+      for (int64_t bw = first; bw < std::min(per_head, first + per_chunk); ++bw) {
+        const int64_t task = bw * L.heads + h, b = bw / L.windows, w = bw % L.windows;  // lse's (bw, h) row
         const bool mixed = L.tokens(w, L.xs + 1, src.data(), region.data());
         L.tokens(w, ds, dsrc.data(), region.data());
         L.tokens(w, os, osrc.data(), region.data());
@@ -240,7 +244,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
         cpu::gemm(true, false, N, hd, N, 1.0f, S, N, dO, hd, 0.0f, G + 2 * hd, ld);         // dV = P^T dO
         cpu::gemm(false, true, N, N, hd, 1.0f, dO, hd, block + 2 * hd, ld, 0.0f, dP, N);    // dP = dO V^T
         for (int64_t i = 0; i < N; ++i) cpu::softmax_grad_row(S + i * N, dP + i * N, N, delta[i]);  // dS
-        if (dpairs) cpu::add_strided(dpairs + h * N * N, dP, 1, N * N);
+        if (dpairs) cpu::add_strided(dpairs, dP, 1, N * N);
         cpu::gemm(false, false, N, hd, N, scale, dP, N, block + hd, ld, 0.0f, G, ld);      // dQ = dS K
         cpu::gemm(true, false, N, hd, N, scale, dP, N, block, ld, 0.0f, G + hd, ld);       // dK = dS^T Q
         scalar_t* gb = dqkv ? dqkv + b * L.spatial[0] * gs[0] : nullptr;
@@ -258,14 +262,41 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
   });
 }
 
+// What the kernels index with: every shape they rely on (the Python checks come first; these keep a direct
+// call of the extension from reading or writing out of bounds).
+void check_window_operands(const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
+                           const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
+                           int64_t num_heads, const WindowGeometry& geo) {
+  TORCH_CHECK(qkv.dim() == 5 && qkv.device().is_cpu(), "window_cpu: qkv must be (B, T, H, W, 3C) on CPU");
+  for (int d = 0; d < 3; ++d)
+    TORCH_CHECK(qkv.size(1 + d) == geo.spatial[d], "window_cpu: qkv's map ", qkv.sizes(), " is not the geometry's");
+  TORCH_CHECK(num_heads >= 1 && qkv.size(4) % (3 * num_heads) == 0, "window_cpu: qkv's last dim ", qkv.size(4),
+              " is not 3 * num_heads * head_dim for num_heads=", num_heads);
+  TORCH_CHECK(table.has_value() == index.has_value(), "window_cpu: table and index go together");
+  int64_t n = 1;
+  for (int d = 0; d < 3; ++d) n *= geo.window[d];
+  if (table.has_value()) {
+    TORCH_CHECK(table->dim() == 2 && table->size(1) == num_heads && table->scalar_type() == qkv.scalar_type(),
+                "window_cpu: table must be (rows, num_heads) in qkv's dtype, got ", table->sizes());
+    TORCH_CHECK(index->dim() == 2 && index->size(0) == n && index->size(1) == n &&
+                    index->scalar_type() == at::kLong,
+                "window_cpu: index must be (N, N) int64 for N = ", n, " tokens per window");
+    if (n > 0)
+      TORCH_CHECK(index->min().item<int64_t>() >= 0 && index->max().item<int64_t>() < table->size(0),
+                  "window_cpu: index holds rows outside the table's ", table->size(0));
+  }
+  if (qkv_bias.has_value())
+    TORCH_CHECK(qkv_bias->dim() == 1 && qkv_bias->size(0) == qkv.size(4) && qkv_bias->scalar_type() == qkv.scalar_type(),
+                "window_cpu: qkv_bias must be (3C,) in qkv's dtype");
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> window_forward_cpu(const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
                                                       const c10::optional<at::Tensor>& qkv_bias,
                                                       const c10::optional<at::Tensor>& index, int64_t num_heads,
                                                       const WindowGeometry& geo, double scale) {
-  TORCH_CHECK(qkv.dim() == 5 && qkv.device().is_cpu(), "window_forward_cpu: qkv must be (B, T, H, W, 3C) on CPU");
-  TORCH_CHECK(table.has_value() == index.has_value(), "window_forward_cpu: table and index go together");
+  check_window_operands(qkv, table, qkv_bias, index, num_heads, geo);
   const Layout L(qkv, num_heads, geo);
   auto out = at::empty({L.B, geo.spatial[0], geo.spatial[1], geo.spatial[2], L.C}, qkv.options());
   auto lse = at::empty({L.B * L.windows, L.heads, L.N}, qkv.options().dtype(at::kFloat));
@@ -282,20 +313,27 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
     const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index, const at::Tensor& out,
     const at::Tensor& lse, int64_t num_heads, const WindowGeometry& geo, double scale, bool need_qkv, bool need_pairs,
     bool need_bias) {
-  TORCH_CHECK(qkv.dim() == 5 && dout.dim() == 5 && out.dim() == 5, "window_backward_cpu: 5-D qkv, dout, out");
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous(), "window_backward_cpu: contiguous float lse");
+  check_window_operands(qkv, table, qkv_bias, index, num_heads, geo);
   const Layout L(qkv, num_heads, geo);
+  const std::vector<int64_t> out_shape = {L.B, geo.spatial[0], geo.spatial[1], geo.spatial[2], L.C};
+  for (const at::Tensor* t : {&dout, &out})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape) && t->scalar_type() == qkv.scalar_type(),
+                "window_backward_cpu: dout and out must be (B, T, H, W, C) in qkv's dtype, got ", t->sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.numel() == L.B * L.windows * L.heads * L.N,
+              "window_backward_cpu: lse must be the forward's contiguous (B * windows, heads, N) float32");
   need_pairs = need_pairs && table.has_value();
-  // Chunks of consecutive windows, fixed by the shape: enough to keep every core busy, few enough that
-  // the per-chunk d(pairs) stays under ~32 MB.
-  const int64_t tasks = L.B * L.windows * L.heads;
-  const int64_t pair_bytes = need_pairs ? L.heads * L.N * L.N * 4 : 1;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>({tasks, 64, (32LL << 20) / pair_bytes}));
+  // Per head, chunks of consecutive windows, fixed by the shape: about 64 chunks in all to keep every core
+  // busy, at least one per head, and their d(pairs) (N x N each) under ~32 MB together where that allows.
+  const int64_t per_head = L.B * L.windows;
+  const int64_t pair_bytes = need_pairs ? L.N * L.N * 4 : 1;
+  const int64_t chunks_per_head = std::max<int64_t>(
+      1, std::min<int64_t>({per_head, (64 + L.heads - 1) / L.heads, (32LL << 20) / (pair_bytes * L.heads)}));
+  const int64_t chunks = L.heads * chunks_per_head;
   c10::optional<at::Tensor> dqkv, dpairs, dbias;
   at::Tensor pair_chunks, bias_chunks;
   auto fopts = qkv.options().dtype(at::kFloat);
   if (need_qkv) dqkv = at::empty(qkv.sizes(), qkv.options());
-  if (need_pairs) pair_chunks = at::empty({chunks, L.heads * L.N * L.N}, fopts);
+  if (need_pairs) pair_chunks = at::empty({chunks, L.N * L.N}, fopts);
   if (need_bias) bias_chunks = at::empty({chunks, L.C3}, fopts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_backward_cpu", [&] {
     TORCH_CHECK((!std::is_same<scalar_t, double>::value), "window_cpu: fp64 runs on the reference backend");
@@ -303,12 +341,14 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
       backward_kernel<scalar_t>(dout, qkv, table, qkv_bias, index, out, lse, L, static_cast<float>(scale),
                                 need_qkv ? dqkv->mutable_data_ptr<scalar_t>() : nullptr,
                                 need_pairs ? pair_chunks.mutable_data_ptr<float>() : nullptr,
-                                need_bias ? bias_chunks.mutable_data_ptr<float>() : nullptr, chunks);
+                                need_bias ? bias_chunks.mutable_data_ptr<float>() : nullptr, chunks_per_head);
   });
   if (need_pairs) {
     dpairs = at::empty({L.heads, L.N, L.N}, fopts);
-    cpu::sum_slots(pair_chunks.const_data_ptr<float>(), chunks, L.heads * L.N * L.N, L.heads * L.N * L.N,
-                   dpairs->mutable_data_ptr<float>());
+    const int64_t NN = L.N * L.N;
+    for (int64_t h = 0; h < L.heads; ++h)  // each head: its chunks in order
+      cpu::sum_slots(pair_chunks.const_data_ptr<float>() + h * chunks_per_head * NN, chunks_per_head, NN, NN,
+                     dpairs->mutable_data_ptr<float>() + h * NN);
   }
   if (need_bias) {
     dbias = at::empty({L.C3}, fopts);

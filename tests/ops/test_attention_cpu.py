@@ -192,3 +192,26 @@ def test_dispatch_picks_cpu_for_cpu_tensors_and_the_reference_for_float64():
     q64 = q.double()
     assert dispatch.select("flash_attention",
                            vitkernels.ops.attention.check_attention_inputs(q64, q64, q64)).name == "reference"
+
+
+def test_rows_with_a_stride_below_d_expanded_or_overlapping_views():
+    # k expanded over its keys (row stride 0) and q as overlapping rows (row stride 16 < D = 64): the kernels
+    # read rows by their stride (fp32 is read in place only when rows do not overlap)
+    B, H, n, d = 1, 2, 33, 64
+    k = torch.randn(B, H, 1, d).expand(B, H, n, d)
+    v = torch.randn(B, H, n, d)
+    base = torch.randn(B * H * n * 16 + d)
+    q = base.as_strided((B, H, n, d), (H * n * 16, n * 16, 16, 1))
+    assert k.stride(2) == 0 and q.stride(2) < d
+    check(q, k, v, dout=torch.randn(B, H, n, d))
+
+
+def test_output_gradient_with_a_zero_row_stride():
+    # out.sum(dim=2) hands the backward a dout whose rows all alias one row (stride 0)
+    q, k, v = (torch.randn(2, 2, 49, 64, requires_grad=True) for _ in range(3))
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    vitkernels.flash_attention(q, k, v, backend="cpu").sum(dim=2).pow(2).sum().backward()
+    attention_reference(*ref).sum(dim=2).pow(2).sum().backward()
+    for a, b in zip((q, k, v), ref):
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-4)

@@ -140,3 +140,9 @@ def test_2d_matches_timm_block_with_the_same_weights():
                                           rel_pos_bias=blk.attn.relative_position_bias_table, backend="cpu")
         got = blk.attn.proj(out)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_many_heads_and_large_windows_split_the_backward_per_head():
+    # 16 heads of a 12x12 window (144 tokens): the backward's chunks are per head (each sums its own N x N
+    # table gradient), several per head
+    run_case((1, 24, 24), 16, 16, 12, 6)

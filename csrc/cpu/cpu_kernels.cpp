@@ -27,7 +27,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   constexpr int64_t kIntMax = 2147483647;
   TORCH_CHECK(m <= kIntMax && n <= kIntMax && k <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax,
               "cpu gemm: a dim or leading dim exceeds the BLAS's 32-bit int");
-  static const bool no_blas = std::getenv("VK_NOBLAS") != nullptr;
+  // VITKERNELS_CPU_NO_BLAS=1 takes the at::addmm_ path of builds whose torch exports no sgemm_ (for tests).
+  static const bool no_blas = std::getenv("VITKERNELS_CPU_NO_BLAS") != nullptr;
   if (sgemm_ != nullptr && !no_blas) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same flags, operands swapped.
     const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';

@@ -1,10 +1,12 @@
 """The cpu backend gives bitwise the same results, forward and every gradient, with one thread as with
-several (OMP_NUM_THREADS=1 against the default), for the three ops."""
+several (OMP_NUM_THREADS=1 against the default), for the three ops; and its GEMMs' fallback for torch builds
+without a BLAS sgemm_ (at::addmm_) gives the same results within float32 rounding."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from vitkernels import _ext
 
@@ -45,11 +47,15 @@ print(torch.get_num_threads(), digest.hexdigest())
 """
 
 
-def _digest(threads):
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+def _run(script, **env):
+    done = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    used, digest = done.stdout.split()
+    return done.stdout
+
+
+def _digest(threads):
+    used, digest = _run(SCRIPT, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)).split()
     return int(used), digest
 
 
@@ -58,3 +64,20 @@ def test_one_thread_gives_bitwise_the_multi_threaded_results():
     (t1, one), (tn, several) = _digest(1), _digest(many)
     assert (t1, tn) == (1, many)
     assert one == several, "results differ between OMP_NUM_THREADS=1 and the multi-threaded run"
+
+
+FALLBACK = SCRIPT.split("digest = hashlib.sha1()")[0] + r"""
+torch.save([t.detach() for t in results], OUT)
+"""
+
+
+def test_gemm_fallback_without_blas_gives_the_blas_results(tmp_path):
+    # the kernels' at::addmm_ path (torch builds that export no sgemm_) on the same inputs as the BLAS path
+    paths = {}
+    for name, env in (("blas", {}), ("fallback", {"VITKERNELS_CPU_NO_BLAS": "1"})):
+        paths[name] = str(tmp_path / f"{name}.pt")
+        _run(f"OUT = {paths[name]!r}\n" + FALLBACK, **env)
+    blas, fallback = (torch.load(paths[n]) for n in ("blas", "fallback"))
+    assert len(blas) == len(fallback) > 0
+    for a, b in zip(blas, fallback):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)

@@ -9,6 +9,7 @@ Without the compiled extension these tests skip, unless VITKERNELS_REQUIRE_EXT=1
 """
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -237,3 +238,40 @@ def test_cpu_big_shape_is_correct():
     assert_close_2x(out, out_pt, out_ref, factor=2.0, floor=_floor(torch.float32, out_ref), name="forward")
     for name, a, pt, r in zip(NAMES, grads, grads_pt, grads_ref):
         assert_close_2x(a, pt, r, factor=GRAD_FACTOR, floor=_floor(torch.float32, r), name=f"d{name}")
+
+
+@pytest.mark.parametrize("shape,patch,layout", [
+    ((2, 3, 16, 16), (4, 4), "contig"), ((2, 3, 16, 16), (4, 4), "channels_last"), ((1, 3, 4, 8, 8), (2, 2, 2), "contig"),
+    ((1, 3, 4, 8, 8), (2, 2, 2), "channels_last"), ((2, 4, 12, 12), (4, 4), "slice"),
+], ids=["2d", "2d-channels-last", "3d", "3d-channels-last", "2d-strided"])
+@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "bias-pos-prefix"])
+def test_cpu_inference_of_small_patches_takes_the_conv_and_matches(monkeypatch, shape, patch, layout, with_extras):
+    # K = C * prod(patch) <= CONV_MAX_K: in inference the projection is torch's conv (training takes the GEMM)
+    import torch.nn.functional as F
+
+    from vitkernels.ops.patch_embed.cpu import CONV_MAX_K
+
+    convs = []
+    for name in ("conv2d", "conv3d"):
+        original = getattr(F, name)
+        monkeypatch.setattr(F, name, lambda *a, _f=original, **k: convs.append(1) or _f(*a, **k))
+
+    x64 = torch.randn(*shape, dtype=F64)
+    if layout == "slice":
+        x64 = torch.randn(shape[0], shape[1] * 2, *shape[2:], dtype=F64)[:, ::2]
+    C, E = x64.shape[1], 24
+    assert C * math.prod(patch) <= CONV_MAX_K
+    w64 = torch.randn(E, C, *patch, dtype=F64)
+    num = math.prod(s // p for s, p in zip(shape[2:], patch))
+    extras = dict(bias=torch.randn(E, dtype=F64), pos_embed=torch.randn(1, 1 + num, E, dtype=F64),
+                  prefix_tokens=torch.randn(1, 1, E, dtype=F64)) if with_extras else {}
+    ref = patch_embed(x64, w64, backend="reference", **extras)
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    x32 = x64.float().contiguous(memory_format=fmt) if layout == "channels_last" else x64.float()
+    args32 = {k: v.float() for k, v in extras.items()}
+    with torch.no_grad():
+        out = patch_embed(x32, w64.float(), backend="cpu", **args32)
+        out_pt = patch_embed(x64.float(), w64.float(), backend="reference", **args32)
+    assert out.shape == ref.shape and out.is_contiguous()
+    assert len(convs) == 1  # the cpu backend's conv (the reference never calls one)
+    assert_close_2x(out, out_pt, ref, factor=2.0, floor=_floor(torch.float32, ref), name="conv path")

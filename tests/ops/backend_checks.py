@@ -81,3 +81,59 @@ def window_vs_reference(backend, device, shape, heads, head_dim, window, shift, 
         assert_close_2x(results["run"][1][n], results["pt"][1][n], results["ref"][1][n], factor=3.0,
                         floor=floor * 10, name=f"d{n}")
     return results
+
+
+# ---- properties every attention / window backend has (each test module runs them on its backend) ----------
+
+
+def attention_nan_stays_in_its_row(backend, device):
+    """A NaN in one query row gives NaN in that output row and leaves every other row bitwise unchanged."""
+    q, k, v = (torch.randn(1, 1, 49, 32, device=device) for _ in range(3))
+    clean = vitkernels.flash_attention(q, k, v, backend=backend)
+    q[0, 0, 7, 3] = float("nan")
+    out = vitkernels.flash_attention(q, k, v, backend=backend)
+    assert torch.isnan(out[0, 0, 7]).all()
+    rest = torch.ones(49, dtype=torch.bool, device=device)
+    rest[7] = False
+    assert torch.equal(out[0, 0, rest], clean[0, 0, rest])
+
+
+def attention_backward_is_bitwise_deterministic(backend, device):
+    q, k, v = (torch.randn(2, 2, 77, 40, device=device) for _ in range(3))
+    bias, g = torch.randn(1, 2, 77, 77, device=device), torch.randn(2, 2, 77, 40, device=device)
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        out = vitkernels.flash_attention(*ts[:3], bias=ts[3], backend=backend)
+        out.backward(g)
+        runs.append([out] + [t.grad for t in ts])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def window_backward_is_bitwise_deterministic(backend, device):
+    heads, hd = 2, 32
+    qkv = torch.randn(2, 13, 10, 3 * heads * hd, device=device)
+    table = torch.randn(169, heads, device=device)
+    bias = torch.randn(3 * heads * hd, device=device)
+    g = torch.randn(2, 13, 10, heads * hd, device=device)
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in (qkv, table, bias)]
+        out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=7, shift_size=3, rel_pos_bias=ts[1],
+                                          qkv_bias=ts[2], backend=backend)
+        out.backward(g)
+        runs.append([out] + [t.grad for t in ts])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def window_reads_a_strided_qkv_in_place(backend, device):
+    """qkv a view of a wider NaN-filled buffer: reading outside it would put NaN in the output."""
+    heads, hd = 2, 32
+    C = heads * hd
+    buf = torch.full((1, 13, 10, 3 * C + 16), float("nan"), device=device)
+    buf[..., : 3 * C] = torch.randn(1, 13, 10, 3 * C, device=device)
+    qkv = buf[..., : 3 * C]
+    assert not qkv.is_contiguous()
+    window_vs_reference(backend, device, (1, 13, 10), heads, hd, 7, 3, qkv=qkv)

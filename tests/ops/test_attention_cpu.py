@@ -11,7 +11,8 @@ import vitkernels
 from vitkernels import BackendUnavailableError, _ext, dispatch
 from vitkernels.ops.attention.reference import attention_reference
 
-from tests.ops.backend_checks import attention_vs_reference
+from tests.ops.backend_checks import (attention_backward_is_bitwise_deterministic, attention_nan_stays_in_its_row,
+                                      attention_vs_reference)
 from tests.utils import qkv_views
 
 EXT_REQUIRED = os.environ.get("VITKERNELS_REQUIRE_EXT") == "1"
@@ -101,27 +102,11 @@ def test_all_minus_inf_rows_give_zeros_and_zero_gradients():
 
 
 def test_nan_in_a_query_row_stays_in_that_row():
-    q, k, v = (torch.randn(1, 1, 49, 32) for _ in range(3))
-    clean = vitkernels.flash_attention(q, k, v, backend="cpu")
-    q[0, 0, 7, 3] = float("nan")
-    out = vitkernels.flash_attention(q, k, v, backend="cpu")
-    assert torch.isnan(out[0, 0, 7]).all()
-    rest = torch.ones(49, dtype=torch.bool)
-    rest[7] = False
-    assert torch.equal(out[0, 0, rest], clean[0, 0, rest])
+    attention_nan_stays_in_its_row("cpu", "cpu")
 
 
 def test_backward_is_deterministic_bitwise():
-    q, k, v = (torch.randn(2, 2, 77, 40) for _ in range(3))
-    bias, g = torch.randn(1, 2, 77, 77), torch.randn(2, 2, 77, 40)
-    runs = []
-    for _ in range(2):
-        ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-        out = vitkernels.flash_attention(*ts[:3], bias=ts[3], backend="cpu")
-        out.backward(g)
-        runs.append([out] + [t.grad for t in ts])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    attention_backward_is_bitwise_deterministic("cpu", "cpu")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

@@ -12,7 +12,8 @@ import vitkernels
 from vitkernels import BackendUnavailableError
 from vitkernels.ops.attention.reference import attention_reference
 
-from tests.ops.backend_checks import FLOOR, attention_vs_reference
+from tests.ops.backend_checks import (FLOOR, attention_backward_is_bitwise_deterministic, attention_nan_stays_in_its_row,
+                                      attention_vs_reference)
 from tests.utils import qkv_views
 
 pytest.importorskip("triton")
@@ -167,30 +168,11 @@ def test_all_minus_inf_rows_give_zeros_and_zero_gradients():
 
 
 def test_nan_in_a_query_row_stays_in_that_row():
-    B, H, n, d = 1, 1, 49, 32
-    q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
-    clean = vitkernels.flash_attention(q, k, v, backend="triton")
-    q[0, 0, 7, 3] = float("nan")
-    out = vitkernels.flash_attention(q, k, v, backend="triton")
-    assert torch.isnan(out[0, 0, 7]).all()
-    rest = torch.ones(n, dtype=torch.bool)
-    rest[7] = False
-    assert torch.equal(out[0, 0, rest], clean[0, 0, rest])
+    attention_nan_stays_in_its_row("triton", DEVICE)
 
 
 def test_backward_is_deterministic_bitwise():
-    B, H, n, d = 2, 2, 77, 40
-    q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
-    bias = torch.randn(1, H, n, n, device=DEVICE)
-    g = torch.randn(B, H, n, d, device=DEVICE)
-    runs = []
-    for _ in range(2):
-        ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-        out = vitkernels.flash_attention(*ts[:3], bias=ts[3], backend="triton")
-        out.backward(g)
-        runs.append([out] + [t.grad for t in ts])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    attention_backward_is_bitwise_deterministic("triton", DEVICE)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])

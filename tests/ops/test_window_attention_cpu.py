@@ -10,7 +10,8 @@ import torch
 import vitkernels
 from vitkernels import BackendUnavailableError, _ext
 
-from tests.ops.backend_checks import window_vs_reference
+from tests.ops.backend_checks import (window_backward_is_bitwise_deterministic, window_reads_a_strided_qkv_in_place,
+                                      window_vs_reference)
 
 EXT_REQUIRED = os.environ.get("VITKERNELS_REQUIRE_EXT") == "1"
 pytestmark = [pytest.mark.ext, pytest.mark.skipif(
@@ -78,15 +79,9 @@ def test_optional_table_and_qkv_bias(with_table, with_bias):
 
 
 def test_strided_qkv_is_read_in_place_and_its_padding_never_read():
-    heads, hd = 2, 32
-    C = heads * hd
-    buf = torch.full((1, 13, 10, 3 * C + 16), float("nan"))
-    buf[..., : 3 * C] = torch.randn(1, 13, 10, 3 * C)
-    qkv = buf[..., : 3 * C]
-    assert not qkv.is_contiguous()
-    run_case((1, 13, 10), heads, hd, 7, 3, qkv=qkv)
+    window_reads_a_strided_qkv_in_place("cpu", "cpu")
     # a channel stride other than 1 (a transposed map) is read by strides too
-    run_case((1, 10, 13), heads, hd, 7, 3, qkv=torch.randn(1, 3 * C, 13, 10).permute(0, 3, 2, 1))
+    run_case((1, 10, 13), 2, 32, 7, 3, qkv=torch.randn(1, 3 * 64, 13, 10).permute(0, 3, 2, 1))
 
 
 def test_nan_stays_in_its_window():
@@ -102,19 +97,7 @@ def test_nan_stays_in_its_window():
 
 
 def test_backward_is_deterministic_bitwise():
-    heads, hd = 2, 32
-    qkv = torch.randn(2, 13, 10, 3 * heads * hd)
-    table, bias = torch.randn(169, heads), torch.randn(3 * heads * hd)
-    g = torch.randn(2, 13, 10, heads * hd)
-    runs = []
-    for _ in range(2):
-        ts = [t.clone().requires_grad_() for t in (qkv, table, bias)]
-        out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=7, shift_size=3, rel_pos_bias=ts[1],
-                                          qkv_bias=ts[2], backend="cpu")
-        out.backward(g)
-        runs.append([out] + [t.grad for t in ts])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    window_backward_is_bitwise_deterministic("cpu", "cpu")
 
 
 def test_cpu_refuses_float64_with_the_reason():

@@ -9,7 +9,8 @@ import torch
 import vitkernels
 from vitkernels import BackendUnavailableError
 
-from tests.ops.backend_checks import window_vs_reference
+from tests.ops.backend_checks import (window_backward_is_bitwise_deterministic, window_reads_a_strided_qkv_in_place,
+                                      window_vs_reference)
 from tests.utils import assert_close_2x
 
 pytest.importorskip("triton")
@@ -78,31 +79,11 @@ def test_optional_table_and_qkv_bias(with_table, with_bias):
 
 
 def test_strided_qkv_is_read_in_place_and_its_padding_never_read():
-    # qkv is a view of a wider NaN-filled buffer: reading outside it would put NaN in the output.
-    heads, hd = 2, 32
-    C = heads * hd
-    buf = torch.full((1, 13, 10, 3 * C + 16), float("nan"), device=DEVICE)
-    buf[..., : 3 * C] = torch.randn(1, 13, 10, 3 * C, device=DEVICE)
-    qkv = buf[..., : 3 * C]
-    assert not qkv.is_contiguous()
-    run_case((1, 13, 10), heads, hd, 7, 3, qkv=qkv)
+    window_reads_a_strided_qkv_in_place("triton", DEVICE)
 
 
 def test_backward_is_deterministic_bitwise():
-    heads, hd = 2, 32
-    qkv = torch.randn(2, 13, 10, 3 * heads * hd, device=DEVICE)
-    table = torch.randn(169, heads, device=DEVICE)
-    bias = torch.randn(3 * heads * hd, device=DEVICE)
-    g = torch.randn(2, 13, 10, heads * hd, device=DEVICE)
-    runs = []
-    for _ in range(2):
-        ts = [t.clone().requires_grad_() for t in (qkv, table, bias)]
-        out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=7, shift_size=3, rel_pos_bias=ts[1],
-                                          qkv_bias=ts[2], backend="triton")
-        out.backward(g)
-        runs.append([out] + [t.grad for t in ts])
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    window_backward_is_bitwise_deterministic("triton", DEVICE)
 
 
 @pytest.mark.parametrize("shape,window,shift,target", [

@@ -13,27 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from vitkernels.ops.patch_embed.reference import ReferencePatchEmbedKernels, patchify
-
-
-def write_epilogue(tokens, body_add, prefix_tokens, pos_embed):
-    """(B, P + Np, E) from the projected patches ``tokens`` (B, Np, E, any strides): ``body_add`` (what the
-    patch rows add: bias and/or their position embedding, broadcastable; None: nothing) added in one pass
-    over the output; prefix rows (+ their position embedding) first."""
-    B, num_patches, E = tokens.shape
-    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
-    out = torch.empty(B, num_prefix + num_patches, E, dtype=tokens.dtype, device=tokens.device)
-    body = out[:, num_prefix:]
-    if body_add is None:
-        body.copy_(tokens)
-    else:
-        torch.add(tokens, body_add, out=body)
-    if num_prefix:
-        head = prefix_tokens
-        if pos_embed is not None and pos_embed.shape[1] == num_prefix + num_patches:
-            head = prefix_tokens + pos_embed[:, :num_prefix]
-        out[:, :num_prefix] = head
-    return out
+from vitkernels.ops.patch_embed.reference import ReferencePatchEmbedKernels, patchify, write_epilogue
 
 
 # Up to this many products per output (K = C * prod(patch)) the projection runs as torch's conv: oneDNN sums

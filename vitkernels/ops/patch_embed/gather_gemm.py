@@ -9,7 +9,7 @@ import math
 import torch
 
 from vitkernels import _ext
-from vitkernels.ops.patch_embed.reference import epilogue_grads
+from vitkernels.ops.patch_embed.reference import epilogue_grads, write_epilogue
 
 
 def _as_5d(x: torch.Tensor) -> torch.Tensor:
@@ -32,21 +32,10 @@ class GatherGemmKernels:
         rows = patches.view(B * num_patches, k)
         tokens = torch.addmm(bias, rows, w2.t()) if bias is not None else torch.mm(rows, w2.t())
         tokens = tokens.view(B, num_patches, E)
-        num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
-        if num_prefix == 0 and pos_embed is None:
+        if prefix_tokens is None and pos_embed is None:
             return tokens
-        out = torch.empty(B, num_prefix + num_patches, E, dtype=x.dtype, device=x.device)
-        body = out[:, num_prefix:]
-        if pos_embed is None:
-            body.copy_(tokens)
-        else:
-            torch.add(tokens, pos_embed[:, -num_patches:], out=body)
-        if num_prefix:
-            head = prefix_tokens
-            if pos_embed is not None and pos_embed.shape[1] == num_prefix + num_patches:
-                head = prefix_tokens + pos_embed[:, :num_prefix]
-            out[:, :num_prefix] = head
-        return out
+        body_add = None if pos_embed is None else pos_embed[:, -num_patches:]
+        return write_epilogue(tokens, body_add, prefix_tokens, pos_embed)
 
     @staticmethod
     def backward(dout, x, weight, bias, pos_embed, prefix_tokens, needs):

@@ -55,6 +55,26 @@ def patch_embed_reference(
     return tokens
 
 
+def write_epilogue(tokens, body_add, prefix_tokens, pos_embed):
+    """(B, P + Np, E) from the projected patches ``tokens`` (B, Np, E, any strides): ``body_add`` (what the
+    patch rows add: bias and/or their position embedding, broadcastable; None: nothing) added in one pass
+    over the output; prefix rows (+ their position embedding) first."""
+    B, num_patches, E = tokens.shape
+    num_prefix = 0 if prefix_tokens is None else prefix_tokens.shape[1]
+    out = torch.empty(B, num_prefix + num_patches, E, dtype=tokens.dtype, device=tokens.device)
+    body = out[:, num_prefix:]
+    if body_add is None:
+        body.copy_(tokens)
+    else:
+        torch.add(tokens, body_add, out=body)
+    if num_prefix:
+        head = prefix_tokens
+        if pos_embed is not None and pos_embed.shape[1] == num_prefix + num_patches:
+            head = prefix_tokens + pos_embed[:, :num_prefix]
+        out[:, :num_prefix] = head
+    return out
+
+
 def epilogue_grads(dout, pos_embed, num_prefix: int, need_bias: bool, need_pos: bool, need_prefix: bool):
     """(dbias, dpos_embed, dprefix_tokens) from dout (B, P + Np, E): the epilogue's gradients are sums of
     dout over the batch (and the patches, for the bias); None where not needed. One pass over dout: its

@@ -1,8 +1,9 @@
 """vitkernels: fused kernels for Vision Transformers (flash attention, Swin window attention, patch
 embedding), each with a pure-PyTorch reference, and one dispatch layer over its backends.
 
-``vitkernels.nn`` (drop-in modules, ``patch_timm``, ``replace_mha`` and their inverses), ``vitkernels.models`` and
-``vitkernels.bench`` load on first access; none of them imports timm until a timm model is patched or built.
+``vitkernels.nn`` (drop-in modules, ``patch_timm``, ``patch_torchvision``, ``replace_mha`` and their inverses), ``vitkernels.models`` and
+``vitkernels.bench`` load on first access; none of them imports timm
+(or torchvision) until a timm (torchvision) model is patched or built.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ _LAZY = {
     "bench": ("vitkernels.bench", None),
     "patch_timm": ("vitkernels.nn.timm_layers", "patch_timm"),
     "unpatch_timm": ("vitkernels.nn.timm_layers", "unpatch_timm"),
+    "patch_torchvision": ("vitkernels.nn.torchvision_layers", "patch_torchvision"),
+    "unpatch_torchvision": ("vitkernels.nn.torchvision_layers", "unpatch_torchvision"),
     "replace_mha": ("vitkernels.nn.multihead_attention", "replace_mha"),
     "restore_mha": ("vitkernels.nn.multihead_attention", "restore_mha"),
     "MultiheadAttention": ("vitkernels.nn.multihead_attention", "MultiheadAttention"),

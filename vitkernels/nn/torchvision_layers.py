@@ -1,0 +1,267 @@
+"""torchvision drop-ins: ``patch_torchvision(model)`` switches a built torchvision model's modules to
+vitkernels' fused versions in place (``unpatch_torchvision(model)`` switches them back). Same parameters,
+buffers and state_dict keys: each fused module is torchvision's own class with a mixin in front.
+
+What is fused (torchvision's own code runs wherever the fused path would not give its result):
+- ``vit_*`` (``VisionTransformer``): patchify + projection + class token + position embedding in one
+  ``patch_embed`` call; the encoder blocks' ``nn.MultiheadAttention`` become ``vitkernels.nn.
+  MultiheadAttention`` (``replace_mha``: fused for ``need_weights=False``, as torchvision calls it).
+  torchvision's code for a conv stem (``conv_stem_configs``), an image of another size than
+  ``image_size`` (torchvision's assert), hooks on ``conv_proj`` or ``encoder``, a subclass with its own
+  ``forward`` / ``_process_input``.
+- ``swin_t/s/b`` (``ShiftedWindowAttention``): qkv projection -> ``window_attention`` (shift, padding,
+  partition, relative-position bias, shift mask, reverse inside) -> proj. A map that is not a multiple of
+  the window runs torchvision's order (pad, then shift) as a one-frame 3-D map. torchvision's code for a
+  map smaller than the window (torchvision pads it up to the window; window_attention clips the window to
+  the map, as timm and Video Swin do), attention dropout in training, and Swin V2's attention
+  (``ShiftedWindowAttentionV2``: cosine attention).
+- ``swin3d_t/s/b`` (``ShiftedWindowAttention3d``, ``PatchEmbed3d``): ``window_attention`` on the 3-D map
+  (padding, clipping of windows larger than the map and the shift mask as torchvision does them), and the
+  tubelet projection as one ``patch_embed`` call when no padding is needed.
+- Every encoder / Swin block gains gradient checkpointing: ``model.set_grad_checkpointing(True)`` on the
+  patched ``VisionTransformer``, ``SwinTransformer`` or ``SwinTransformer3d`` recomputes each block in the
+  backward pass (``torch.utils.checkpoint``, non-reentrant; dropout masks replayed from the saved RNG
+  state), which torchvision's models do not offer themselves.
+
+As for the timm drop-ins, torchvision's code runs under FX symbolic tracing (torchvision's feature
+extraction), ``torch.jit.trace`` and ONNX export; ``torch.jit.script`` raises an error naming
+``unpatch_torchvision``.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import checkpoint as _checkpoint
+
+from vitkernels.nn import _dropin
+from vitkernels.nn.multihead_attention import replace_mha, restore_mha
+from vitkernels.ops.attention.checks import head_dim_supported
+from vitkernels.ops.patch_embed import patch_embed
+from vitkernels.ops.window_attention import window_attention
+
+
+def _torchvision():
+    try:
+        from torchvision.models import swin_transformer as swin2d
+        from torchvision.models import vision_transformer as vit
+        from torchvision.models.video import swin_transformer as swin3d
+    except ImportError as exc:  # pragma: no cover - exercised only without torchvision
+        raise ImportError(f"vitkernels' torchvision drop-ins need torchvision installed ({exc})") from exc
+    return dict(VisionTransformer=vit.VisionTransformer, Encoder=vit.Encoder, EncoderBlock=vit.EncoderBlock,
+                SwinTransformer=swin2d.SwinTransformer, SwinTransformerBlock=swin2d.SwinTransformerBlock,
+                ShiftedWindowAttention=swin2d.ShiftedWindowAttention,
+                SwinTransformer3d=swin3d.SwinTransformer3d, ShiftedWindowAttention3d=swin3d.ShiftedWindowAttention3d,
+                PatchEmbed3d=swin3d.PatchEmbed3d)
+
+
+class _TorchvisionDropIn:
+    """Module-level behaviour of every fused torchvision class: pickles and copies as itself (rebuilt from
+    the torchvision class it extends), refuses TorchScript by name."""
+
+    def __reduce_ex__(self, protocol):
+        base = _torchvision_base(type(self))
+        return _rebuild, (base.__module__, base.__qualname__), self.__getstate__()
+
+    def __prepare_scriptable__(self):
+        raise _dropin.script_error(self, "torchvision", "vitkernels.nn.unpatch_torchvision")
+
+
+def _rebuild(module_name: str, qualname: str):
+    cls = fused_class(_dropin.import_qualified(module_name, qualname))
+    return cls.__new__(cls)
+
+
+def _torchvision_base(cls: type) -> type:
+    return next(c for c in cls.__mro__ if not issubclass(c, _TorchvisionDropIn) and issubclass(c, nn.Module))
+
+
+def _same_device_and_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The fused path's inputs are what torchvision's conv / linear would accept without an error."""
+    return x.device == weight.device and (x.dtype == weight.dtype or _dropin.autocast_on(x.device.type))
+
+
+def _projection_is_patchify(proj: nn.Module, conv_type: type, in_channels: int) -> bool:
+    """``proj`` is a plain conv with kernel == stride, no padding / dilation / groups (what patch_embed is)."""
+    return (type(proj) is conv_type and tuple(proj.kernel_size) == tuple(proj.stride)
+            and all(p == 0 for p in proj.padding) and all(d == 1 for d in proj.dilation)
+            and proj.groups == 1 and proj.padding_mode == "zeros" and proj.in_channels == in_channels)
+
+
+class GradCheckpointBlockMixin(_TorchvisionDropIn):
+    """An encoder / Swin block whose forward is recomputed in the backward pass when ``grad_checkpointing``
+    is set (by the model's ``set_grad_checkpointing``). The block's own forward runs, whatever it is."""
+
+    grad_checkpointing: bool = False
+
+    def forward(self, *args, **kwargs):
+        if (self.grad_checkpointing and torch.is_grad_enabled() and self.training
+                and _dropin.plain_path_reason(*args, *kwargs.values()) is None):
+            return _checkpoint.checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class GradCheckpointModelMixin(_TorchvisionDropIn):
+    """``set_grad_checkpointing(enable=True)`` for the whole model (timm's name and signature)."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in self.modules():
+            if isinstance(module, GradCheckpointBlockMixin):
+                module.grad_checkpointing = bool(enable)
+
+
+class FusedVisionTransformerMixin(GradCheckpointModelMixin):
+    """torchvision ViT: patchify + projection + class token + positions in one ``patch_embed`` call."""
+
+    def _fused_embed_ok(self, x) -> bool:
+        if _dropin.plain_path_reason(x) is not None or not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return False
+        encoder, tv = self.encoder, _torchvision()
+        if (type(encoder).forward is not tv["Encoder"].forward
+                or not _projection_is_patchify(self.conv_proj, nn.Conv2d, x.shape[1])
+                or _dropin.observed(self.conv_proj, encoder)):
+            return False
+        if tuple(self.conv_proj.kernel_size) != (self.patch_size, self.patch_size):
+            return False
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):  # torchvision asserts the size
+            return False
+        n_patches = (self.image_size // self.patch_size) ** 2
+        if tuple(encoder.pos_embedding.shape) != (1, n_patches + 1, self.hidden_dim):
+            return False
+        return _same_device_and_dtype(x, self.conv_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused_embed_ok(x):
+            return super().forward(x)
+        encoder = self.encoder
+        tokens = patch_embed(x, self.conv_proj.weight, self.conv_proj.bias, pos_embed=encoder.pos_embedding,
+                             prefix_tokens=self.class_token)
+        x = encoder.ln(encoder.layers(encoder.dropout(tokens)))
+        return self.heads(x[:, 0])
+
+
+class FusedShiftedWindowAttentionMixin(_TorchvisionDropIn):
+    """torchvision Swin ``ShiftedWindowAttention`` (2-D) and ``ShiftedWindowAttention3d`` on
+    ``window_attention``."""
+
+    def _fused_call(self, x) -> bool:
+        if _dropin.plain_path_reason(x) is not None or not isinstance(x, torch.Tensor):
+            return False
+        spatial_dims = len(self.window_size)
+        if x.dim() != spatial_dims + 2 or x.shape[-1] != self.qkv.in_features or x.shape[-1] % self.num_heads:
+            return False
+        if self.training and self.attention_dropout > 0:
+            return False
+        if not head_dim_supported(x.shape[-1] // self.num_heads):
+            return False
+        window, shift = list(self.window_size), list(self.shift_size)
+        if len(shift) != spatial_dims or not all(0 <= s < w for s, w in zip(shift, window)):
+            return False
+        if spatial_dims == 2 and any(r < w for r, w in zip(x.shape[1:3], window)):
+            return False  # torchvision pads a map smaller than the window up to it (window_attention clips)
+        rows = 1
+        for w in window:
+            rows *= 2 * w - 1
+        if tuple(self.relative_position_bias_table.shape) != (rows, self.num_heads):
+            return False
+        return _same_device_and_dtype(x, self.qkv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused_call(x):
+            return super().forward(x)
+        # torchvision applies qkv to the zero-padded map: padded tokens are qkv.bias, as window_attention takes them
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        window, shift = tuple(self.window_size), tuple(self.shift_size)
+        pad_then_shift = len(window) == 2 and any(r % w for r, w in zip(x.shape[1:3], window))
+        if pad_then_shift:
+            # torchvision's 2-D order (pad, then shift) is the 3-D op's: a map of one frame, windows (1, wh, ww);
+            # the 2-D table is the 3-D table of that window (the frame term has one row)
+            qkv, window, shift = qkv.unsqueeze(1), (1, *window), (0, *shift)
+        out = window_attention(qkv, num_heads=self.num_heads, window_size=window, shift_size=shift,
+                               rel_pos_bias=self.relative_position_bias_table, qkv_bias=self.qkv.bias,
+                               scale=(x.shape[-1] // self.num_heads) ** -0.5)
+        out = F.linear(out.squeeze(1) if pad_then_shift else out, self.proj.weight, self.proj.bias)
+        return F.dropout(out, p=self.dropout, training=self.training)
+
+
+class FusedPatchEmbed3dMixin(_TorchvisionDropIn):
+    """torchvision Video Swin ``PatchEmbed3d`` (tubelets, (B, T, H, W, C) out) on ``patch_embed``."""
+
+    def _fusable(self, x) -> bool:
+        if (_dropin.plain_path_reason(x) is not None or not isinstance(x, torch.Tensor) or x.dim() != 5
+                or not _projection_is_patchify(self.proj, nn.Conv3d, x.shape[1]) or _dropin.observed(self.proj)):
+            return False
+        if tuple(self.proj.kernel_size) != tuple(self.tuple_patch_size):
+            return False
+        if any(r % p for r, p in zip(x.shape[2:], self.tuple_patch_size)):  # torchvision pads first
+            return False
+        return _same_device_and_dtype(x, self.proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable(x):
+            return super().forward(x)
+        grid = [r // p for r, p in zip(x.shape[2:], self.tuple_patch_size)]
+        tokens = patch_embed(x, self.proj.weight, self.proj.bias)  # B, T*H*W, C
+        return self.norm(tokens.view(x.shape[0], *grid, tokens.shape[-1]))
+
+
+# mixin -> (torchvision class names, the methods the mixin reimplements): a class is fused only when its code
+# for each of them is torchvision's (a subclass that overrides one keeps its own). The checkpointing mixins
+# reimplement nothing (they wrap whatever forward the class has).
+_MIXINS = (
+    (FusedVisionTransformerMixin, ("VisionTransformer",), ("forward", "_process_input")),
+    (GradCheckpointModelMixin, ("SwinTransformer",), ()),
+    (GradCheckpointModelMixin, ("SwinTransformer3d",), ()),
+    (GradCheckpointBlockMixin, ("EncoderBlock",), ()),
+    (GradCheckpointBlockMixin, ("SwinTransformerBlock",), ()),
+    (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention",), ("forward", "get_relative_position_bias")),
+    (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention3d",), ("forward", "get_relative_position_bias")),
+    (FusedPatchEmbed3dMixin, ("PatchEmbed3d",), ("forward",)),
+)
+
+
+def _mixin_for(cls: type):
+    tv = _torchvision()
+    for mixin, names, methods in _MIXINS:
+        known = [tv[n] for n in names]
+        if issubclass(cls, known[0]):
+            ok = all(any(getattr(cls, m) is getattr(k, m) for k in known) for m in methods)
+            return mixin if ok else None
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def fused_class(base: type) -> type:
+    """torchvision class -> the same class with vitkernels' fused forward in front of it."""
+    mixin = _mixin_for(base)
+    if mixin is None:
+        raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__} (torchvision's "
+                        "VisionTransformer, EncoderBlock, SwinTransformer(3d), SwinTransformerBlock, "
+                        "ShiftedWindowAttention(3d), PatchEmbed3d, or a subclass that keeps their forward code)")
+    return type(base.__name__, (mixin, base), {"__module__": __name__, "__doc__": base.__doc__,
+                                                "__qualname__": base.__qualname__})
+
+
+def patch_torchvision(model: nn.Module) -> nn.Module:
+    """Switch ``model``'s torchvision ViT / Swin / Video Swin modules (and every ``nn.MultiheadAttention``)
+    to their fused versions in place (same parameters, buffers and state_dict keys) and return the model.
+    ``unpatch_torchvision`` undoes it."""
+    if type(model) is not nn.MultiheadAttention:  # replace_mha takes the model around one
+        replace_mha(model)
+    for module in model.modules():
+        cls = type(module)
+        if not issubclass(cls, _TorchvisionDropIn) and _mixin_for(cls) is not None:
+            module.__class__ = fused_class(cls)
+    return model
+
+
+def unpatch_torchvision(model: nn.Module) -> nn.Module:
+    """Switch every fused torchvision module of ``model`` back to its torchvision class (and vitkernels'
+    ``MultiheadAttention`` back to torch's) in place; returns the model."""
+    for module in model.modules():
+        if isinstance(module, _TorchvisionDropIn):
+            module.__class__ = _torchvision_base(type(module))
+            module.__dict__.pop("grad_checkpointing", None)
+    return restore_mha(model)

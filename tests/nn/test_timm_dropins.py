@@ -33,7 +33,7 @@ def test_create_model_loads_timm_state_dict_strictly_and_matches_its_logits(name
         assert op_calls["flash_attention"] == len(model.blocks)
 
 
-@pytest.mark.parametrize("name", models.SUPPORTED)
+@pytest.mark.parametrize("name", models.IMAGE)
 def test_every_supported_model_has_timms_state_dict_keys(name):
     ours = models.create_model(name, device="meta")
     theirs = timm.create_model(name, pretrained=False, device="meta")

@@ -22,7 +22,7 @@ from torch import nn
 from vitkernels.nn.timm_layers import patch_timm
 from vitkernels.nn.torchvision_layers import patch_torchvision
 
-SUPPORTED = tuple(
+IMAGE = tuple(
     [f"vit_{size}_patch16_{res}" for size in ("tiny", "small", "base", "large") for res in (224, 384)]
     + [f"deit_{size}{d}_patch16_224" for size in ("tiny", "small", "base") for d in ("", "_distilled")]
     + [f"swin_{size}_patch4_window7_224" for size in ("tiny", "small", "base")]
@@ -30,7 +30,7 @@ SUPPORTED = tuple(
 )
 VIDEO = tuple([f"swin3d_{size}" for size in ("t", "s", "b")]
               + [f"video_vit_{size}_patch16_tubelet2_224" for size in ("tiny", "small", "base", "large")])
-SUPPORTED = SUPPORTED + VIDEO
+SUPPORTED = IMAGE + VIDEO
 
 
 def list_models():
@@ -96,4 +96,4 @@ def _is_torchvision_vit(model: nn.Module) -> bool:
                for c in type(model).__mro__)
 
 
-__all__ = ["create_model", "load_state_dict", "list_models", "is_video", "SUPPORTED", "VIDEO"]
+__all__ = ["create_model", "load_state_dict", "list_models", "is_video", "SUPPORTED", "IMAGE", "VIDEO"]

@@ -104,3 +104,23 @@ def test_patch_embed_reference_kernels_match_autograd(video, prefix, pos):
     leaves = [t for t in tensors if t is not None]
     g = torch.randn_like(ref)
     _close(_grads(out, leaves, g), _grads(ref, leaves, g), ("x", "w", "b", "pos", "prefix"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", pytest.param("triton", marks=pytest.mark.triton)])
+@pytest.mark.parametrize("pos", ["all", "patches"])
+def test_patch_embed_parameter_gradients_have_plain_strides(backend, pos):
+    """The epilogue's gradients are slices of one batch sum; a gradient whose size-1 dims keep that sum's
+    strides makes DDP warn and copy every step (tests/nn/test_distributed.py runs DDP itself)."""
+    import vitkernels
+
+    usable, why = vitkernels.available_backends()[backend]
+    if not usable:
+        pytest.skip(f"{backend}: {why}")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    w, b = torch.randn(8, 3, 4, 4, requires_grad=True), torch.randn(8, requires_grad=True)
+    cls = torch.randn(1, 1, 8, requires_grad=True)
+    pos_embed = torch.randn(1, 17 if pos == "all" else 16, 8, requires_grad=True)
+    vitkernels.patch_embed(x, w, b, pos_embed=pos_embed, prefix_tokens=cls, backend=backend).sum().backward()
+    for p in (w, b, cls, pos_embed):
+        assert p.grad.stride() == torch.empty(p.shape).stride(), (tuple(p.shape), p.grad.stride())

@@ -29,6 +29,21 @@ class PatchEmbedFunction(torch.autograd.Function):
     def backward(ctx, dout):
         x, weight, bias, pos_embed, prefix_tokens, patches = ctx.saved_tensors
         extra = dict(patches=patches) if ctx.keeps_patches else {}
-        grads = ctx.kernels.backward(dout, x, weight, bias, pos_embed, prefix_tokens, ctx.needs_input_grad[1:6],
-                                     **extra)
-        return (None,) + tuple(grads)
+        dx, dw, db, dpos, dprefix = ctx.kernels.backward(dout, x, weight, bias, pos_embed, prefix_tokens,
+                                                         ctx.needs_input_grad[1:6], **extra)
+        return None, dx, dw, _plain_strides(db), _plain_strides(dpos), _plain_strides(dprefix)
+
+
+def _plain_strides(grad):
+    """A parameter's gradient with the strides of a new tensor of its shape. The epilogue's gradients are
+    slices of one batch sum: their size-1 dims keep the sum's strides, which DDP's gradient buckets take for
+    a layout mismatch (a warning and a slower copy every step). They are small: the copy is cheap."""
+    if grad is None:
+        return None
+    strides, step = [], 1
+    for size in reversed(grad.shape):
+        strides.append(step)
+        step *= max(size, 1)
+    if grad.stride() == tuple(reversed(strides)):
+        return grad
+    return grad.clone(memory_format=torch.contiguous_format)

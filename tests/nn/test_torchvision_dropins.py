@@ -172,3 +172,14 @@ def test_feature_extraction_traces_torchvisions_graph():
         expected = create_feature_extractor(reference, return_nodes=["features.1", "norm"])(x)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["swin3d_t", "swin3d_s", "swin3d_b"])
+def test_every_video_swin_has_torchvisions_state_dict(name):
+    with torch.device("meta"):
+        ours = vitkernels.models.create_model(name)
+        theirs = getattr(torchvision.models.video, name)()
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
+        [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+    fused = [m for m in ours.modules() if isinstance(m, torchvision_layers.FusedShiftedWindowAttentionMixin)]
+    assert len(fused) == sum(1 for m in theirs.modules() if type(m).__name__ == "ShiftedWindowAttention3d") > 0

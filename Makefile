@@ -14,7 +14,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= 2
 
 DEPS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 pytest pytest-benchmark ninja pybind11 matplotlib "setuptools>=77" \
-        onnx onnxruntime onnxscript
+        onnx onnxruntime onnxscript scikit-learn tqdm
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu)
 
 # The lent GPU machines run triton 3.6: make test-slow also compiles every kernel ahead of time with it
@@ -22,7 +22,7 @@ SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp
 TRITON_SIDE_VERSION ?= 3.6.0
 TRITON_SIDE := $(VENV)/triton-$(TRITON_SIDE_VERSION)
 
-.PHONY: install test test-slow demo bench bench-pytest gpu-check clean
+.PHONY: install test test-slow demo train-demo bench bench-pytest gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -57,6 +57,18 @@ gpu-check:
 
 demo: install
 	$(VPY) -m vitkernels
+
+# A ViT trained from scratch on the CPU on scikit-learn's bundled digits (nothing downloaded): about 40 s on
+# 2 cores, to ~97% val accuracy (chance: 10%). Checkpoints and summary.json in build/train-demo.
+TRAIN_DEMO_ARGS ?= --model vit_tiny_patch16_224 --img-size 16 --model-kwargs patch_size=4 depth=4 --epochs 15 \
+                   --batch-size 64 --device cpu --output build/train-demo
+train-demo: install $(VENV)/.train-deps
+	$(VPY) -m vitkernels.train $(TRAIN_DEMO_ARGS)
+
+# vitkernels.train's extras (in DEPS too; this brings them to a venv made before they were)
+$(VENV)/.train-deps: $(VENV)/.deps
+	$(PIP) install -q scikit-learn tqdm
+	touch $@
 
 # Op- and model-level tables against the peers (GPU: full sweeps; CPU: a small subset), saved under
 # benchmarks/results/ with plots.

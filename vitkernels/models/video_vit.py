@@ -32,7 +32,8 @@ def _triple(value: IntOr3, name: str) -> Tuple[int, int, int]:
 
 class VideoPatchEmbed(nn.Module):
     """Tubelet projection: a Conv3d with kernel == stride == (tubelet, patch, patch). The model's
-    ``forward_features`` runs it fused with the cls token and positions (``patch_embed``)."""
+    ``forward_features`` runs it fused with the cls token and positions (one ``patch_embed`` call that reads
+    ``proj``'s weights): neither this module nor ``proj`` is called there, so hooks on them do not fire."""
 
     def __init__(self, clip_size: Tuple[int, int, int], tubelet: Tuple[int, int, int], in_chans: int, embed_dim: int):
         super().__init__()

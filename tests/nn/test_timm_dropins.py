@@ -1,5 +1,7 @@
 """timm drop-ins: vitkernels.models against timm (pretrained=False, random init, CPU), patch_timm on built
 timm models, and the fused ops actually being the ones that run."""
+import copy
+
 import pytest
 import torch
 
@@ -116,3 +118,22 @@ def test_window_attention_module_on_partitioned_windows(with_mask, op_calls):
     want = torch.autograd.grad(expected, [x, ref.relative_position_bias_table], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_vit_under_autocast_keeps_timms_fp32_residual_stream(op_calls):
+    torch.manual_seed(0)
+    reference = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    model = vnn.patch_timm(copy.deepcopy(reference))
+    x = torch.randn(2, 3, 64, 64)
+    outs = {}
+    for name, m in (("timm", reference), ("patched", model)):
+        seen = []
+        handle = m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outs[name] = m(x).float()
+        handle.remove()
+        assert seen == [torch.float32], name
+    with torch.no_grad():
+        exact = copy.deepcopy(reference).double()(x.double()).float()
+    assert op_calls["patch_embed"] == 1
+    assert (outs["patched"] - exact).abs().max() <= 2 * (outs["timm"] - exact).abs().max() + 1e-6

@@ -183,3 +183,60 @@ def test_every_video_swin_has_torchvisions_state_dict(name):
         [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
     fused = [m for m in ours.modules() if isinstance(m, torchvision_layers.FusedShiftedWindowAttentionMixin)]
     assert len(fused) == sum(1 for m in theirs.modules() if type(m).__name__ == "ShiftedWindowAttention3d") > 0
+
+
+def _block_input_dtypes(model, blocks, x):
+    seen = []
+    handles = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype)) for b in blocks]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    for h in handles:
+        h.remove()
+    return out.float(), seen
+
+
+def test_vit_under_autocast_keeps_torchvisions_fp32_residual_stream(op_calls):
+    reference, model = _pair(_small_vit, torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        exact = reference.double()(x.double()).float()
+    reference.float()
+    theirs, their_dtypes = _block_input_dtypes(reference, [reference.encoder.layers[0], reference.encoder.ln], x)
+    ours, our_dtypes = _block_input_dtypes(model, [model.encoder.layers[0], model.encoder.ln], x)
+    assert our_dtypes == their_dtypes == [torch.float32, torch.float32]
+    assert op_calls["patch_embed"] == 1
+    assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["subclass", "state_dict"])
+def test_swin_with_another_relative_position_index_runs_torchvisions_code(kind, op_calls):
+    from torchvision.models.swin_transformer import ShiftedWindowAttention, SwinTransformerBlock
+
+    def flipped(index):
+        return index.flip(0).contiguous()
+
+    if kind == "subclass":
+        class Symmetric(ShiftedWindowAttention):
+            def define_relative_position_index(self):
+                super().define_relative_position_index()
+                self.relative_position_index = flipped(self.relative_position_index)
+
+        build = lambda: SwinTransformerBlock(32, 2, [7, 7], [3, 3], attn_layer=Symmetric)  # noqa: E731
+        reference, model = _pair(build)
+    else:
+        reference, model = _pair(lambda: SwinTransformerBlock(32, 2, [7, 7], [3, 3]))
+        state = reference.state_dict()
+        state["attn.relative_position_index"] = flipped(state["attn.relative_position_index"])
+        reference.load_state_dict(state)
+        model.load_state_dict(state)
+    x = torch.randn(1, 14, 14, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-10)
+    assert op_calls["window_attention"] == 0
+    if kind == "state_dict":  # the standard index loaded back: fused again
+        state["attn.relative_position_index"] = flipped(state["attn.relative_position_index"])
+        model.load_state_dict(state)
+        reference.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-10)
+        assert op_calls["window_attention"] == 1

@@ -89,3 +89,17 @@ def test_registry_lists_the_video_models_and_refuses_pretrained():
     assert models.is_video("swin3d_b") and not models.is_video("vit_tiny_patch16_224")
     with pytest.raises(ValueError, match="not downloaded"):
         models.create_model("swin3d_t", weights="KINETICS400_V1")
+
+
+def test_video_vit_under_autocast_keeps_an_fp32_residual_stream_as_timms_vit(op_calls):
+    torch.manual_seed(0)
+    model = models.create_model(TINY, img_size=32, num_frames=4, patch_size=8, depth=2, num_classes=5).eval()
+    x = torch.randn(2, 3, 4, 32, 32)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x).float()
+    assert seen == [torch.float32] and op_calls["patch_embed"] == 1
+    with torch.no_grad():
+        expected, _ = _eager_reference(copy.deepcopy(model).double(), x.double())
+    torch.testing.assert_close(out, expected.float(), rtol=0.05, atol=0.05)

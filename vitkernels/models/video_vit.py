@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vitkernels.ops._checks import autocast_dtype
 from vitkernels.ops.patch_embed import patch_embed
 
 IntOr3 = Union[int, Sequence[int]]
@@ -135,8 +136,16 @@ class VideoVisionTransformer(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self._check_clip(x)
         proj = self.patch_embed.proj
-        x = self.pos_drop(patch_embed(x, proj.weight, proj.bias, pos_embed=self.pos_embed,
-                                      prefix_tokens=self.cls_token))
+        if autocast_dtype(x.device.type) is not None:
+            # as timm's ViT: fp32 tokens and positions added to the autocast-dtype projection keep the residual
+            # stream in fp32; the projection alone runs fused
+            x = patch_embed(x, proj.weight, proj.bias)
+            if self.cls_token is not None:
+                x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+            x = self.pos_drop(x + self.pos_embed)
+        else:
+            x = self.pos_drop(patch_embed(x, proj.weight, proj.bias, pos_embed=self.pos_embed,
+                                          prefix_tokens=self.cls_token))
         if self.grad_checkpointing and torch.is_grad_enabled() and self.training:
             for block in self.blocks:
                 x = checkpoint(block, x, use_reentrant=False)

@@ -12,8 +12,9 @@ code runs (the same code as the unpatched module, so the same result or the same
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Sequence
 
+import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
@@ -70,3 +71,18 @@ def broadcastable(shape, target) -> bool:
     if len(shape) > len(target):
         return False
     return all(s in (1, t) for s, t in zip(reversed(tuple(shape)), reversed(tuple(target))))
+
+
+def standard_relative_position_index(index: Optional[torch.Tensor], window: Sequence[int]) -> bool:
+    """Whether a Swin module's ``relative_position_index`` buffer is the index of ``window`` that
+    ``window_attention`` computes itself (a module with another index, e.g. loaded from a state_dict, must
+    run its own code). Reads the buffer: call it in eager mode (at patch and load time), not per call."""
+    if index is None:
+        return False
+    if index.is_meta:  # nothing to compare: built on meta, the values come with a later load
+        return True
+    from vitkernels.ops.window_attention.geometry import relative_position_index
+
+    expected = relative_position_index(tuple(window))
+    return index.numel() == expected.numel() and torch.equal(index.detach().reshape(-1).cpu().long(),
+                                                             expected.reshape(-1))

@@ -187,9 +187,13 @@ class FusedVisionTransformerMixin(_TimmDropIn):
         if not self._embed_deferred or self.patch_embed._defer_next_call:
             return super()._pos_embed(x)
         self._embed_deferred = False
+        pe = self.patch_embed
+        if _dropin.autocast_on(x.device.type):
+            # timm adds the fp32 tokens and positions to the autocast-dtype projection: the tokens are fp32
+            # from there on. The projection alone runs fused; cat, add and dropout are timm's.
+            return super()._pos_embed(patch_embed(x, pe.proj.weight, pe.proj.bias))
         prefix = [t for t in (getattr(self, "cls_token", None), getattr(self, "dist_token", None)) if t is not None]
         prefix_tokens = (prefix[0] if len(prefix) == 1 else torch.cat(prefix, dim=1)) if prefix else None
-        pe = self.patch_embed
         tokens = patch_embed(x, pe.proj.weight, pe.proj.bias, pos_embed=self.pos_embed, prefix_tokens=prefix_tokens)
         return self.pos_drop(tokens)
 

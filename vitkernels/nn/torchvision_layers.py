@@ -136,6 +136,12 @@ class FusedVisionTransformerMixin(GradCheckpointModelMixin):
         if not self._fused_embed_ok(x):
             return super().forward(x)
         encoder = self.encoder
+        if _dropin.autocast_on(x.device.type):
+            # torchvision adds the fp32 class token and positions to the autocast-dtype projection: the
+            # tokens are fp32 from there on. The projection alone runs fused; cat and add are torchvision's.
+            tokens = patch_embed(x, self.conv_proj.weight, self.conv_proj.bias)
+            x = encoder(torch.cat([self.class_token.expand(x.shape[0], -1, -1), tokens], dim=1))
+            return self.heads(x[:, 0])
         tokens = patch_embed(x, self.conv_proj.weight, self.conv_proj.bias, pos_embed=encoder.pos_embedding,
                              prefix_tokens=self.class_token)
         x = encoder.ln(encoder.layers(encoder.dropout(tokens)))
@@ -144,10 +150,24 @@ class FusedVisionTransformerMixin(GradCheckpointModelMixin):
 
 class FusedShiftedWindowAttentionMixin(_TorchvisionDropIn):
     """torchvision Swin ``ShiftedWindowAttention`` (2-D) and ``ShiftedWindowAttention3d`` on
-    ``window_attention``."""
+    ``window_attention``. ``window_attention`` computes the standard relative-position index itself: a
+    module whose ``relative_position_index`` buffer is another (a state_dict that carries one: torchvision
+    saves it) runs torchvision's code. The buffer is checked when the module is patched and after every
+    ``load_state_dict``, not per call."""
+
+    _standard_index: bool = False
+
+    def _check_index(self) -> None:
+        self._standard_index = _dropin.standard_relative_position_index(
+            getattr(self, "relative_position_index", None), self.window_size)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._check_index()
 
     def _fused_call(self, x) -> bool:
-        if _dropin.plain_path_reason(x) is not None or not isinstance(x, torch.Tensor):
+        if (_dropin.plain_path_reason(x) is not None or not isinstance(x, torch.Tensor)
+                or not self._standard_index):
             return False
         spatial_dims = len(self.window_size)
         if x.dim() != spatial_dims + 2 or x.shape[-1] != self.qkv.in_features or x.shape[-1] % self.num_heads:
@@ -216,8 +236,10 @@ _MIXINS = (
     (GradCheckpointModelMixin, ("SwinTransformer3d",), ()),
     (GradCheckpointBlockMixin, ("EncoderBlock",), ()),
     (GradCheckpointBlockMixin, ("SwinTransformerBlock",), ()),
-    (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention",), ("forward", "get_relative_position_bias")),
-    (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention3d",), ("forward", "get_relative_position_bias")),
+    (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention",),
+     ("forward", "get_relative_position_bias", "define_relative_position_index")),
+    (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention3d",),
+     ("forward", "get_relative_position_bias", "define_relative_position_index")),
     (FusedPatchEmbed3dMixin, ("PatchEmbed3d",), ("forward",)),
 )
 
@@ -254,6 +276,8 @@ def patch_torchvision(model: nn.Module) -> nn.Module:
         cls = type(module)
         if not issubclass(cls, _TorchvisionDropIn) and _mixin_for(cls) is not None:
             module.__class__ = fused_class(cls)
+            if isinstance(module, FusedShiftedWindowAttentionMixin):
+                module._check_index()
     return model
 
 
@@ -263,5 +287,6 @@ def unpatch_torchvision(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, _TorchvisionDropIn):
             module.__class__ = _torchvision_base(type(module))
-            module.__dict__.pop("grad_checkpointing", None)
+            for flag in ("grad_checkpointing", "_standard_index"):
+                module.__dict__.pop(flag, None)
     return restore_mha(model)

@@ -134,6 +134,22 @@ def test_an_image_folder_with_and_without_val(tmp_path):
     assert torch.equal(splits.train[1][0], splits.train[1][0])   # augmentation: a function of (seed, epoch, index)
 
 
+def test_limits_take_every_class_not_the_first_folder(tmp_path):
+    from PIL import Image
+
+    for label, color in (("a_cat", 40), ("b_dog", 120), ("c_eel", 200)):
+        folder = tmp_path / "pets" / label
+        folder.mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (20, 18), (color, i * 10, 255 - color)).save(folder / f"{i}.png")
+    splits = data.image_folder(str(tmp_path / "pets"), 16, train_limit=9, val_limit=3)
+    train_labels = sorted(splits.train[i][1] for i in range(len(splits.train)))
+    val_labels = sorted(splits.val[i][1] for i in range(len(splits.val)))
+    assert train_labels == [0, 0, 0, 1, 1, 1, 2, 2, 2] and val_labels == [0, 1, 2]
+    digits = data.digits_images(8, train_limit=20)
+    assert sorted({int(digits.train[i][1]) for i in range(20)}) == list(range(10))
+
+
 # ----------------------------------------------------------------------------------------- video
 
 def test_a_video_swin_trains_on_moving_digit_clips():
@@ -201,6 +217,34 @@ def test_grad_checkpointing_on_a_model_without_it_is_refused_by_name(capsys):
     # an unpatched model whose patched version has it: the message says to drop --no-patch
     assert cli.main(["--model", "swin3d_t", "--no-patch", "--grad-checkpointing", "--device", "cpu"]) == 2
     assert "drop --no-patch" in capsys.readouterr().err
+
+
+def test_finetune_of_a_video_vit_resamples_from_the_recorded_clip_grid(tmp_path, capsys):
+    video = ["--model", "video_vit_tiny_patch16_tubelet2_224", "--model-kwargs", "patch_size=8", "depth=1",
+             "--device", "cpu", "--no-progress", "--val-limit", "8"]
+    source = tmp_path / "clips"
+    cli.run(video + ["--img-size", "32", "--num-frames", "8", "--train-limit", "8", "--batch-size", "8",
+                     "--epochs", "1", "--output", str(source)])
+    checkpoint = torch.load(source / "last.pt", weights_only=True)
+    assert checkpoint["clip_grid"] == [4, 4, 4]
+    # 4x4x4 -> 8x2x2: the same kind of grid guessed from the length alone would be 16x2x2
+    tuned = cli.run(video + ["--img-size", "16", "--num-frames", "16", "--finetune", str(source / "last.pt"),
+                             "--max-steps", "0"])
+    expected = models.video_vit.resample_pos_embed(checkpoint["model"]["pos_embed"], (4, 4, 4), (8, 2, 2))
+    torch.testing.assert_close(tuned.model.pos_embed.detach(), expected)
+    capsys.readouterr()
+    # a raw state_dict of a grid that differs in both frames and frame size cannot be told: exit 2, by name
+    raw = tmp_path / "raw.pt"
+    torch.save(checkpoint["model"], raw)
+    assert cli.main(video + ["--img-size", "48", "--num-frames", "4", "--finetune", str(raw), "--max-steps", "0"]) == 2
+    assert "clip_grid" in capsys.readouterr().err
+
+
+def test_sizes_a_builder_cannot_take_exit_2_with_a_message(capsys):
+    assert cli.main(["--model", "vit_b_16", "--source", "torchvision", "--img-size", "40", "--device", "cpu"]) == 2
+    assert "indivisible by patch size" in capsys.readouterr().err
+    assert cli.main(["--model", "mvit_v2_s", "--img-size", "32", "--num-frames", "8", "--device", "cpu"]) == 2
+    assert "16 frames of 224x224" in capsys.readouterr().err
 
 
 def test_other_bad_requests_exit_2_with_a_message(capsys, tmp_path):

@@ -103,3 +103,17 @@ def test_video_vit_under_autocast_keeps_an_fp32_residual_stream_as_timms_vit(op_
     with torch.no_grad():
         expected, _ = _eager_reference(copy.deepcopy(model).double(), x.double())
     torch.testing.assert_close(out, expected.float(), rtol=0.05, atol=0.05)
+
+
+def test_load_state_dict_takes_the_clip_grid_and_refuses_to_guess_between_two():
+    source = models.create_model(TINY, img_size=32, num_frames=4, patch_size=8, depth=1)  # grid 2x4x4
+    target = models.create_model(TINY, img_size=64, num_frames=4, patch_size=8, depth=1)  # grid 2x8x8
+    models.load_state_dict(target, source.state_dict(), clip_grid=(2, 4, 4))
+    expected = video_vit.resample_pos_embed(source.pos_embed.detach(), (2, 4, 4), (2, 8, 8))
+    torch.testing.assert_close(target.pos_embed.detach(), expected)
+    ambiguous = models.create_model(TINY, img_size=32, num_frames=4, patch_size=8, depth=1)  # 2x4x4 = 32
+    state = target.state_dict()  # 128 = 2 x 8 x 8 (same frames) = 8 x 4 x 4 (same frame size): two fits
+    with pytest.raises(ValueError, match="clip_grid"):
+        models.load_state_dict(ambiguous, state)
+    with pytest.raises(ValueError, match="clip_grid"):
+        models.load_state_dict(ambiguous, state, clip_grid=(2, 4, 4))  # 32 positions, not 128

@@ -14,7 +14,7 @@ checkpoint was trained at another image / clip size (timm's filters for ViT/DeiT
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -64,14 +64,16 @@ def create_model(name: str, **kwargs) -> nn.Module:
     return patch_timm(timm.create_model(name, pretrained=False, **kwargs))
 
 
-def load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True):
+def load_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], strict: bool = True, *,
+                    clip_grid: Optional[Sequence[int]] = None):
     """Load a state_dict, adapting position embeddings to the model's image / clip size first: timm's own
     checkpoint filters (``resample_abs_pos_embed`` for ViT/DeiT, table/index resizing for Swin),
-    torchvision's ``interpolate_embeddings`` for its ViT, trilinear resampling for the video ViT."""
+    torchvision's ``interpolate_embeddings`` for its ViT, trilinear resampling for the video ViT
+    (``clip_grid``: the checkpoint's (t, h, w) token grid; see ``video_vit.checkpoint_filter_fn``)."""
     from vitkernels.models import video_vit
 
     if isinstance(model, video_vit.VideoVisionTransformer):
-        state_dict = video_vit.checkpoint_filter_fn(state_dict, model)
+        state_dict = video_vit.checkpoint_filter_fn(state_dict, model, clip_grid)
     elif _is_timm(model):
         from timm.models import swin_transformer, vision_transformer
 

@@ -182,24 +182,34 @@ def resample_pos_embed(pos_embed: torch.Tensor, old_grid: Sequence[int], new_gri
 
 def checkpoint_filter_fn(state_dict: dict, model: VideoVisionTransformer,
                          old_grid: Optional[Sequence[int]] = None) -> dict:
-    """Adapt a state_dict to ``model``'s clip size: ``pos_embed`` resampled from ``old_grid`` (default: the
-    checkpoint's grid with the model's frame count, else with its frame size, whichever its length fits)."""
+    """Adapt a state_dict to ``model``'s clip size: ``pos_embed`` resampled from ``old_grid``, the
+    checkpoint's (t, h, w) token grid. A state_dict does not record its grid: without ``old_grid``, one of
+    the same length is taken as the model's grid, and another length as the model's frame count with square
+    frames or the model's frame size with other frames, whichever alone fits (neither or both: ValueError).
+    A checkpoint that differs in both frames and frame size needs ``old_grid``."""
     pos = state_dict.get("pos_embed")
-    new_grid = model.patch_embed.grid_size
-    if pos is None or pos.shape == model.pos_embed.shape:
+    new_grid = tuple(model.patch_embed.grid_size)
+    if pos is None:
         return state_dict
     n = pos.shape[1] - model.num_prefix_tokens
-    if old_grid is None:
+    if old_grid is not None:
+        old_grid = tuple(int(g) for g in old_grid)
+        if math.prod(old_grid) != n:
+            raise ValueError(f"load_state_dict: clip_grid {old_grid} has {math.prod(old_grid)} positions, the "
+                             f"checkpoint's pos_embed {n}")
+    elif pos.shape == model.pos_embed.shape:
+        return state_dict
+    else:
         t, h, w = new_grid
         side = math.isqrt(n // t) if n % t == 0 else 0
-        if side and side * side * t == n:
-            old_grid = (t, side, side)
-        elif n % (h * w) == 0:
-            old_grid = (n // (h * w), h, w)
-        else:
-            raise ValueError(f"load_state_dict: cannot tell the clip grid of a pos_embed with {n} patch positions "
-                             f"(the model's is {new_grid}); resample it with "
-                             "vitkernels.models.video_vit.resample_pos_embed(pos, old_grid, new_grid)")
+        candidates = ([(t, side, side)] if side and side * side * t == n else []) + \
+                     ([(n // (h * w), h, w)] if n % (h * w) == 0 else [])
+        if len(candidates) != 1:
+            raise ValueError(
+                f"load_state_dict: cannot tell the clip grid of a pos_embed with {n} patch positions (the model's "
+                f"is {new_grid}; it fits {candidates or 'neither the model frame count nor its frame size'}): "
+                "pass clip_grid=(t, h, w), the checkpoint's token grid")
+        old_grid = candidates[0]
     state_dict = dict(state_dict)
     state_dict["pos_embed"] = resample_pos_embed(pos, old_grid, new_grid, model.num_prefix_tokens)
     return state_dict

@@ -146,11 +146,11 @@ def _torchvision_size_kwargs(name: str, img_size: Optional[int], num_frames: Opt
     kw: Dict[str, Any] = {}
     if name.startswith("vit_") and img_size is not None:
         kw["image_size"] = img_size
-    if name.startswith("mvit_"):
-        if img_size is not None:
-            kw["spatial_size"] = (img_size, img_size)
-        if num_frames is not None:
-            kw["temporal_size"] = num_frames
+    if name.startswith("mvit_") and (img_size not in (None, 224) or num_frames not in (None, 16)):
+        # torchvision's mvit_* builders pass spatial_size=(224, 224) and temporal_size=16 themselves
+        raise UsageError(f"--model {name}: torchvision's builder fixes the clip size to 16 frames of 224x224 "
+                         f"(got --img-size {img_size}, --num-frames {num_frames}); build "
+                         "torchvision.models.video.MViT yourself for another size, or use swin3d_* / video_vit_*")
     return kw
 
 
@@ -245,7 +245,7 @@ def build_model(name: str, source: str = "auto", *, num_classes: int, img_size: 
             patched = _patch(model, "torchvision", notes) if patch else False
     except UsageError:
         raise
-    except (TypeError, ValueError) as exc:   # a keyword the builder does not take, a size it cannot build
+    except (TypeError, ValueError, AssertionError) as exc:  # a keyword not taken, a size it cannot build
         raise UsageError(f"--model {name} ({source}): building it with {kwargs} failed: {exc}") from exc
     except ImportError as exc:
         raise ImportError(f"--model {name} needs {source}: {exc}; install the training extras: "

@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "through vitkernels.patch_torchvision")
     m.add_argument("--img-size", type=_positive(int), default=None, metavar="PX",
                    help="input height = width, passed to the model (timm/vitkernels img_size, torchvision ViT "
-                        "image_size, MViT spatial_size) and used by the data; default: the model's own")
+                        "image_size; torchvision MViT takes 224 only) and used by the data; default: the model's own")
     m.add_argument("--num-frames", type=_positive(int), default=None, metavar="T",
                    help="video models: frames per clip, passed to the model (num_frames; torchvision MViT "
-                        "temporal_size) and used by the data; default: the model's own, else 8")
+                        "takes 16 only) and used by the data; default: the model's own, else 8")
     m.add_argument("--num-classes", type=_positive(int), default=None, metavar="N",
                    help="classifier outputs; default: the dataset's class count")
     m.add_argument("--video", action=argparse.BooleanOptionalAction, default=None,
@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "digits (centred and tiny: in a short run shifting them costs more accuracy than it "
                         "gives); clips are not augmented")
     d.add_argument("--train-limit", type=_positive(int), default=None, metavar="N",
-                   help="train on the first N training samples only (smoke runs, tests)")
+                   help="train on N training samples only: a fixed seeded pick, the classes in turn (smoke runs, tests)")
     d.add_argument("--val-limit", type=_positive(int), default=None, metavar="N",
-                   help="validate on the first N validation samples only")
+                   help="validate on N validation samples only (picked as --train-limit's)")
     d.add_argument("--workers", type=_non_negative(int), default=None, metavar="N",
                    help="DataLoader worker processes per rank; default: 0 on CPU, up to 8 on CUDA")
 

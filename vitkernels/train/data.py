@@ -14,9 +14,10 @@ global RNG, so a resumed run, a run with more workers and a multi-process run re
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -158,10 +159,33 @@ class DigitClips(_EpochDataset):
         return clip.expand(3, -1, -1, -1), int(self.labels[index])
 
 
+def _labels_of(dataset: Dataset) -> Optional[List[int]]:
+    """The class of every sample, read from the dataset's label list (no sample is loaded), or None."""
+    if isinstance(dataset, Subset):
+        inner = _labels_of(dataset.dataset)
+        return None if inner is None else [inner[i] for i in dataset.indices]
+    if isinstance(dataset, _SeededTransform):
+        return _labels_of(dataset.dataset)
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        labels = getattr(dataset, "targets", None)  # ImageFolder
+    return None if labels is None else [int(label) for label in labels]
+
+
 def _limit(dataset: Dataset, limit: Optional[int]) -> Dataset:
+    """At most ``limit`` samples: a fixed seeded pick that takes the classes in turn (an ImageFolder lists its
+    samples class by class: its first N would be one class), kept in the dataset's order."""
     if limit is None or limit >= len(dataset):
         return dataset
-    return Subset(dataset, list(range(limit)))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    labels = _labels_of(dataset)
+    if labels is not None:
+        queues: Dict[int, List[int]] = {}
+        for i in order:
+            queues.setdefault(labels[i], []).append(i)
+        order = [i for turn in itertools.zip_longest(*(queues[c] for c in sorted(queues))) for i in turn
+                 if i is not None]
+    return Subset(dataset, sorted(order[:limit]))
 
 
 def digits_images(img_size: int, augment: bool = False, seed: int = 0, train_limit: Optional[int] = None,

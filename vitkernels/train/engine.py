@@ -288,7 +288,9 @@ def load_finetune(model: nn.Module, path: str, say) -> Dict[str, Any]:
     said so), the rest must load strictly."""
     from vitkernels import models
 
-    state = dict(state_dict_of(load_checkpoint(path), path))
+    checkpoint = load_checkpoint(path)
+    state = dict(state_dict_of(checkpoint, path))
+    clip_grid = checkpoint.get("clip_grid") if isinstance(checkpoint, dict) else None
     own = model.state_dict()
     heads = set(classifier_keys(model))
     dropped = [k for k in state if k in heads and k in own and state[k].shape != own[k].shape]
@@ -296,8 +298,9 @@ def load_finetune(model: nn.Module, path: str, say) -> Dict[str, Any]:
     resized = [f"{k} {tuple(state[k].shape)} -> {tuple(own[k].shape)}" for k in state
                if k in own and state[k].shape != own[k].shape]
     try:
-        result = models.load_state_dict(model, state, strict=not dropped)
-    except RuntimeError as exc:
+        result = models.load_state_dict(model, state, strict=not dropped,
+                                        **({"clip_grid": clip_grid} if clip_grid is not None else {}))
+    except (RuntimeError, ValueError) as exc:
         raise UsageError(f"--finetune: the weights of {path!r} do not fit this model: {exc}") from exc
     if dropped:
         missing = sorted(set(result.missing_keys) - set(dropped))
@@ -522,6 +525,10 @@ def train(args) -> TrainResult:
         f"{args.batch_size * runtime.world_size}, {steps_per_epoch} steps/epoch x {args.epochs} epochs, "
         f"warmup {warmup} steps, amp {_amp_name(amp_dtype)}, threads {torch.get_num_threads()}, workers {workers}")
 
+    # the token grid of a video ViT: what --finetune resamples its positions from (a state_dict lacks it)
+    grid = getattr(getattr(raw_model, "patch_embed", None), "grid_size", None)
+    clip_grid = [int(g) for g in grid] if isinstance(grid, (tuple, list)) and len(grid) == 3 else None
+
     def save(name: str, epoch: int, step_in_epoch: int, rng) -> None:
         if not output:
             return
@@ -536,7 +543,8 @@ def train(args) -> TrainResult:
                       "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
                       "step_in_epoch": step_in_epoch, "global_step": global_step, "best_acc": best_acc,
                       "best_epoch": best_epoch, "history": history, "rng": rngs, "args": run_args,
-                      "classes": list(splits.classes), "torch": str(torch.__version__)}, os.path.join(output, name))
+                      "classes": list(splits.classes), "torch": str(torch.__version__),
+                      "clip_grid": clip_grid}, os.path.join(output, name))
 
     # -- the loop
     progress = None

@@ -44,6 +44,29 @@ def observed(*modules: Optional[nn.Module]) -> bool:
     return False
 
 
+def select_mixin(cls: type, mixins, classes) -> Optional[type]:
+    """The mixin of ``mixins`` ((mixin, class names, methods it reimplements), ...) for ``cls``: the first
+    entry whose first named class (looked up in ``classes``) ``cls`` derives from, provided ``cls``'s code for
+    each of those methods is one of the named classes' (a subclass that overrides one keeps its own: None)."""
+    for mixin, names, methods in mixins:
+        known = [classes[n] for n in names]
+        if issubclass(cls, known[0]):
+            ok = all(any(getattr(cls, m) is getattr(k, m) for k in known) for m in methods)
+            return mixin if ok else None
+    return None
+
+
+def extend_class(base: type, mixin: type, module_name: str) -> type:
+    """``base`` with ``mixin`` in front, named as ``base`` (pickled through the drop-in's ``__reduce_ex__``)."""
+    return type(base.__name__, (mixin, base), {"__module__": module_name, "__doc__": base.__doc__,
+                                                "__qualname__": base.__qualname__})
+
+
+def original_class(cls: type, marker: type) -> type:
+    """The library class a fused class extends: the first module class in its MRO that is not a drop-in."""
+    return next(c for c in cls.__mro__ if not issubclass(c, marker) and issubclass(c, nn.Module))
+
+
 def script_error(module: nn.Module, original: str, restore: str) -> TypeError:
     name = type(module).__name__
     return TypeError(

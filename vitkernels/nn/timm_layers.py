@@ -84,7 +84,7 @@ def _rebuild(module_name: str, qualname: str):
 
 
 def _timm_base(cls: type) -> type:
-    return next(c for c in cls.__mro__ if not issubclass(c, _TimmDropIn) and issubclass(c, nn.Module))
+    return _dropin.original_class(cls, _TimmDropIn)
 
 
 class FusedAttentionMixin(_TimmDropIn):
@@ -270,13 +270,7 @@ _MIXINS = (
 
 
 def _mixin_for(cls: type):
-    t = _timm()
-    for mixin, names, methods in _MIXINS:
-        known = [t[n] for n in names]
-        if issubclass(cls, known[0]):
-            ok = all(any(getattr(cls, m) is getattr(k, m) for k in known) for m in methods)
-            return mixin if ok else None
-    return None
+    return _dropin.select_mixin(cls, _MIXINS, _timm())
 
 
 @functools.lru_cache(maxsize=None)
@@ -287,8 +281,7 @@ def fused_class(base: type) -> type:
         raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__} (timm's Attention, "
                         "PatchEmbed, VisionTransformer, SwinTransformerBlock, WindowAttention, or a subclass "
                         "that keeps their forward code)")
-    return type(base.__name__, (mixin, base), {"__module__": __name__, "__doc__": base.__doc__,
-                                                "__qualname__": base.__qualname__})
+    return _dropin.extend_class(base, mixin, __name__)
 
 
 def patch_timm(model: nn.Module) -> nn.Module:

@@ -75,7 +75,7 @@ def _rebuild(module_name: str, qualname: str):
 
 
 def _torchvision_base(cls: type) -> type:
-    return next(c for c in cls.__mro__ if not issubclass(c, _TorchvisionDropIn) and issubclass(c, nn.Module))
+    return _dropin.original_class(cls, _TorchvisionDropIn)
 
 
 def _same_device_and_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -245,13 +245,7 @@ _MIXINS = (
 
 
 def _mixin_for(cls: type):
-    tv = _torchvision()
-    for mixin, names, methods in _MIXINS:
-        known = [tv[n] for n in names]
-        if issubclass(cls, known[0]):
-            ok = all(any(getattr(cls, m) is getattr(k, m) for k in known) for m in methods)
-            return mixin if ok else None
-    return None
+    return _dropin.select_mixin(cls, _MIXINS, _torchvision())
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,8 +256,7 @@ def fused_class(base: type) -> type:
         raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__} (torchvision's "
                         "VisionTransformer, EncoderBlock, SwinTransformer(3d), SwinTransformerBlock, "
                         "ShiftedWindowAttention(3d), PatchEmbed3d, or a subclass that keeps their forward code)")
-    return type(base.__name__, (mixin, base), {"__module__": __name__, "__doc__": base.__doc__,
-                                                "__qualname__": base.__qualname__})
+    return _dropin.extend_class(base, mixin, __name__)
 
 
 def patch_torchvision(model: nn.Module) -> nn.Module:

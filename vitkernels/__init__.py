@@ -11,7 +11,7 @@ import importlib
 
 from vitkernels.dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends
 from vitkernels.explain import explain
-from vitkernels.ops import flash_attention, patch_embed, window_attention
+from vitkernels.ops import RelPos, decomposed_rel_pos, flash_attention, patch_embed, window_attention
 
 __version__ = "0.1.0"
 
@@ -33,6 +33,8 @@ __all__ = [
     "flash_attention",
     "window_attention",
     "patch_embed",
+    "RelPos",
+    "decomposed_rel_pos",
     "explain",
     "available_backends",
     "BackendUnavailableError",

@@ -1,16 +1,17 @@
 """flash_attention: softmax(q k^T * scale + bias) v without an N x N matrix in memory."""
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 
 from vitkernels import dispatch
 from vitkernels.ops import _compile, _tracing
-from vitkernels.ops.attention.checks import OP, AttentionInputs, check_attention_inputs
+from vitkernels.ops.attention.checks import OP, AttentionInputs, RelPos, check_attention_inputs
 from vitkernels.ops.attention.compile import compiled_attention
-from vitkernels.ops.attention.function import AttentionFunction
-from vitkernels.ops.attention.reference import ReferenceAttentionKernels, attention_reference
+from vitkernels.ops.attention.function import apply_attention
+from vitkernels.ops.attention.reference import ReferenceAttentionKernels, attention_reference, with_rel_pos
+from vitkernels.ops.attention.rel_pos import decomposed_rel_pos
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.cpu_limits import cpu_reasons
 from vitkernels.ops.triton_limits import triton_reasons
@@ -22,6 +23,7 @@ def flash_attention(
     v: torch.Tensor,
     *,
     bias: Optional[torch.Tensor] = None,
+    rel_pos: Optional[Union[RelPos, Tuple[torch.Tensor, torch.Tensor]]] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     backend: Optional[str] = None,
@@ -35,6 +37,10 @@ def flash_attention(
             D: a multiple of 8 from 16 to 256.
         bias: additive, broadcastable to (B, H, Nq, Nk), dtype of q; gets a gradient (summed over the
             broadcast dims) when it requires one. A 0/-inf key-padding mask is a (B, 1, 1, Nk) bias.
+        rel_pos: a decomposed relative-position bias (SAM, ViTDet, MViTv2): ``RelPos(rel_h, rel_w,
+            rel_t=None, prefix=0)`` or ``(rel_h, rel_w)``, per-axis terms of shape (B, H, Nq - prefix, K)
+            over a row-major key grid; added tile by tile, never formed as Nq x Nk (see ``RelPos``).
+            Combines with ``bias`` and dropout; its terms get gradients.
         scale: default ``D ** -0.5``.
         dropout_p: dropout on the probabilities, drawn from torch's RNG.
         backend: None (dispatch picks), "reference", "triton", "cuda" or "cpu".
@@ -44,24 +50,31 @@ def flash_attention(
         Under autocast, float inputs are taken in the autocast dtype. Under tracers and exporters, with
         meta or empty inputs: see ``vitkernels.ops._tracing``.
     """
-    proxy = _tracing.fx_proxy(q, k, v, bias)
+    rel_terms = _rel_terms(rel_pos)
+    proxy = _tracing.fx_proxy(q, k, v, bias, *rel_terms)
     if proxy is not None:  # FX symbolic tracing: one node
         return _tracing.fx_leaf(proxy, flash_attention, (q, k, v),
-                                dict(bias=bias, scale=scale, dropout_p=dropout_p, backend=backend))
+                                dict(bias=bias, rel_pos=rel_pos, scale=scale, dropout_p=dropout_p, backend=backend))
     if isinstance(q, torch.Tensor) and (ac := autocast_dtype(q.device.type)) is not None:
         q, k, v, bias = autocast_cast(ac, q, k, v, bias)
+        if rel_terms:
+            rel_pos = _cast_rel_pos(ac, rel_pos)
         with torch.autocast(q.device.type, enabled=False):
-            return flash_attention(q, k, v, bias=bias, scale=scale, dropout_p=dropout_p, backend=backend)
+            return flash_attention(q, k, v, bias=bias, rel_pos=rel_pos, scale=scale, dropout_p=dropout_p,
+                                   backend=backend)
     if _tracing.plain_math_reason() is not None:  # jit.trace / ONNX export: record the reference math
-        return _reference_run(check_attention_inputs(q, k, v, bias, scale, dropout_p))
+        return _reference_run(check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos))
     if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
-        return compiled_attention(check_attention_inputs(q, k, v, bias, scale, dropout_p), backend)
-    signature = _signature(q, k, v, bias, scale, dropout_p, backend)
+        inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos)
+        return compiled_attention(inputs, backend, triton_can_run=not _triton_shape_reasons(inputs))
+    signature = _signature(q, k, v, bias, rel_pos, scale, dropout_p, backend)
     known = _CALLS.get(signature)
     if known is not None:  # checked and dispatched before: same metadata, same answer
         impl, scale, dropout_p = known
-        return impl.run(AttentionInputs(q, k, v, bias, scale, dropout_p))
-    inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p)
+        if rel_pos is not None and not isinstance(rel_pos, RelPos):
+            rel_pos = RelPos(*rel_pos)
+        return impl.run(AttentionInputs(q, k, v, bias, scale, dropout_p, rel_pos))
+    inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos)
     impl = dispatch.select(OP, inputs, backend)
     _CALLS.put(signature, (impl, inputs.scale, inputs.dropout_p))
     return impl.run(inputs)
@@ -70,10 +83,31 @@ def flash_attention(
 _CALLS = dispatch.call_memo(OP)
 
 
-def _signature(q, k, v, bias, scale, dropout_p, backend):
+def _rel_terms(rel_pos) -> tuple:
+    """The tensors (or proxies) inside a rel_pos argument; () for None or anything unexpected (the checks
+    then say what is wrong)."""
+    if rel_pos is None or not isinstance(rel_pos, (tuple, list)):
+        return ()
+    return tuple(t for t in rel_pos if isinstance(t, (torch.Tensor, torch.fx.Proxy)))
+
+
+def _cast_rel_pos(dtype, rel_pos):
+    if isinstance(rel_pos, RelPos):
+        return rel_pos._replace(**{name: t.to(dtype) for name, t in zip(("rel_h", "rel_w", "rel_t"), rel_pos[:3])
+                                   if isinstance(t, torch.Tensor) and t.is_floating_point()})
+    return type(rel_pos)(autocast_cast(dtype, *rel_pos))
+
+
+def _signature(q, k, v, bias, rel_pos, scale, dropout_p, backend):
     sig = dispatch.tensor_signature
     try:
-        signature = (sig(q), sig(k), sig(v), sig(bias), type(scale), scale, type(dropout_p), dropout_p, backend,
+        rel = None
+        if rel_pos is not None:
+            if type(rel_pos) not in (RelPos, tuple) or len(rel_pos) not in (2, 4):
+                return None
+            rel = (type(rel_pos), tuple(sig(t) for t in rel_pos[:3]),
+                   (type(rel_pos[3]), rel_pos[3]) if len(rel_pos) == 4 else None)
+        signature = (sig(q), sig(k), sig(v), sig(bias), rel, type(scale), scale, type(dropout_p), dropout_p, backend,
                      _CALLS.environment())
         hash(signature)
         return signature
@@ -82,11 +116,26 @@ def _signature(q, k, v, bias, scale, dropout_p, backend):
 
 
 def _reference_run(inputs: AttentionInputs) -> torch.Tensor:
-    return attention_reference(inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale, inputs.dropout_p)
+    q, k = inputs.q, inputs.k
+    bias = with_rel_pos(inputs.bias, inputs.rel_pos, q.shape[-2], k.shape[-2])
+    return attention_reference(q, inputs.k, inputs.v, bias, inputs.scale, inputs.dropout_p)
 
 
 def _triton_reasons(inputs: AttentionInputs) -> List[str]:
-    return triton_reasons(inputs.device, inputs.dtype)
+    return triton_reasons(inputs.device, inputs.dtype) + _triton_shape_reasons(inputs)
+
+
+def _triton_shape_reasons(inputs: AttentionInputs) -> List[str]:
+    rel = inputs.rel_pos
+    if rel is None:
+        return []
+    from vitkernels.ops.attention.triton_configs import REL_AXIS_MAX
+
+    if max(rel.key_grid) > REL_AXIS_MAX:
+        return [f"the rel_pos key grid {'x'.join(map(str, rel.key_grid))} has an axis longer than {REL_AXIS_MAX}, "
+                f"the triton kernels' limit (its gradient is reduced in registers); backend='cpu' or 'reference' "
+                "take any grid"]
+    return []
 
 
 def _triton_kernels():
@@ -96,8 +145,7 @@ def _triton_kernels():
 
 
 def _triton_run(inputs: AttentionInputs) -> torch.Tensor:
-    return AttentionFunction.apply(_triton_kernels(), inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale,
-                                   inputs.dropout_p)
+    return apply_attention(_triton_kernels(), inputs)
 
 
 def _cpu_kernels():
@@ -107,8 +155,7 @@ def _cpu_kernels():
 
 
 def _cpu_run(inputs: AttentionInputs) -> torch.Tensor:
-    return AttentionFunction.apply(_cpu_kernels(), inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale,
-                                   inputs.dropout_p)
+    return apply_attention(_cpu_kernels(), inputs)
 
 
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,
@@ -117,4 +164,5 @@ dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernel
 dispatch.register(OP, "cpu", reasons=lambda inputs: cpu_reasons(inputs.device, inputs.dtype), run=_cpu_run,
                   kernels=_cpu_kernels)
 
-__all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs"]
+__all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs", "RelPos",
+           "decomposed_rel_pos"]

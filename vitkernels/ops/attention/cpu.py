@@ -19,18 +19,20 @@ def _seed(rng: torch.Tensor, dropout_p: float):
 
 class CpuAttentionKernels:
     @staticmethod
-    def forward(q, k, v, bias, scale, dropout_p):
+    def forward(q, k, v, bias, scale, dropout_p, rel_pos=None):
+        assert rel_pos is None, "cpu rel_pos: TODO"
         rng = draw_dropout_seed(q.device) if dropout_p > 0 else no_dropout_seed(q.device)
         out, lse = _ext.extension().attention_forward_cpu(q, k, v, bias, scale, dropout_p, *_seed(rng, dropout_p))
         return out, lse, rng
 
     @staticmethod
-    def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad):
+    def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad, rel_pos=None,
+                 rel_requires_grad=False):
         if dout.shape[-1] > 1 and dout.stride(-1) != 1:  # the kernels read rows; autograd may hand any strides
             dout = dout.contiguous()
         dq, dk, dv, dbias = _ext.extension().attention_backward_cpu(
             dout, q, k, v, bias, out, lse, scale, dropout_p, *_seed(rng, dropout_p), bias_requires_grad)
-        return dq, dk, dv, dbias
+        return dq, dk, dv, dbias, None
 
 
 def dropout_keep_mask(rng: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:

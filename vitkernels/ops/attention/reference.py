@@ -5,7 +5,7 @@ fp16/bf16/fp32/fp64. Autograd gives every gradient, bias included.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -60,6 +60,42 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def rel_pos_dense(rel_pos, n_q: int, n_k: int) -> torch.Tensor:
+    """The (B, H, Nq, Nk) bias a ``RelPos`` stands for (what the kernels never form): the per-axis terms
+    broadcast over the key grid, zero on the ``prefix`` rows and columns. Differentiable."""
+    terms = rel_pos.terms
+    grid = rel_pos.key_grid
+    B, H, rows = terms[0].shape[:3]
+    t_term = rel_pos.rel_t if rel_pos.rel_t is not None else terms[0].new_zeros(B, H, rows, 1)
+    dense = (t_term[..., :, None, None] + rel_pos.rel_h[..., None, :, None]
+             + rel_pos.rel_w[..., None, None, :]).reshape(B, H, rows, grid[0] * grid[1] * grid[2])
+    p = rel_pos.prefix
+    if p:
+        dense = torch.nn.functional.pad(dense, (p, 0, p, 0))
+    return dense.reshape(B, H, n_q, n_k)
+
+
+def rel_pos_grads(dscores: torch.Tensor, rel_pos) -> Tuple[Optional[torch.Tensor], ...]:
+    """(d rel_h, d rel_w, d rel_t or None) from dS (B, H, Nq, Nk): dS summed over the keys of each key-grid
+    row / column / frame, in each term's dtype."""
+    B, H = dscores.shape[:2]
+    p = rel_pos.prefix
+    kt, kh, kw = rel_pos.key_grid
+    ds = dscores[:, :, p:, p:].reshape(B, H, -1, kt, kh, kw)
+    d_h = ds.sum(dim=(3, 5)).to(rel_pos.rel_h.dtype)
+    d_w = ds.sum(dim=(3, 4)).to(rel_pos.rel_w.dtype)
+    d_t = ds.sum(dim=(4, 5)).to(rel_pos.rel_t.dtype) if rel_pos.rel_t is not None else None
+    return d_h, d_w, d_t
+
+
+def with_rel_pos(bias: Optional[torch.Tensor], rel_pos, n_q: int, n_k: int) -> Optional[torch.Tensor]:
+    """``bias`` plus the dense form of ``rel_pos`` (the bias the reference math sees); ``bias`` without one."""
+    if rel_pos is None:
+        return bias
+    dense = rel_pos_dense(rel_pos, n_q, n_k)
+    return dense if bias is None else bias + dense
+
+
 def attention_forward_math(q, k, v, bias=None, scale=None, dropout_p=0.0, dropout_mask=None):
     """The FlashAttention-2 forward contract, written plainly: returns (out, lse).
 
@@ -77,14 +113,14 @@ def attention_forward_math(q, k, v, bias=None, scale=None, dropout_p=0.0, dropou
 
 
 def attention_backward_math(dout, q, k, v, bias, out, lse, scale=None, bias_requires_grad=False, dropout_p=0.0,
-                            dropout_mask=None):
+                            dropout_mask=None, rel_pos=None, rel_requires_grad=False):
     """The FlashAttention-2 backward, written plainly from the saved (out, lse) and the forward's dropout
-    mask: returns (dq, dk, dv, dbias); dbias is summed over the dims ``bias`` broadcasts (None unless
-    asked)."""
+    mask: returns (dq, dk, dv, dbias, drel); dbias is summed over the dims ``bias`` broadcasts (None unless
+    asked), drel the (d rel_h, d rel_w, d rel_t) of ``rel_pos`` (None unless asked)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
     acc = _acc_dtype(q.dtype)
-    scores = _scores(q, k, bias, scale, acc)
+    scores = _scores(q, k, with_rel_pos(bias, rel_pos, q.shape[-2], k.shape[-2]), scale, acc)
     probs = _probs_from_lse(scores, lse.to(acc))  # recomputed, never stored by a fused forward
     dout = dout.to(acc)
     delta = (dout * out.to(acc)).sum(dim=-1, keepdim=True)  # ..., Nq, 1 = rowsum(dO * O) = rowsum(P * dP)
@@ -96,7 +132,8 @@ def attention_backward_math(dout, q, k, v, bias, out, lse, scale=None, bias_requ
     dbias = None
     if bias is not None and bias_requires_grad:
         dbias = dscores.sum_to_size(bias.shape).to(bias.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+    drel = rel_pos_grads(dscores, rel_pos) if rel_pos is not None and rel_requires_grad else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias, drel
 
 
 def _dropped(probs, dropout_p, dropout_mask):
@@ -122,16 +159,18 @@ class ReferenceAttentionKernels:
     reference backend runs under torch.compile."""
 
     @staticmethod
-    def forward(q, k, v, bias, scale, dropout_p):
+    def forward(q, k, v, bias, scale, dropout_p, rel_pos=None):
         rng = draw_dropout_seed(q.device) if dropout_p > 0 else no_dropout_seed(q.device)
         mask = _mask(rng, q, k, dropout_p)
-        out, lse = attention_forward_math(q, k, v, bias, scale, dropout_p, mask)
+        out, lse = attention_forward_math(q, k, v, with_rel_pos(bias, rel_pos, q.shape[-2], k.shape[-2]), scale,
+                                          dropout_p, mask)
         return out, lse, rng
 
     @staticmethod
-    def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad):
+    def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad, rel_pos=None,
+                 rel_requires_grad=False):
         return attention_backward_math(dout, q, k, v, bias, out, lse, scale, bias_requires_grad, dropout_p,
-                                       _mask(rng, q, k, dropout_p))
+                                       _mask(rng, q, k, dropout_p), rel_pos, rel_requires_grad)
 
 
 def _mask(rng, q, k, dropout_p):

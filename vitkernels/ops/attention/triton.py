@@ -534,7 +534,7 @@ def _no_seed(like: torch.Tensor) -> torch.Tensor:
 _NO_SEED = {}
 
 
-def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float
+def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, rel_pos=None
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed tensor)."""
     B, H, n_q, d = q.shape
@@ -557,8 +557,9 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float
 
 
 def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor, scale: float, dropout_p: float,
-                               bias_requires_grad: bool):
-    """Backward: returns (dq, dk, dv, dbias); dbias has bias's shape (None unless asked for)."""
+                               bias_requires_grad: bool, rel_pos=None, rel_requires_grad: bool = False):
+    """Backward: returns (dq, dk, dv, dbias, drel); dbias has bias's shape (None unless asked for), drel the
+    gradients of rel_pos's terms (None unless asked for)."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     block_d = _block_d(d)
@@ -614,7 +615,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
                 {**key, "reduce": f"{int(reduce_m)}{int(reduce_n)}"}, q.device)
             dbias4 = parts[0] if groups == 1 else parts.sum(0).to(bias.dtype)
             dbias = dbias4.view(bias.shape)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, None
 
 
 # dBias of a batch-shared bias: batch groups aim at about this many programs (a few waves on any GPU)
@@ -645,5 +646,7 @@ class TritonAttentionKernels:
     forward = staticmethod(flash_attention_fwd_triton)
 
     @staticmethod
-    def backward(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad):
-        return flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad)
+    def backward(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad, rel_pos=None,
+                 rel_requires_grad=False):
+        return flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad,
+                                          rel_pos, rel_requires_grad)

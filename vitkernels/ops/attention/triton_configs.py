@@ -23,6 +23,11 @@ from vitkernels.ops.tuning import (
 )
 
 
+# Longest key-grid axis of a rel_pos the triton kernels take: the backward reduces d(rel) per query row in
+# registers against a one-hot (keys x axis) tile, padded to a power of two
+REL_AXIS_MAX = 128
+
+
 def _c(block_m: int, block_n: int, warps: int, stages: int) -> Config:
     return Config.of(warps, stages, BLOCK_M=block_m, BLOCK_N=block_n)
 

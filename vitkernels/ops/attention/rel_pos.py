@@ -1,0 +1,66 @@
+"""Building the per-axis terms of a decomposed relative-position bias (MViTv2, ViTDet, SAM) for
+``flash_attention(..., rel_pos=...)``: the small einsums of the queries with the learnable tables, as timm's
+``samvit`` and torchvision's ``mvit_v2`` compute them, without their (Nq, Nk) sum.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from vitkernels.ops.attention.checks import OP, RelPos
+
+
+def rel_pos_table(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+    """(q_size, k_size, C): the row of ``table`` (L, C) for each (query, key) pair along one axis.
+
+    The table is resized (linear) to ``2 * max(q_size, k_size) - 1`` rows when it has another length, and
+    the coordinates of the shorter axis are stretched to the longer one's (a pooled key grid): the
+    rule of MViTv2, ViTDet and SAM (timm's ``get_rel_pos``, torchvision's ``_add_rel_pos``)."""
+    length = 2 * max(q_size, k_size) - 1
+    if table.shape[0] != length:
+        table = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=length,
+                              mode="linear").reshape(-1, length).permute(1, 0)
+    q_coords = torch.arange(q_size, dtype=torch.float32)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, dtype=torch.float32)[None, :] * max(q_size / k_size, 1.0)
+    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return table[relative.long().to(table.device)]
+
+
+def decomposed_rel_pos(
+    q: torch.Tensor,  # B, H, Nq, D
+    q_grid: Sequence[int],
+    k_grid: Sequence[int],
+    rel_pos_h: torch.Tensor,  # Lh, D
+    rel_pos_w: torch.Tensor,  # Lw, D
+    rel_pos_t: Optional[torch.Tensor] = None,  # Lt, D (3-D grids)
+    prefix: int = 0,
+) -> RelPos:
+    """The ``RelPos`` of queries ``q`` (unscaled, as the models use them) laid out on ``q_grid`` ((h, w) or
+    (t, h, w), after ``prefix`` class tokens) against keys on ``k_grid``, with the learnable tables
+    ``rel_pos_h``/``rel_pos_w`` (/``rel_pos_t``) of shape (L, D). Each term: (B, H, Nq - prefix, K) in q's
+    dtype; differentiable in q and the tables.
+
+    ``flash_attention(q, k, v, rel_pos=decomposed_rel_pos(q, (64, 64), (64, 64), rel_h, rel_w))`` is SAM's
+    global attention without its (4096 x 4096) bias."""
+    q_grid, k_grid = tuple(int(n) for n in q_grid), tuple(int(n) for n in k_grid)
+    three_d = rel_pos_t is not None
+    if len(q_grid) != len(k_grid) or len(q_grid) != (3 if three_d else 2):
+        raise ValueError(f"{OP}: decomposed_rel_pos takes (h, w) grids (and (t, h, w) with rel_pos_t); got "
+                         f"q_grid {q_grid}, k_grid {k_grid}, rel_pos_t {'given' if three_d else 'None'}")
+    B, H, n_q, D = q.shape
+    qt, qh, qw = q_grid if three_d else (1,) + q_grid
+    if n_q - prefix != qt * qh * qw:
+        raise ValueError(f"{OP}: q has {n_q} rows; q_grid {q_grid} after {prefix} prefix tokens needs "
+                         f"{prefix + qt * qh * qw}")
+    r_q = q[:, :, prefix:].reshape(B, H, qt, qh, qw, D)
+    rh = rel_pos_table(qh, k_grid[-2], rel_pos_h).to(q.dtype)
+    rw = rel_pos_table(qw, k_grid[-1], rel_pos_w).to(q.dtype)
+    rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, rh).reshape(B, H, n_q - prefix, k_grid[-2])
+    rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, rw).reshape(B, H, n_q - prefix, k_grid[-1])
+    rel_t = None
+    if three_d:
+        rt = rel_pos_table(qt, k_grid[0], rel_pos_t).to(q.dtype)
+        rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, rt).reshape(B, H, n_q - prefix, k_grid[0])
+    return RelPos(rel_h, rel_w, rel_t, prefix)

@@ -137,3 +137,98 @@ def window_reads_a_strided_qkv_in_place(backend, device):
     qkv = buf[..., : 3 * C]
     assert not qkv.is_contiguous()
     window_vs_reference(backend, device, (1, 13, 10), heads, hd, 7, 3, qkv=qkv)
+
+
+# ---- decomposed relative position (flash_attention(rel_pos=...)) ------------------------------------------
+
+
+def rel_pos_leaves(B, H, D, q_grid, k_grid, prefix=0, device="cpu", with_bias=False, bias_shape=None, seed=0):
+    """q, k, v (B, H, N, D) on a (t,) h, w query / key grid after ``prefix`` class tokens, the rel terms as
+    the models build them (the einsum of q with random tables), optionally a learnable bias: float32 leaves
+    (not requiring grad), so each run casts them itself."""
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_k = prefix + math.prod(q_grid), prefix + math.prod(k_grid)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+
+    leaves = {"q": rnd(B, H, n_q, D), "k": rnd(B, H, n_k, D), "v": rnd(B, H, n_k, D)}
+    terms = ("rel_t", "rel_h", "rel_w")[3 - len(k_grid):]
+    for name, kn in zip(terms, k_grid):
+        leaves[name] = rnd(B, H, n_q - prefix, kn)  # O(1) logit offsets, like a trained model's
+    if with_bias:
+        leaves["bias"] = rnd(*(bias_shape or (1, H, n_q, n_k)))
+    return leaves
+
+
+def _rel_call(ts, prefix, backend, dropout_p=0.0):
+    rel = vitkernels.RelPos(ts["rel_h"], ts["rel_w"], ts.get("rel_t"), prefix)
+    return vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), rel_pos=rel,
+                                      dropout_p=dropout_p, backend=backend)
+
+
+def rel_pos_vs_reference(backend, leaves, prefix=0, dtype=torch.float32, factor=2.0, grad_factor=3.0, dout=None):
+    """``backend`` against the fp64 reference (the dense bias), with the same-dtype reference as the yardstick:
+    the output and the gradients of q, k, v, every rel term and the bias."""
+    results = {}
+    for name, cast, be in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"), ("run", dtype, backend)):
+        ts = {n: t.detach().to(cast).requires_grad_() for n, t in leaves.items()}
+        out = _rel_call(ts, prefix, be)
+        g = dout if dout is not None else torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        out.backward(g.to(out.device, cast))
+        results[name] = (out, {n: t.grad for n, t in ts.items()})
+    fl = FLOOR[dtype]
+    assert results["run"][0].dtype == dtype
+    assert_close_2x(results["run"][0], results["pt"][0], results["ref"][0], factor=factor, floor=fl, name="out")
+    for n in leaves:
+        assert results["run"][1][n] is not None, f"d{n} missing"
+        assert results["run"][1][n].shape == leaves[n].shape, n
+        assert_close_2x(results["run"][1][n], results["pt"][1][n], results["ref"][1][n], factor=grad_factor,
+                        floor=fl * 10, name=f"d{n}")
+    return results
+
+
+def rel_pos_backward_is_bitwise_deterministic(backend, device):
+    leaves = rel_pos_leaves(2, 2, 40, (7, 9), (4, 5), prefix=1, device=device, with_bias=True)
+    runs = []
+    for _ in range(2):
+        ts = {n: t.clone().requires_grad_() for n, t in leaves.items()}
+        out = _rel_call(ts, 1, backend)
+        out.backward(torch.ones_like(out))
+        runs.append([out] + [ts[n].grad for n in sorted(ts)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def rel_pos_dropout_matches_the_reference_with_the_kernels_mask(backend, device, mask_of, p=0.3):
+    """With dropout, the backend equals the reference given the keep-mask the backend drew (``mask_of(rng,
+    shape, p)``), output and gradients: rel_pos and dropout combine."""
+    from vitkernels.ops.attention.function import AttentionFunction
+    from vitkernels.ops.attention.reference import attention_reference, rel_pos_dense
+
+    leaves = rel_pos_leaves(1, 2, 32, (6, 6), (3, 3), prefix=1, device=device)
+    kernels = vitkernels.dispatch.implementations("flash_attention")[backend].kernels()
+    seen = {}
+
+    class Recording:
+        @staticmethod
+        def forward(*args):
+            out = kernels.forward(*args)
+            seen["rng"] = out[2]
+            return out
+
+        backward = staticmethod(kernels.backward)
+
+    ts = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    out = AttentionFunction.apply(Recording, ts["q"], ts["k"], ts["v"], None, 32 ** -0.5, p,
+                                  ts["rel_h"], ts["rel_w"], None, 1)
+    g = torch.randn_like(out)
+    out.backward(g)
+    mask = mask_of(seen["rng"], (1, 2, out.shape[2], ts["k"].shape[2]), p)
+    rs = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    dense = rel_pos_dense(vitkernels.RelPos(rs["rel_h"], rs["rel_w"], None, 1), out.shape[2], rs["k"].shape[2])
+    ref = attention_reference(rs["q"], rs["k"], rs["v"], dense, 32 ** -0.5, p, dropout_mask=mask)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for n in ts:
+        torch.testing.assert_close(ts[n].grad.double(), rs[n].grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{n}: {m}")

@@ -80,11 +80,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("patches"), py::arg("x_sizes"), py::arg("patch"));
   m.def("attention_forward_cpu", &vitkernels::attention_forward_cpu,
         "flash attention forward on CPU -> (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),
-        py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"));
+        py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"), py::arg("rel_h") = py::none(),
+        py::arg("rel_w") = py::none(), py::arg("rel_t") = py::none(), py::arg("rel_prefix") = 0);
   m.def("attention_backward_cpu", &vitkernels::attention_backward_cpu,
-        "flash attention backward on CPU -> (dq, dk, dv, dbias)", py::arg("dout"), py::arg("q"), py::arg("k"),
+        "flash attention backward on CPU -> (dq, dk, dv, dbias, drel)", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("dropout_p"),
-        py::arg("seed"), py::arg("offset"), py::arg("bias_requires_grad"));
+        py::arg("seed"), py::arg("offset"), py::arg("bias_requires_grad"), py::arg("rel_h") = py::none(),
+        py::arg("rel_w") = py::none(), py::arg("rel_t") = py::none(), py::arg("rel_prefix") = 0,
+        py::arg("rel_requires_grad") = false);
   m.def("attention_dropout_mask_cpu", &vitkernels::attention_dropout_mask_cpu,
         "the keep-mask of the CPU kernels' dropout on a (B, H, Nq, Nk) grid", py::arg("shape"), py::arg("dropout_p"),
         py::arg("seed"), py::arg("offset"));

@@ -15,11 +15,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 FLOAT_SCALARS = {"sm_scale", "dropout_p", "keep_scale"}
-FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum", "DSPart", "DPadPart"}
+FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum", "DSPart", "DPadPart", "DRelH", "DRelW", "DRelT"}
 INT8_POINTERS = {"Mask"}
 INT64_POINTERS = {"Seed"}  # dropout's (seed, offset) on the device
 # tensors of the op's dtype; every other non-constexpr argument not named above is an int32 size/stride
-DATA_POINTERS = {"Q", "K", "V", "Bias", "Out", "DOut", "DQ", "DK", "DV", "DBias", "QKV", "QKVBias", "Table", "DQKV",
+DATA_POINTERS = {"Q", "K", "V", "Bias", "RelH", "RelW", "RelT", "Out", "DOut", "DQ", "DK", "DV", "DBias", "QKV", "QKVBias", "Table", "DQKV",
                  "X", "W", "Pos", "Prefix", "DW", "DX"}
 
 
@@ -48,7 +48,8 @@ def compile_kernel(kernel, dtype: str, constexprs: dict, arch: int, num_warps: i
     src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
-    return {"shared": compiled.metadata.shared, "n_regs": getattr(compiled, "n_regs", None)}
+    return {"shared": compiled.metadata.shared, "n_regs": getattr(compiled, "n_regs", None),
+            "n_spills": getattr(compiled, "n_spills", None)}
 
 
 def _compile_case(case) -> dict:

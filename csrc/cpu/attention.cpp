@@ -1,5 +1,7 @@
 // C++ CPU flash attention: blocked online-softmax forward and FlashAttention-2 backward with an additive
-// bias (broadcast dims included) and its gradient, dropout, strided q/k/v read in place.
+// bias (broadcast dims included) and its gradient, dropout, strided q/k/v read in place, and a decomposed
+// relative-position bias (per-axis terms read by their strides, added per key-grid row; their gradients
+// summed from dS inside each (batch, head) task).
 //
 // Forward: one task per (batch, head, block of kBlockQ query rows); keys in blocks of kBlockK, the row max
 // and sum carried across blocks, nothing Nq x Nk stored. Backward: one task per (batch, head), key blocks
@@ -56,6 +58,87 @@ struct BiasView {
   }
 };
 
+// The decomposed relative-position terms (checks.py RelPos): rel_t / rel_h / rel_w (B, H, Nq - prefix, K), read
+// by their strides (any, the last one included). Query row i >= prefix and key j >= prefix get
+// rel_t[i', kt] + rel_h[i', kh] + rel_w[i', kw], i' = i - prefix, j - prefix = (kt * Kh + kh) * Kw + kw.
+// A row's terms go to float once, laid out [t (Kt) | h (Kh) | w (Kw)] (t a single 0 on a 2-D grid); its
+// gradient slots have the same layout.
+template <typename scalar_t>
+struct RelPosView {
+  struct Term {
+    const scalar_t* data = nullptr;
+    int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0, n = 1;
+  };
+  Term t, h, w;  // t.data null on a 2-D grid
+  int64_t prefix = 0;
+
+  RelPosView(const c10::optional<at::Tensor>& rel_h, const c10::optional<at::Tensor>& rel_w,
+             const c10::optional<at::Tensor>& rel_t, int64_t rel_prefix) {
+    if (!rel_h.has_value()) return;
+    prefix = rel_prefix;
+    set(h, *rel_h), set(w, *rel_w);
+    if (rel_t.has_value()) set(t, *rel_t);
+  }
+  static void set(Term& term, const at::Tensor& x) {
+    term.data = x.const_data_ptr<scalar_t>();
+    term.s0 = x.stride(0), term.s1 = x.stride(1), term.s2 = x.stride(2), term.s3 = x.stride(3), term.n = x.size(3);
+  }
+
+  bool active() const { return h.data != nullptr; }
+  int64_t width() const { return t.n + h.n + w.n; }
+
+  // The float terms of rel rows [r0, r0 + rows) of (b, h), width() floats a row.
+  void load(int64_t b, int64_t hd, int64_t r0, int64_t rows, float* dst) const {
+    for (int64_t r = r0; r < r0 + rows; ++r, dst += width()) {
+      if (t.data) {
+        cpu::load_strided(t.data + b * t.s0 + hd * t.s1 + r * t.s2, t.s3, t.n, dst);
+      } else {
+        dst[0] = 0.0f;
+      }
+      cpu::load_strided(h.data + b * h.s0 + hd * h.s1 + r * h.s2, h.s3, h.n, dst + t.n);
+      cpu::load_strided(w.data + b * w.s0 + hd * w.s1 + r * w.s2, w.s3, w.n, dst + t.n + h.n);
+    }
+  }
+
+  // f(c, kt, kh, kw0, n) for each run of keys [j0 + c, j0 + c + n) of the block [j0, j0 + cols) in one key-grid
+  // row (kt, kh), from column kw0: a block edge may cut a grid row, keys before the prefix are skipped.
+  template <typename F>
+  void for_each_run(int64_t j0, int64_t cols, F&& f) const {
+    const int64_t end = j0 + cols - prefix;
+    int64_t p = std::max(j0, prefix) - prefix;
+    if (p >= end) return;
+    int64_t kw = p % w.n, grid_row = p / w.n;
+    while (p < end) {
+      const int64_t n = std::min(w.n - kw, end - p);
+      f(p + prefix - j0, grid_row / h.n, grid_row % h.n, kw, n);
+      p += n, kw = 0, ++grid_row;
+    }
+  }
+
+  // s[c] += the terms of keys j0 + c, c < cols, for the query row whose float terms are `row`.
+  void add_row(float* s, const float* row, int64_t j0, int64_t cols) const {
+    const float* ww = row + t.n + h.n;
+    for_each_run(j0, cols, [&](int64_t c, int64_t kt, int64_t kh, int64_t kw0, int64_t n) {
+      const float th = row[kt] + row[t.n + kh];
+      cpu::add_strided(s + c, &th, 0, n);
+      cpu::add_strided(s + c, ww + kw0, 1, n);
+    });
+  }
+
+  // The gradient slots of one query row ([dt | dh | dw]) += dS of keys j0 + c, c < cols, summed over each
+  // key-grid frame / row / column, in key order.
+  void add_grad_row(float* slot, const float* ds, int64_t j0, int64_t cols) const {
+    float* dw = slot + t.n + h.n;
+    for_each_run(j0, cols, [&](int64_t c, int64_t kt, int64_t kh, int64_t kw0, int64_t n) {
+      float total = 0.0f;
+      for (int64_t j = 0; j < n; ++j) total += ds[c + j];
+      slot[kt] += total;
+      slot[t.n + kh] += total;
+      cpu::add_strided(dw + kw0, ds + c, 1, n);
+    });
+  }
+};
+
 // Rows [r0, r0 + rows) of one (b, h) slice as a float block: the tensor itself when it is float and its rows
 // do not overlap (the GEMMs read it in place with its row stride), else copied / widened into `buffer` (a
 // row stride below D: an expanded or overlapping view).
@@ -83,8 +166,8 @@ const scalar_t* slice(const at::Tensor& t, int64_t b, int64_t h) {
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const c10::optional<at::Tensor>& bias, float scale, const cpu::Dropout& drop, at::Tensor& out,
-                    at::Tensor& lse) {
+                    const c10::optional<at::Tensor>& bias, const RelPosView<scalar_t>& rel, float scale,
+                    const cpu::Dropout& drop, at::Tensor& out, at::Tensor& lse) {
   const Shape g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   const BiasView<scalar_t> bv(bias, g);
   const int64_t q_blocks = (g.Nq + kBlockQ - 1) / kBlockQ, D = g.D;
@@ -93,7 +176,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   at::parallel_for(0, g.B * g.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
     const cpu::OneBlasThread one_blas_thread;
-    Scratch q_buf, k_buf, v_buf, s_buf, o_buf, stats, row_buf;
+    Scratch q_buf, k_buf, v_buf, s_buf, o_buf, stats, row_buf, rel_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / g.H, h = bh % g.H;
       const int64_t i0 = (task % q_blocks) * kBlockQ, rows = std::min(kBlockQ, g.Nq - i0);
@@ -108,6 +191,11 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const int64_t block = std::min(kBlockK, g.Nk);
       float* S = s_buf.get(rows * block);
       float* tmp = row_buf.get(block);
+      // the block's rel terms as float, once for all its key steps: rows from rel_first on have them
+      const int64_t rel_first = std::max(i0, rel.prefix);
+      const int64_t rel_rows = rel.active() ? std::max<int64_t>(0, i0 + rows - rel_first) : 0;
+      float* rel_f = rel_buf.get(rel_rows * rel.width());
+      if (rel_rows) rel.load(b, h, rel_first - rel.prefix, rel_rows, rel_f);
       for (int64_t j0 = 0; j0 < g.Nk; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, g.Nk - j0);
         const float* K = float_rows(slice<scalar_t>(k, b, h), k.stride(2), j0, cols, D, k_buf, &ldk);
@@ -116,6 +204,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = S + r * cols;
           if (bv.data) bv.add_row(srow, b, h, i0 + r, j0, cols, tmp);
+          if (rel_rows && i0 + r >= rel_first) rel.add_row(srow, rel_f + (i0 + r - rel_first) * rel.width(), j0, cols);
           const float block_max = cpu::row_max(srow, cols);
           const float m_new = block_max > m[r] ? block_max : m[r];
           // rescale what earlier blocks accumulated; nothing to rescale while the row max is -inf
@@ -149,11 +238,17 @@ struct BiasGradSlots {
   float* slot(int64_t bh) const { return data + bh * nq * nk; }
 };
 
+// The rel terms' gradients, contiguous (B, H, Nq - prefix, K) in the terms' dtype; undefined when not asked for
+// (t also on a 2-D grid).
+struct RelGrads {
+  at::Tensor t, h, w;
+};
+
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, float scale,
-                     const cpu::Dropout& drop, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                     const BiasGradSlots& dbias) {
+                     const c10::optional<at::Tensor>& bias, const RelPosView<scalar_t>& rel, const at::Tensor& out,
+                     const at::Tensor& lse, float scale, const cpu::Dropout& drop, at::Tensor& dq, at::Tensor& dk,
+                     at::Tensor& dv, const BiasGradSlots& dbias, RelGrads& drel) {
   const Shape g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   const BiasView<scalar_t> bv(bias, g);
   const int64_t D = g.D;
@@ -161,10 +256,16 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   scalar_t* dq_p = dq.mutable_data_ptr<scalar_t>();
   scalar_t* dk_p = dk.mutable_data_ptr<scalar_t>();
   scalar_t* dv_p = dv.mutable_data_ptr<scalar_t>();
+  const int64_t rel_rows = rel.active() ? g.Nq - rel.prefix : 0, W = rel.width();
+  const bool rel_grad = rel_rows > 0 && drel.h.defined();
+  scalar_t* drel_p[3] = {drel.t.defined() ? drel.t.mutable_data_ptr<scalar_t>() : nullptr,
+                         rel_grad ? drel.h.mutable_data_ptr<scalar_t>() : nullptr,
+                         rel_grad ? drel.w.mutable_data_ptr<scalar_t>() : nullptr};
 
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     const cpu::OneBlasThread one_blas_thread;
     Scratch q_buf, k_buf, v_buf, do_buf, o_row, dq_buf, dkv_buf, s_buf, p_buf, dp_buf, keep_buf, delta_buf, tmp_buf;
+    Scratch rel_buf, rel_slot_buf;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.H, h = bh % g.H;
       int64_t ldq, lddo, ldk, ldv;
@@ -182,6 +283,12 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       std::fill(dQ, dQ + g.Nq * D, 0.0f);
       float* slot = dbias.data ? dbias.slot(bh) : nullptr;
       if (slot) std::fill(slot, slot + dbias.nq * dbias.nk, 0.0f);
+      // the head's rel terms as float (every key step reads every row), and its own d(rel) slots: this task
+      // alone writes them, in a fixed order
+      float* rel_f = rel_buf.get(rel_rows * W);
+      if (rel_rows) rel.load(b, h, 0, rel_rows, rel_f);
+      float* rel_slot = rel_grad ? rel_slot_buf.get(rel_rows * W) : nullptr;
+      if (rel_slot) std::fill(rel_slot, rel_slot + rel_rows * W, 0.0f);
       const float* lse_row = lse_p + bh * g.Nq;
       const int64_t kblock = std::min(kBlockKBackward, g.Nk), qblock = std::min(kBlockQ, g.Nq);
       float* dKV = dkv_buf.get(2 * kblock * D);
@@ -206,6 +313,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           for (int64_t r = 0; r < rows; ++r) {
             float* srow = S + r * cols;
             if (bv.data) bv.add_row(srow, b, h, i0 + r, j0, cols, tmp);
+            if (rel_rows && i0 + r >= rel.prefix) rel.add_row(srow, rel_f + (i0 + r - rel.prefix) * W, j0, cols);
             cpu::exp_shift_sum(srow, cols, lse_row[i0 + r]);
           }
           const float* P_for_v = S;
@@ -237,6 +345,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
               }
             }
           }
+          if (rel_slot) {  // d(rel) += dS summed over each key-grid frame / row / column
+            for (int64_t r = std::max<int64_t>(0, rel.prefix - i0); r < rows; ++r)
+              rel.add_grad_row(rel_slot + (i0 + r - rel.prefix) * W, dP + r * cols, j0, cols);
+          }
           cpu::gemm(false, false, rows, D, cols, scale, dP, cols, K, ldk, 1.0f, dQ + i0 * D, D);  // dQ += dS K
           cpu::gemm(true, false, cols, D, rows, scale, dP, cols, Qi, ldq, 1.0f, dK, D);          // dK += dS^T Q
         }
@@ -245,6 +357,15 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
         cpu::from_float(dV, dv_p + row0 * D, cols * D);
       }
       cpu::from_float(dQ, dq_p + bh * g.Nq * D, g.Nq * D);
+      if (rel_slot) {  // [dt | dh | dw] rows -> the three contiguous gradients
+        const int64_t offsets[3] = {0, rel.t.n, rel.t.n + rel.h.n}, widths[3] = {rel.t.n, rel.h.n, rel.w.n};
+        for (int term = 0; term < 3; ++term) {
+          if (!drel_p[term]) continue;
+          for (int64_t r = 0; r < rel_rows; ++r)
+            cpu::from_float(rel_slot + r * W + offsets[term], drel_p[term] + (bh * rel_rows + r) * widths[term],
+                            widths[term]);
+        }
+      }
     }
   });
 }
@@ -281,6 +402,29 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   }
 }
 
+void check_rel_pos(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& rel_h,
+                   const c10::optional<at::Tensor>& rel_w, const c10::optional<at::Tensor>& rel_t, int64_t prefix) {
+  if (!rel_h.has_value()) {
+    TORCH_CHECK(!rel_w.has_value() && !rel_t.has_value(), "attention_cpu: rel_w / rel_t without rel_h");
+    return;
+  }
+  TORCH_CHECK(rel_w.has_value(), "attention_cpu: rel_h without rel_w");
+  const int64_t Nq = q.size(2), Nk = k.size(2);
+  TORCH_CHECK(prefix >= 0 && prefix <= std::min(Nq, Nk), "attention_cpu: rel prefix ", prefix,
+              " must be in [0, min(Nq, Nk)]");
+  int64_t keys = 1;
+  for (const auto* term : {&rel_t, &rel_h, &rel_w}) {
+    if (!term->has_value()) continue;
+    const at::Tensor& t = **term;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == q.scalar_type() && t.dim() == 4 && t.size(0) == q.size(0) &&
+                    t.size(1) == q.size(1) && t.size(2) == Nq - prefix && t.size(3) >= 1,
+                "attention_cpu: rel terms must be (B, H, Nq - prefix, K) CPU tensors of q's dtype; got ", t.sizes());
+    keys *= t.size(3);
+  }
+  TORCH_CHECK(keys == Nk - prefix, "attention_cpu: the rel key grid has ", keys, " keys, Nk - prefix is ",
+              Nk - prefix);
+}
+
 }  // namespace
 
 at::Tensor attention_dropout_mask_cpu(std::vector<int64_t> shape, double dropout_p, int64_t seed, int64_t offset) {
@@ -300,24 +444,32 @@ at::Tensor attention_dropout_mask_cpu(std::vector<int64_t> shape, double dropout
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                          const c10::optional<at::Tensor>& bias, double scale,
-                                                         double dropout_p, int64_t seed, int64_t offset) {
+                                                         double dropout_p, int64_t seed, int64_t offset,
+                                                         const c10::optional<at::Tensor>& rel_h,
+                                                         const c10::optional<at::Tensor>& rel_w,
+                                                         const c10::optional<at::Tensor>& rel_t, int64_t rel_prefix) {
   check_operands(q, k, v, bias);
+  check_rel_pos(q, k, rel_h, rel_w, rel_t, rel_prefix);
   auto out = at::empty(q.sizes(), q.options());  // B, H, Nq, D
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const auto drop = make_dropout(dropout_p, seed, offset);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_forward_cpu", [&] {
     TORCH_CHECK((!std::is_same<scalar_t, double>::value), "attention_cpu: fp64 runs on the reference backend");
     if constexpr (!std::is_same<scalar_t, double>::value)
-      forward_kernel<scalar_t>(q, k, v, bias, static_cast<float>(scale), drop, out, lse);
+      forward_kernel<scalar_t>(q, k, v, bias, RelPosView<scalar_t>(rel_h, rel_w, rel_t, rel_prefix),
+                               static_cast<float>(scale), drop, out, lse);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> attention_backward_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const c10::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse, double scale,
-    double dropout_p, int64_t seed, int64_t offset, bool bias_requires_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<RelPosGrads>>
+attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const c10::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse,
+                       double scale, double dropout_p, int64_t seed, int64_t offset, bool bias_requires_grad,
+                       const c10::optional<at::Tensor>& rel_h, const c10::optional<at::Tensor>& rel_w,
+                       const c10::optional<at::Tensor>& rel_t, int64_t rel_prefix, bool rel_requires_grad) {
   check_operands(q, k, v, bias);
+  check_rel_pos(q, k, rel_h, rel_w, rel_t, rel_prefix);
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   (dout.size(3) <= 1 || dout.stride(3) == 1),
               "attention_cpu: dout must match q with a unit last stride");
@@ -344,11 +496,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> attent
     slots = at::empty({B, H, slot_view.nq, slot_view.nk}, q.options().dtype(at::kFloat));
     slot_view.data = slots.mutable_data_ptr<float>();
   }
+  RelGrads drel;
+  if (rel_h.has_value() && rel_requires_grad) {
+    auto grad_like = [](const at::Tensor& t) { return at::empty(t.sizes(), t.options()); };  // contiguous
+    drel.h = grad_like(*rel_h), drel.w = grad_like(*rel_w);
+    if (rel_t.has_value()) drel.t = grad_like(*rel_t);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
     TORCH_CHECK((!std::is_same<scalar_t, double>::value), "attention_cpu: fp64 runs on the reference backend");
     if constexpr (!std::is_same<scalar_t, double>::value)
-      backward_kernel<scalar_t>(dout, q, k, v, bias, out, lse, static_cast<float>(scale), drop, dq, dk, dv,
-                                slot_view);
+      backward_kernel<scalar_t>(dout, q, k, v, bias, RelPosView<scalar_t>(rel_h, rel_w, rel_t, rel_prefix), out,
+                                lse, static_cast<float>(scale), drop, dq, dk, dv, slot_view, drel);
   });
   if (slot_view.data) {
     const int64_t E = slot_view.nq * slot_view.nk;
@@ -367,7 +525,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>> attent
     }
     dbias = total.to(q.scalar_type()).view(bias->sizes());
   }
-  return {dq, dk, dv, dbias};
+  c10::optional<RelPosGrads> rel_grads;
+  if (drel.h.defined())
+    rel_grads = RelPosGrads{drel.h, drel.w, drel.t.defined() ? c10::optional<at::Tensor>(drel.t) : c10::nullopt};
+  return {dq, dk, dv, dbias, rel_grads};
 }
 
 }  // namespace vitkernels

@@ -12,7 +12,9 @@ from vitkernels import BackendUnavailableError, _ext, dispatch
 from vitkernels.ops.attention.reference import attention_reference
 
 from tests.ops.backend_checks import (attention_backward_is_bitwise_deterministic, attention_nan_stays_in_its_row,
-                                      attention_vs_reference)
+                                      attention_vs_reference, rel_pos_backward_is_bitwise_deterministic,
+                                      rel_pos_dropout_matches_the_reference_with_the_kernels_mask, rel_pos_leaves,
+                                      rel_pos_vs_reference)
 from tests.utils import qkv_views
 
 EXT_REQUIRED = os.environ.get("VITKERNELS_REQUIRE_EXT") == "1"
@@ -200,3 +202,185 @@ def test_output_gradient_with_a_zero_row_stride():
     for a, b in zip((q, k, v), ref):
         assert torch.isfinite(a.grad).all()
         torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-4)
+
+
+# ---- decomposed relative position (flash_attention(rel_pos=...)) ------------------------------------------
+
+
+def rel_check(leaves, prefix=0, **kw):
+    return rel_pos_vs_reference("cpu", leaves, prefix=prefix, **kw)
+
+
+REL_SHAPES = [(grid, d) for grid in ((14, 14), (32, 32)) for d in (64, 80)]
+
+
+@pytest.mark.parametrize("grid,d", REL_SHAPES, ids=[f"N{g[0] * g[1]}-D{d}" for g, d in REL_SHAPES])
+def test_rel_pos_matches_reference_fp32(grid, d):
+    # SAM / ViTDet: 14x14 windows and a 32x32 global grid (B = 1 there)
+    B = 1 if grid == (32, 32) else 2
+    rel_check(rel_pos_leaves(B, 2, d, grid, grid, seed=d))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_rel_pos_matches_reference_per_dtype(dtype, prefix):
+    # the same-dtype reference (its dense bias rounded to the dtype) is the yardstick
+    rel_check(rel_pos_leaves(2, 2, 64, (14, 14), (14, 14), prefix=prefix, with_bias=True), prefix, dtype=dtype)
+
+
+REL_GRIDS = [((8, 8), (4, 4)), ((2, 4, 4), (2, 2, 2)), ((7, 9), (7, 9)), ((3, 5, 6), (3, 5, 6))]
+
+
+@pytest.mark.parametrize("q_grid,k_grid", REL_GRIDS,
+                         ids=["pooled-8x8-4x4", "pooled-3d", "7x9", "3d-3x5x6"])
+def test_rel_pos_with_a_class_token_and_a_pooled_key_grid(q_grid, k_grid):
+    # MViTv2: a class token (prefix 1) and keys pooled to a coarser grid than the queries (Nq != Nk)
+    rel_check(rel_pos_leaves(2, 2, 32, q_grid, k_grid, prefix=1), 1)
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 2, 65, 17), (2, 1, 1, 17), (65, 1), (17,)],
+                         ids=["1H", "key-padding", "queries-only", "keys-only"])
+def test_rel_pos_with_a_learnable_broadcast_bias(bias_shape):
+    leaves = rel_pos_leaves(2, 2, 32, (8, 8), (4, 4), prefix=1, with_bias=True, bias_shape=bias_shape)
+    rel_check(leaves, 1)
+
+
+@pytest.mark.parametrize("k_grid", [(23, 29), (3, 13, 17)], ids=["23x29", "3x13x17"])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_rel_pos_key_grid_rows_straddle_the_kernels_blocks(k_grid, prefix):
+    # ~665 keys in grid rows of 29 / 17 (frames of 221): rows and frames cross the forward's 512-key and the
+    # backward's 128-key block edges; Nq = prefix + 130 spans three 64-row query blocks
+    rel_check(rel_pos_leaves(1, 2, 64, (10, 13), k_grid, prefix=prefix, with_bias=True), prefix)
+
+
+def _strided_rel_views(leaves):
+    """The rel terms as views that are not contiguous, every byte around them NaN (a read outside shows):
+    rel_h a slice of a wider (H, B, ...) buffer with B and H swapped, rel_w a transposed view (last stride
+    Nq - prefix), rel_t every other column (last stride 2)."""
+    out = dict(leaves)
+    nan = float("nan")
+    h = leaves["rel_h"]
+    B, H, R, Kh = h.shape
+    buf = torch.full((H, B, R, Kh + 5), nan, dtype=h.dtype)
+    buf[..., 2:Kh + 2] = h.transpose(0, 1)
+    out["rel_h"] = buf[..., 2:Kh + 2].transpose(0, 1)
+    w = leaves["rel_w"]
+    buf = torch.full((B, H, w.shape[3] + 1, R), nan, dtype=w.dtype)
+    buf[:, :, :-1] = w.transpose(2, 3)
+    out["rel_w"] = buf[:, :, :-1].transpose(2, 3)
+    if "rel_t" in leaves:
+        t = leaves["rel_t"]
+        buf = torch.full((B, H, R, 2 * t.shape[3]), nan, dtype=t.dtype)
+        buf[..., ::2] = t
+        out["rel_t"] = buf[..., ::2]
+    for name in ("rel_t", "rel_h", "rel_w"):
+        if name in out:
+            assert not out[name].is_contiguous() and torch.equal(out[name], leaves[name]), name
+    assert out["rel_w"].stride(-1) != 1
+    return out
+
+
+@pytest.mark.parametrize("k_grid,prefix", [((5, 7), 0), ((2, 3, 4), 1)], ids=["2d", "3d-prefix"])
+def test_rel_pos_non_contiguous_terms_are_read_in_place(k_grid, prefix):
+    from torch.profiler import ProfilerActivity, profile
+
+    from vitkernels.ops.attention.cpu import CpuAttentionKernels
+
+    q_grid = (2,) * (len(k_grid) - 2) + (6, 7)
+    leaves = rel_pos_leaves(2, 3, 32, q_grid, k_grid, prefix=prefix, with_bias=True)
+    views = _strided_rel_views(leaves)
+    rel_check(views, prefix)  # NaN padding read anywhere would fail it
+    # bitwise the contiguous terms' results, and no copy of a term on the way (forward or backward)
+    rel = vitkernels.RelPos(views["rel_h"], views["rel_w"], views.get("rel_t"), prefix)
+    q, k, v, bias = (leaves[n] for n in ("q", "k", "v", "bias"))
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out, lse, rng = CpuAttentionKernels.forward(q, k, v, bias, 32 ** -0.5, 0.0, rel)
+        grads = CpuAttentionKernels.backward(torch.ones_like(out), q, k, v, bias, out, lse, rng, 32 ** -0.5, 0.0,
+                                             True, rel, True)
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    assert not copies, copies
+    dense = vitkernels.RelPos(leaves["rel_h"], leaves["rel_w"], leaves.get("rel_t"), prefix)
+    out_c, lse_c, _ = CpuAttentionKernels.forward(q, k, v, bias, 32 ** -0.5, 0.0, dense)
+    grads_c = CpuAttentionKernels.backward(torch.ones_like(out), q, k, v, bias, out_c, lse_c, rng, 32 ** -0.5, 0.0,
+                                           True, dense, True)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    for a, b in zip(grads[:4] + tuple(grads[4]), grads_c[:4] + tuple(grads_c[4])):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+    for g, t in zip(grads[4], (views["rel_h"], views["rel_w"], views.get("rel_t"))):
+        assert (g is None) == (t is None) and (g is None or (g.shape == t.shape and g.is_contiguous()))
+
+
+def test_rel_pos_half_precision_strided_terms_give_the_contiguous_results():
+    leaves = {n: t.half() for n, t in rel_pos_leaves(1, 2, 32, (2, 5, 5), (2, 3, 4), prefix=1).items()}
+    runs = []
+    for ts in (leaves, _strided_rel_views(leaves)):
+        ts = {n: t.detach().requires_grad_() for n, t in ts.items()}
+        rel = vitkernels.RelPos(ts["rel_h"], ts["rel_w"], ts["rel_t"], 1)
+        out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], rel_pos=rel, backend="cpu")
+        out.backward(torch.ones_like(out))
+        runs.append([out] + [ts[n].grad for n in sorted(ts)])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_rel_pos_backward_is_deterministic_bitwise():
+    rel_pos_backward_is_bitwise_deterministic("cpu", "cpu")
+
+
+def test_rel_pos_results_do_not_depend_on_the_thread_count():
+    leaves = rel_pos_leaves(2, 3, 32, (9, 9), (9, 9), prefix=1, with_bias=True)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            ts = {name: t.clone().requires_grad_() for name, t in leaves.items()}
+            rel = vitkernels.RelPos(ts["rel_h"], ts["rel_w"], None, 1)
+            out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts["bias"], rel_pos=rel, backend="cpu")
+            out.backward(torch.ones_like(out))
+            runs.append([out] + [ts[name].grad for name in sorted(ts)])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_rel_pos_dropout_matches_the_reference_with_the_kernels_mask():
+    from vitkernels.ops.attention.cpu import dropout_keep_mask
+
+    rel_pos_dropout_matches_the_reference_with_the_kernels_mask("cpu", "cpu", dropout_keep_mask)
+
+
+@pytest.mark.parametrize("frozen", [("rel_t",), ("rel_h",), ("rel_w",), ("rel_t", "rel_h", "rel_w")],
+                         ids=["rel_t", "rel_h", "rel_w", "all"])
+def test_a_rel_term_without_grad_gets_none_and_the_others_are_right(frozen):
+    leaves = rel_pos_leaves(2, 2, 32, (2, 4, 4), (2, 2, 2), prefix=1, with_bias=True)
+    g = torch.randn(2, 2, 33, 32)
+    grads = {}
+    for name, cast, backend in (("ref", torch.float64, "reference"), ("run", torch.float32, "cpu")):
+        ts = {n: t.detach().to(cast).requires_grad_(n not in frozen) for n, t in leaves.items()}
+        rel = vitkernels.RelPos(ts["rel_h"], ts["rel_w"], ts["rel_t"], 1)
+        out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts["bias"], rel_pos=rel, backend=backend)
+        out.backward(g.to(cast))
+        grads[name] = {n: t.grad for n, t in ts.items()}
+    for n in leaves:
+        if n in frozen:
+            assert grads["run"][n] is None, n
+        else:
+            torch.testing.assert_close(grads["run"][n].double(), grads["ref"][n], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"d{n}: {m}")
+
+
+def test_rel_pos_kernels_check_their_terms():
+    q = torch.randn(1, 2, 17, 32)
+    rel_h, rel_w = torch.randn(1, 2, 16, 4), torch.randn(1, 2, 16, 3)  # 12 keys, not 16
+    with pytest.raises(RuntimeError, match="rel key grid has 12 keys"):
+        _ext.extension().attention_forward_cpu(q, q, q, None, 1.0, 0.0, 0, 0, rel_h, rel_w, None, 1)
+    with pytest.raises(RuntimeError, match="rel terms must be"):
+        _ext.extension().attention_forward_cpu(q, q, q, None, 1.0, 0.0, 0, 0, rel_h[:, :, 1:], rel_w, None, 1)
+    q64 = q.double()
+    rel = vitkernels.RelPos(*(torch.randn(1, 2, 16, 4, dtype=torch.float64) for _ in range(2)), None, 1)
+    with pytest.raises(BackendUnavailableError, match="float64 is not supported by the C.. CPU kernels"):
+        vitkernels.flash_attention(q64, q64, q64, rel_pos=rel, backend="cpu")
+    with pytest.raises(RuntimeError, match="fp64 runs on the reference backend"):
+        _ext.extension().attention_forward_cpu(q64, q64, q64, None, 1.0, 0.0, 0, 0, rel.rel_h, rel.rel_w, None, 1)

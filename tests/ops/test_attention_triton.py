@@ -13,7 +13,9 @@ from vitkernels import BackendUnavailableError
 from vitkernels.ops.attention.reference import attention_reference
 
 from tests.ops.backend_checks import (FLOOR, attention_backward_is_bitwise_deterministic, attention_nan_stays_in_its_row,
-                                      attention_vs_reference)
+                                      attention_vs_reference, rel_pos_backward_is_bitwise_deterministic,
+                                      rel_pos_dropout_matches_the_reference_with_the_kernels_mask, rel_pos_leaves,
+                                      rel_pos_vs_reference)
 from tests.utils import qkv_views
 
 pytest.importorskip("triton")
@@ -86,7 +88,7 @@ def test_a_batch_shared_bias_with_odd_rows_is_read_from_a_16_aligned_copy(monkey
 
     def spy(spec, kernel, grid, args, constexprs, key, device):
         if spec.name == "flash_attn_fwd":
-            seen.append((args[3].stride(), args[3].shape, args[29]))  # bias strides and shape, BIAS_COLS (after H, Nq, Nk)
+            seen.append((args[3].stride(), args[3].shape, args[44]))  # bias strides and shape, BIAS_COLS (after H, Nq, Nk)
         return original(spec, kernel, grid, args, constexprs, key, device)
     monkeypatch.setattr(tuning, "launch", spy)
     n, d = 197, 32
@@ -251,6 +253,84 @@ def test_triton_refuses_bfloat16_under_the_interpreter():
         vitkernels.flash_attention(q, q, q, backend="triton")
 
 
+# ---- decomposed relative position (rel_pos) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grid,d,batch", [((14, 14), 64, 1), ((14, 14), 80, 2),
+                                          pytest.param((32, 32), 64, 1, marks=[pytest.mark.slow] if INTERPRET else [])],
+                         ids=["N196-D64-B1", "N196-D80", "N1024-D64-B1"])
+def test_rel_pos_matches_the_dense_reference_fp32(grid, d, batch):
+    # SAM / ViTDet: 14 x 14 windows and a global grid; every gradient, the terms' included
+    rel_pos_vs_reference("triton", rel_pos_leaves(batch, 2, d, grid, grid, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", dtype_params((torch.float16, torch.bfloat16)))
+def test_rel_pos_per_dtype(dtype):
+    rel_pos_vs_reference("triton", rel_pos_leaves(2, 2, 64, (9, 11), (9, 11), device=DEVICE), dtype=dtype)
+
+
+@pytest.mark.parametrize("q_grid,k_grid,prefix", [((8, 8), (4, 4), 1), ((2, 6, 6), (2, 3, 3), 1),
+                                                  ((3, 5, 4), (3, 5, 4), 0), ((5, 7), (5, 7), 3)],
+                         ids=["pooled-2d-cls", "pooled-3d-cls", "3d", "prefix3"])
+def test_rel_pos_pooled_key_grids_3d_and_prefix_tokens(q_grid, k_grid, prefix):
+    # MViTv2: Nq != Nk (a pooled key grid), a frame axis, the class token outside the grid
+    rel_pos_vs_reference("triton", rel_pos_leaves(2, 2, 32, q_grid, k_grid, prefix=prefix, device=DEVICE),
+                         prefix=prefix)
+
+
+@pytest.mark.parametrize("bias_shape", [(1, 2, 50, 50), (2, 1, 1, 50)], ids=["1H-table", "keypad"])
+def test_rel_pos_with_a_learnable_bias_and_its_gradient(bias_shape):
+    leaves = rel_pos_leaves(2, 2, 40, (7, 7), (7, 7), prefix=1, device=DEVICE, with_bias=True, bias_shape=bias_shape)
+    rel_pos_vs_reference("triton", leaves, prefix=1)
+
+
+def test_rel_pos_terms_are_read_in_place_from_any_strides():
+    B, H, n, d = 1, 2, 48, 32  # a 6 x 8 grid
+    q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)
+    wide = torch.full((B, H, n, 20), float("nan"), device=DEVICE)
+    wide[..., 2:8] = torch.randn(B, H, n, 6, device=DEVICE)
+    rel_h = wide[..., 2:8]  # a slice of a NaN-padded buffer: reading past it gives NaN
+    rel_w = torch.randn(B, H, 8, n, device=DEVICE).transpose(-1, -2)  # unit stride along the queries
+    out = vitkernels.flash_attention(q, k, v, rel_pos=(rel_h, rel_w), backend="triton")
+    ref = vitkernels.flash_attention(*(t.double() for t in (q, k, v)), backend="reference",
+                                     rel_pos=(rel_h.double(), rel_w.double()))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rel_pos_only_some_terms_require_grad():
+    leaves = rel_pos_leaves(1, 2, 32, (6, 6), (6, 6), device=DEVICE)
+    ts = {n: t.clone().requires_grad_(n not in ("rel_w", "k")) for n, t in leaves.items()}
+    out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], rel_pos=(ts["rel_h"], ts["rel_w"]), backend="triton")
+    out.backward(torch.ones_like(out))
+    rs = {n: t.double().requires_grad_(n not in ("rel_w", "k")) for n, t in leaves.items()}
+    vitkernels.flash_attention(rs["q"], rs["k"], rs["v"], rel_pos=(rs["rel_h"], rs["rel_w"]),
+                               backend="reference").backward(torch.ones_like(out).double())
+    assert ts["rel_w"].grad is None and ts["k"].grad is None
+    for n in ("q", "v", "rel_h"):
+        torch.testing.assert_close(ts[n].grad.double(), rs[n].grad, rtol=1e-4, atol=1e-5)
+
+
+def test_rel_pos_backward_is_deterministic_bitwise():
+    rel_pos_backward_is_bitwise_deterministic("triton", DEVICE)
+
+
+def test_rel_pos_with_dropout_matches_the_reference_given_the_kernels_mask():
+    from vitkernels.ops.attention.triton import dropout_mask_triton
+
+    rel_pos_dropout_matches_the_reference_with_the_kernels_mask(
+        "triton", DEVICE, lambda rng, shape, p: dropout_mask_triton(rng, *shape, p))
+
+
+def test_rel_pos_grid_axes_past_the_triton_limit_are_refused_with_the_reason():
+    from vitkernels.ops.attention.triton_configs import REL_AXIS_MAX
+
+    n = REL_AXIS_MAX + 1
+    q = torch.randn(1, 1, n, 16, device=DEVICE)
+    rel = (torch.randn(1, 1, n, 1, device=DEVICE), torch.randn(1, 1, n, n, device=DEVICE))
+    with pytest.raises(BackendUnavailableError, match=f"axis longer than {REL_AXIS_MAX}"):
+        vitkernels.flash_attention(q, q, q, rel_pos=rel, backend="triton")
+
+
 # ---- full-size checks, GPU only --------------------------------------------------------------------
 
 
@@ -315,3 +395,21 @@ def test_gpu_tensors_on_a_second_device_while_the_first_is_current():
     assert torch.cuda.current_device() == 0 and out.device == torch.device("cuda:1")
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-5)
     assert all(t.grad is not None and t.grad.device == torch.device("cuda:1") for t in (q, k, v, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", dtype_params((torch.float16, torch.bfloat16, torch.float32)))
+@pytest.mark.parametrize("grid,d,batch", [((14, 14), 64, 8), ((32, 32), 80, 2), ((64, 64), 64, 1)],
+                         ids=["N196-D64", "N1024-D80", "N4096-D64-B1"])
+def test_gpu_rel_pos_sam_shapes(dtype, grid, d, batch):
+    """SAM ViT-B's windowed (14 x 14) and global (64 x 64 = 4096 tokens) attention with decomposed rel-pos,
+    every gradient against the fp64 dense reference."""
+    rel_pos_vs_reference("triton", rel_pos_leaves(batch, 4, d, grid, grid, device="cuda"), dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", dtype_params((torch.bfloat16, torch.float32)))
+def test_gpu_rel_pos_mvit_stage1(dtype):
+    """mvit_v2_s stage 1 at 8 x 56 x 56 queries against 8 x 7 x 7 pooled keys, class token, 3-D terms."""
+    leaves = rel_pos_leaves(1, 1, 96, (8, 56, 56), (8, 7, 7), prefix=1, device="cuda")
+    rel_pos_vs_reference("triton", leaves, prefix=1, dtype=dtype)

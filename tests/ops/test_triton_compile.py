@@ -37,11 +37,40 @@ def largest_pruned_config(spec, dtype, head_dim=128, n=4096):
     return max(spec.candidates(key, H100, mode="full"), key=lambda c: spec.shared_memory(c, key))
 
 
-KERNELS = (("_flash_attn_fwd_kernel", attn_configs.ATTN_FWD, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
-           ("_flash_attn_bwd_dkdv_kernel", attn_configs.ATTN_BWD_DKDV, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
-           ("_flash_attn_bwd_dq_kernel", attn_configs.ATTN_BWD_DQ, dict(HAS_BIAS=True, HAS_DROPOUT=True)),
+NO_REL = dict(HAS_REL=False, REL_3D=False)
+NO_REL_GRAD = dict(NO_REL, REL_GRAD=False, KT_PAD=16, KH_PAD=16, KW_PAD=16, REL_EXACT=False)
+KERNELS = (("_flash_attn_fwd_kernel", attn_configs.ATTN_FWD, dict(HAS_BIAS=True, HAS_DROPOUT=True, **NO_REL)),
+           ("_flash_attn_bwd_dkdv_kernel", attn_configs.ATTN_BWD_DKDV, dict(HAS_BIAS=True, HAS_DROPOUT=True, **NO_REL)),
+           ("_flash_attn_bwd_dq_kernel", attn_configs.ATTN_BWD_DQ, dict(HAS_BIAS=True, HAS_DROPOUT=True, **NO_REL_GRAD)),
            ("_flash_attn_bwd_dbias_kernel", attn_configs.ATTN_BWD_DBIAS,
-            dict(REDUCE_M=False, REDUCE_N=False, HAS_DROPOUT=True)))
+            dict(REDUCE_M=False, REDUCE_N=False, HAS_DROPOUT=True, **NO_REL)))
+
+
+def rel_pos_cases(dtype, n=4096, rel_grid=(1, 64, 64), head_dim=64):
+    """The attention kernels with a decomposed rel_pos (SAM's 64 x 64 global grid; REL_3D with a frame
+    axis), each with the configs the heuristic launches for it on an H100: the dQ kernel carries the
+    (M x 64) gradient accumulators."""
+    cases = []
+    three_d = rel_grid[0] > 1
+    for kernel, spec, flags in KERNELS:
+        rel = dict(HAS_REL=True, REL_3D=three_d)
+        if kernel == "_flash_attn_bwd_dq_kernel":
+            pads = [attn_triton_pad(n_) for n_ in rel_grid]
+            rel.update(REL_GRAD=True, KT_PAD=pads[0], KH_PAD=pads[1], KW_PAD=pads[2], REL_EXACT=dtype == "fp32")
+        key = attn_configs.tune_key(TORCH_DTYPE[dtype], n, n, head_dim, None, False, rel=3 if three_d else 2,
+                                    **({"rel_pad": max(attn_triton_pad(n_) for n_ in rel_grid)}
+                                       if kernel == "_flash_attn_bwd_dq_kernel" else {}))
+        for c in spec.candidates(key, H100)[:2]:
+            cases.append((ATTN, kernel, dtype, dict(**c.meta, HEAD_DIM=head_dim,
+                                                    BLOCK_D=attn_configs.block_d(head_dim),
+                                                    INPUT_PRECISION=PRECISION[dtype],
+                                                    **dict(flags, HAS_DROPOUT=False, **rel)),
+                          90, c.num_warps, c.num_stages))
+    return cases
+
+
+def attn_triton_pad(n):
+    return max(16, 1 << max(0, n - 1).bit_length())
 
 
 def build_cases(dtypes, arch):
@@ -97,7 +126,8 @@ EXTRA = [
     (ATTN, "_flash_attn_bwd_preprocess_kernel", "fp16", dict(HEAD_DIM=256, BLOCK_M=64, BLOCK_D=256), 90, 4, 1),
     (ATTN, "_flash_attn_bwd_dbias_kernel", "fp16", dict(HEAD_DIM=64, BLOCK_M=64, BLOCK_N=64, BLOCK_D=64,
                                                          INPUT_PRECISION="tf32",
-                                                         REDUCE_M=True, REDUCE_N=True, HAS_DROPOUT=False), 90, 4, 2),
+                                                         REDUCE_M=True, REDUCE_N=True, HAS_DROPOUT=False,
+                                                         **NO_REL), 90, 4, 2),
     (ATTN, "_dropout_mask_kernel", "fp32", dict(BLOCK_M=32, BLOCK_N=32), 90, 4, 1),
 ]
 SUITES = {
@@ -194,7 +224,7 @@ def ptx_cases():
         for kernel, spec, flags in KERNELS[:3]:
             c = spec.candidates(key, H100)[0]
             consts = dict(**c.meta, HEAD_DIM=d, BLOCK_D=attn_configs.block_d(d), INPUT_PRECISION="tf32",
-                          HAS_BIAS=False, HAS_DROPOUT=False)
+                          **dict(flags, HAS_BIAS=False, HAS_DROPOUT=False))
             cases.append(dict(module=ATTN, name=kernel, dtype="bf16", constexprs=consts, ones=ATTN_UNIT, div16=div16,
                               num_warps=c.num_warps, num_stages=c.num_stages))
             ids.append(f"{kernel.strip('_')}-D{d}")
@@ -203,7 +233,7 @@ def ptx_cases():
         for kernel, spec, flags in KERNELS[:3]:
             c = spec.candidates(key, H100)[0]
             consts = dict(**c.meta, HEAD_DIM=d, BLOCK_D=attn_configs.block_d(d), INPUT_PRECISION="tf32",
-                          HAS_BIAS=True, HAS_DROPOUT=False)
+                          **dict(flags, HAS_BIAS=True, HAS_DROPOUT=False))
             cases.append(dict(module=ATTN, name=kernel, dtype="bf16", constexprs=consts,
                               ones=ATTN_UNIT + ["stride_biasn"],
                               div16=ATTN_STRIDES + ["stride_biasb", "stride_biash", "stride_biasm", "BIAS_COLS"],

@@ -131,11 +131,15 @@ def _triton_shape_reasons(inputs: AttentionInputs) -> List[str]:
         return []
     from vitkernels.ops.attention.triton_configs import REL_AXIS_MAX
 
+    reasons = []
     if max(rel.key_grid) > REL_AXIS_MAX:
-        return [f"the rel_pos key grid {'x'.join(map(str, rel.key_grid))} has an axis longer than {REL_AXIS_MAX}, "
-                f"the triton kernels' limit (its gradient is reduced in registers); backend='cpu' or 'reference' "
-                "take any grid"]
-    return []
+        reasons.append(f"the rel_pos key grid {'x'.join(map(str, rel.key_grid))} has an axis longer than "
+                       f"{REL_AXIS_MAX}, the triton kernels' limit (its gradient is reduced in registers); "
+                       "backend='cpu' or 'reference' take any grid")
+    if any((t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) >= 2 ** 31 for t in rel.terms):
+        reasons.append("a rel_pos term's (Nq, K) slice spans 2^31 elements or more (the triton kernels index it "
+                       "with 32-bit offsets); pass it contiguous")
+    return reasons
 
 
 def _triton_kernels():

@@ -1,7 +1,8 @@
 """flash_attention's C++ CPU kernels (``vitkernels._C``, csrc/cpu/attention.cpp) in the kernels' contract
 (``function.AttentionFunction``): a blocked online-softmax forward and a FlashAttention-2 backward on
 BLAS tiles, q/k/v read in place by their strides, the bias gradient summed in a fixed order, dropout from a
-Philox stream seeded by torch's generator."""
+Philox stream seeded by torch's generator. The rel_pos terms are read in place by their strides and added to
+each score row; their gradients are summed from dS in the same fixed order."""
 from __future__ import annotations
 
 import torch
@@ -17,12 +18,19 @@ def _seed(rng: torch.Tensor, dropout_p: float):
     return seed, offset
 
 
+def _rel_args(rel_pos):
+    """(rel_h, rel_w, rel_t, prefix) for the kernels: the terms as they are (any strides, never copied)."""
+    if rel_pos is None:
+        return None, None, None, 0
+    return rel_pos.rel_h, rel_pos.rel_w, rel_pos.rel_t, rel_pos.prefix
+
+
 class CpuAttentionKernels:
     @staticmethod
     def forward(q, k, v, bias, scale, dropout_p, rel_pos=None):
-        assert rel_pos is None, "cpu rel_pos: TODO"
         rng = draw_dropout_seed(q.device) if dropout_p > 0 else no_dropout_seed(q.device)
-        out, lse = _ext.extension().attention_forward_cpu(q, k, v, bias, scale, dropout_p, *_seed(rng, dropout_p))
+        out, lse = _ext.extension().attention_forward_cpu(q, k, v, bias, scale, dropout_p, *_seed(rng, dropout_p),
+                                                          *_rel_args(rel_pos))
         return out, lse, rng
 
     @staticmethod
@@ -30,9 +38,11 @@ class CpuAttentionKernels:
                  rel_requires_grad=False):
         if dout.shape[-1] > 1 and dout.stride(-1) != 1:  # the kernels read rows; autograd may hand any strides
             dout = dout.contiguous()
-        dq, dk, dv, dbias = _ext.extension().attention_backward_cpu(
-            dout, q, k, v, bias, out, lse, scale, dropout_p, *_seed(rng, dropout_p), bias_requires_grad)
-        return dq, dk, dv, dbias, None
+        rel_requires_grad = rel_pos is not None and rel_requires_grad
+        dq, dk, dv, dbias, drel = _ext.extension().attention_backward_cpu(
+            dout, q, k, v, bias, out, lse, scale, dropout_p, *_seed(rng, dropout_p), bias_requires_grad,
+            *_rel_args(rel_pos), rel_requires_grad)
+        return dq, dk, dv, dbias, drel
 
 
 def dropout_keep_mask(rng: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:

@@ -21,7 +21,7 @@ Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias 
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -67,6 +67,71 @@ def _bias_tile(bias_base, rows, cols, mask, stride_bias_m, stride_bias_n):
 
 
 @triton.jit
+def _rel_tile(rel_h, rel_w, rel_t, rows, cols, mask_m, mask_n,
+              stride_rhm, stride_rhk, stride_rwm, stride_rwk, stride_rtm, stride_rtk,
+              rel_kh, rel_kw, rel_prefix, REL_3D: tl.constexpr):
+    """Decomposed relative position of a (rows x cols) tile (float32, times log2(e)): rel_h[i, kh(j)] +
+    rel_w[i, kw(j)] (+ rel_t[i, kt(j)]) with i = row - prefix and (kt, kh, kw) key j - prefix on the
+    row-major key grid; 0 on the prefix rows and columns. ``rel_*`` point at this (b, h)'s terms. The
+    gathers repeat each term value along its grid row / column, so they hit L1."""
+    i = rows - rel_prefix
+    j = cols - rel_prefix
+    valid = ((i >= 0) & mask_m)[:, None] & ((j >= 0) & mask_n)[None, :]
+    i = tl.maximum(i, 0)
+    j = tl.maximum(j, 0)
+    kw = j % rel_kw
+    khw = j // rel_kw  # kt * Kh + kh
+    kh = khw % rel_kh
+    # 32-bit offsets within one (b, h)'s terms (the dispatch refuses terms whose slice reaches 2^31):
+    # half the registers of 64-bit pointers per tile element
+    val = tl.load(rel_h + ((i * stride_rhm)[:, None] + (kh * stride_rhk)[None, :]), mask=valid,
+                  other=0.0).to(tl.float32)
+    val += tl.load(rel_w + ((i * stride_rwm)[:, None] + (kw * stride_rwk)[None, :]), mask=valid,
+                   other=0.0).to(tl.float32)
+    if REL_3D:
+        kt = khw // rel_kh
+        val += tl.load(rel_t + ((i * stride_rtm)[:, None] + (kt * stride_rtk)[None, :]), mask=valid,
+                       other=0.0).to(tl.float32)
+    return val * 1.4426950408889634
+
+
+@triton.jit
+def _rel_one_hot(cols, n_k, rel_kh, rel_kw, rel_prefix, AXIS: tl.constexpr, PAD: tl.constexpr):
+    """(cols x PAD) float32 one-hot of each key's index along one key-grid axis (0 = t, 1 = h, 2 = w); zero
+    rows for prefix keys and keys past ``n_k``: dS @ it sums dS by grid frame / row / column."""
+    j = cols - rel_prefix
+    valid = (j >= 0) & (cols < n_k)
+    j = tl.maximum(j, 0)
+    if AXIS == 2:
+        idx = j % rel_kw
+    elif AXIS == 1:
+        idx = (j // rel_kw) % rel_kh
+    else:
+        idx = j // (rel_kw * rel_kh)
+    hot = (idx[:, None] == tl.arange(0, PAD)[None, :]) & valid[:, None]
+    return hot.to(tl.float32)
+
+
+@triton.jit
+def _rel_grad_step(acc, ds, ds_dtype_of, cols, n_k, rel_kh, rel_kw, rel_prefix, AXIS: tl.constexpr,
+                   PAD: tl.constexpr, EXACT: tl.constexpr):
+    """acc (M x PAD) += dS summed by key-grid index along AXIS, a dot with a one-hot. EXACT (fp32 inputs):
+    an IEEE fp32 dot; else dS split into high and low parts in the inputs' 16-bit dtype (``ds_dtype_of``'s,
+    the dtype dQ's dot already takes dS in): 16-22 significant bits, past what the fp16 / bf16 gradient
+    keeps, on tensor cores, exact against the 0/1 one-hot and accumulated in fp32."""
+    hot = _rel_one_hot(cols, n_k, rel_kh, rel_kw, rel_prefix, AXIS, PAD)
+    if EXACT:
+        acc = tl.dot(ds, hot, acc, input_precision="ieee")
+    else:
+        hot16 = hot.to(ds_dtype_of.dtype)
+        hi = ds.to(ds_dtype_of.dtype)
+        lo = (ds - hi.to(tl.float32)).to(ds_dtype_of.dtype)
+        acc = tl.dot(hi, hot16, acc)
+        acc = tl.dot(lo, hot16, acc)
+    return acc
+
+
+@triton.jit
 def online_softmax_step(qk, m_i, l_i, acc):
     """One key tile of the online softmax. ``qk``: (M, N) logits in log2 units, -inf where masked.
     Returns (p, m_new, l_new, acc rescaled to m_new); the caller adds p @ v to acc."""
@@ -96,14 +161,19 @@ def probs_from_lse(qk, lse2, valid):
 @triton.jit
 def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale,
                 stride_bias_m, stride_bias_n, bias_cols,
-                HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+                rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk, stride_rtm, stride_rtk,
+                rel_kh, rel_kw, rel_prefix,
+                HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """P of an (M x N) tile recomputed from the saved row log-sum-exp (log2 units). ``bias_cols``: the
-    bias row's readable extent (see the forward)."""
+    bias row's readable extent (see the forward); ``rel_*``: this (b, h)'s rel_pos terms."""
     qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
     valid = mask_m[:, None] & mask_n[None, :]
     if HAS_BIAS:
         qk += _bias_tile(bias_base, offs_m[:, None], offs_n[None, :], mask_m[:, None] & (offs_n < bias_cols)[None, :],
                          stride_bias_m, stride_bias_n)
+    if HAS_REL:
+        qk += _rel_tile(rel_h, rel_w, rel_t, offs_m, offs_n, mask_m, mask_n, stride_rhm, stride_rhk,
+                        stride_rwm, stride_rwk, stride_rtm, stride_rtk, rel_kh, rel_kw, rel_prefix, REL_3D)
     return probs_from_lse(qk, lse2, valid)
 
 
@@ -113,16 +183,20 @@ def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale
 
 @triton.jit
 def _flash_attn_fwd_kernel(
-    Q, K, V, Bias, Out, LSE,
+    Q, K, V, Bias, RelH, RelW, RelT, Out, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_rhb, stride_rhh, stride_rhm, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwm, stride_rwk,
+    stride_rtb, stride_rth, stride_rtm, stride_rtk,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K, BIAS_COLS,
+    H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     # One grid axis (no 65535 limit), query blocks fastest: the blocks of one (b, h) run together and
     # share its K/V in L2 instead of re-reading them from DRAM
@@ -143,6 +217,9 @@ def _flash_attn_fwd_kernel(
     kT_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+    rel_h = RelH + off_b * stride_rhb + off_h * stride_rhh
+    rel_w = RelW + off_b * stride_rwb + off_h * stride_rwh
+    rel_t = RelT + off_b * stride_rtb + off_h * stride_rth
 
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     qk_scale = sm_scale * 1.4426950408889634  # base-2 softmax: exp2(x * log2e) == exp(x)
@@ -160,6 +237,9 @@ def _flash_attn_fwd_kernel(
             # 16-element groups load at once (N_K = 197 would split them); padding is masked just below
             qk += _bias_tile(bias_base, offs_m[:, None], cols[None, :], mask_m[:, None] & (cols < BIAS_COLS)[None, :],
                              stride_biasm, stride_biasn)
+        if HAS_REL:
+            qk += _rel_tile(rel_h, rel_w, rel_t, offs_m, cols, mask_m, mask_n, stride_rhm, stride_rhk,
+                            stride_rwm, stride_rwk, stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX, REL_3D)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         p, m_new, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)  # l_i counts dropped entries too
         if HAS_DROPOUT:
@@ -210,18 +290,22 @@ def _flash_attn_bwd_preprocess_kernel(
 
 @triton.jit
 def _flash_attn_bwd_dkdv_kernel(
-    Q, K, V, Bias, DOut, LSE, Delta, DK, DV,
+    Q, K, V, Bias, RelH, RelW, RelT, DOut, LSE, Delta, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_rhb, stride_rhh, stride_rhm, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwm, stride_rwk,
+    stride_rtb, stride_rth, stride_rtm, stride_rtk,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, N_Q, N_K, BIAS_COLS,
+    H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """One program per key block: dV = P_drop^T dO, dK = dS^T Q * scale, looping over all queries.
     Tiles are held transposed (keys x queries) so both products are plain dots."""
@@ -246,6 +330,9 @@ def _flash_attn_bwd_dkdv_kernel(
     do_ptrs = DOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom \
         + offs_d[None, :] * stride_dod
     bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+    rel_h = RelH + off_b * stride_rhb + off_h * stride_rhh
+    rel_w = RelW + off_b * stride_rwb + off_h * stride_rwh
+    rel_t = RelT + off_b * stride_rtb + off_h * stride_rth
     row_base = off_bh.to(tl.int64) * N_Q
     qk_scale = sm_scale * 1.4426950408889634
 
@@ -260,7 +347,10 @@ def _flash_attn_bwd_dkdv_kernel(
         delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0)
         # pT[n, m] = P[m, n]: the transposed probability tile
         pT = tl.trans(_probs_tile(tl.trans(qT), tl.trans(k), lse2, bias_base, rows, offs_n, mask_m, mask_n,
-                                  qk_scale, stride_biasm, stride_biasn, BIAS_COLS, HAS_BIAS, INPUT_PRECISION))
+                                  qk_scale, stride_biasm, stride_biasn, BIAS_COLS,
+                                  rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk,
+                                  stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX,
+                                  HAS_BIAS, HAS_REL, REL_3D, INPUT_PRECISION))
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
         if HAS_DROPOUT:
             keepT = tl.trans(_dropout_keep(Seed, off_bh, rows, offs_n, dropout_p))
@@ -285,9 +375,11 @@ def _flash_attn_bwd_dkdv_kernel(
 @triton.jit
 def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, cols, mask_n, mask_d,
                   stride_kn, stride_kd, stride_vn, stride_vd, stride_biasm, stride_biasn, bias_cols,
+                  rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk, stride_rtm, stride_rtk,
+                  rel_kh, rel_kw, rel_prefix,
                   qk_scale, dropout_p, keep_scale, Seed,
-                  HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
     """dS = P * (dP - delta) for an (M x N) tile, and the key tile used (for dQ = dS K). ``K``/``V``
     point at this (b, h)'s rows."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -296,7 +388,9 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
     k = tl.load(K + rows_n * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
     v = tl.load(V + rows_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     p = _probs_tile(q, tl.trans(k), lse2, bias_base, offs_m, cols, mask_m, mask_n, qk_scale,
-                    stride_biasm, stride_biasn, bias_cols, HAS_BIAS, INPUT_PRECISION)
+                    stride_biasm, stride_biasn, bias_cols, rel_h, rel_w, rel_t, stride_rhm, stride_rhk,
+                    stride_rwm, stride_rwk, stride_rtm, stride_rtk, rel_kh, rel_kw, rel_prefix,
+                    HAS_BIAS, HAS_REL, REL_3D, INPUT_PRECISION)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
         keep = _dropout_keep(Seed, off_bh, offs_m, cols, dropout_p)
@@ -306,19 +400,26 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
 
 @triton.jit
 def _flash_attn_bwd_dq_kernel(
-    Q, K, V, Bias, DOut, LSE, Delta, DQ,
+    Q, K, V, Bias, RelH, RelW, RelT, DOut, LSE, Delta, DQ, DRelH, DRelW, DRelT,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_rhb, stride_rhh, stride_rhm, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwm, stride_rwk,
+    stride_rtb, stride_rth, stride_rtm, stride_rtk,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_K, BIAS_COLS,
+    H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX, REL_KT,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, REL_GRAD: tl.constexpr,
+    KT_PAD: tl.constexpr, KH_PAD: tl.constexpr, KW_PAD: tl.constexpr, REL_EXACT: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """One program per query block: dQ = dS K * scale, looping over all keys."""
+    """One program per query block: dQ = dS K * scale, looping over all keys. With REL_GRAD, also the
+    rel_pos gradients of its rows (dS summed by key-grid row / column / frame): the program owns those
+    rows, so they are written once, in a fixed order. DRel*: contiguous (B, H, Nq - prefix, K) float32."""
     num_m = tl.cdiv(N_Q, BLOCK_M)  # one grid axis, query blocks fastest (see the forward)
     off_bh = tl.program_id(0) // num_m
     start_m = tl.program_id(0) % num_m
@@ -342,35 +443,65 @@ def _flash_attn_bwd_dq_kernel(
     k_base = K + off_b * stride_kb + off_h * stride_kh
     v_base = V + off_b * stride_vb + off_h * stride_vh
     bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+    rel_h = RelH + off_b * stride_rhb + off_h * stride_rhh
+    rel_w = RelW + off_b * stride_rwb + off_h * stride_rwh
+    rel_t = RelT + off_b * stride_rtb + off_h * stride_rth
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    d_rel_h = tl.zeros([BLOCK_M, KH_PAD], dtype=tl.float32)
+    d_rel_w = tl.zeros([BLOCK_M, KW_PAD], dtype=tl.float32)
+    d_rel_t = tl.zeros([BLOCK_M, KT_PAD], dtype=tl.float32)
     for start_n in range(0, N_K, BLOCK_N):
         cols = start_n + offs_n
         ds, k = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m, cols,
                               cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                              stride_biasm, stride_biasn, BIAS_COLS, qk_scale, dropout_p, keep_scale, Seed,
-                              HAS_BIAS, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
+                              stride_biasm, stride_biasn, BIAS_COLS,
+                              rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk,
+                              stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX,
+                              qk_scale, dropout_p, keep_scale, Seed,
+                              HAS_BIAS, HAS_REL, REL_3D, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        if REL_GRAD:
+            d_rel_h = _rel_grad_step(d_rel_h, ds, k, cols, N_K, REL_KH, REL_KW, REL_PREFIX, 1, KH_PAD, REL_EXACT)
+            d_rel_w = _rel_grad_step(d_rel_w, ds, k, cols, N_K, REL_KH, REL_KW, REL_PREFIX, 2, KW_PAD, REL_EXACT)
+            if REL_3D:
+                d_rel_t = _rel_grad_step(d_rel_t, ds, k, cols, N_K, REL_KH, REL_KW, REL_PREFIX, 0, KT_PAD,
+                                         REL_EXACT)
     dq = dq * sm_scale
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    if REL_GRAD:
+        # rows of the prefix tokens have no term: not stored
+        rel_rows = offs_m - REL_PREFIX
+        rel_mask = (rel_rows >= 0) & mask_m
+        rel_rows = (off_bh.to(tl.int64) * (N_Q - REL_PREFIX) + tl.maximum(rel_rows, 0))[:, None]
+        k_h = tl.arange(0, KH_PAD)[None, :]
+        tl.store(DRelH + rel_rows * REL_KH + k_h, d_rel_h, mask=rel_mask[:, None] & (k_h < REL_KH))
+        k_w = tl.arange(0, KW_PAD)[None, :]
+        tl.store(DRelW + rel_rows * REL_KW + k_w, d_rel_w, mask=rel_mask[:, None] & (k_w < REL_KW))
+        if REL_3D:
+            k_t = tl.arange(0, KT_PAD)[None, :]
+            tl.store(DRelT + rel_rows * REL_KT + k_t, d_rel_t, mask=rel_mask[:, None] & (k_t < REL_KT))
 
 
 @triton.jit
 def _flash_attn_bwd_dbias_kernel(
-    Q, K, V, Bias, DOut, LSE, Delta, DBias,
+    Q, K, V, Bias, RelH, RelW, RelT, DOut, LSE, Delta, DBias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_rhb, stride_rhh, stride_rhm, stride_rhk,
+    stride_rwb, stride_rwh, stride_rwm, stride_rwk,
+    stride_rtb, stride_rth, stride_rtm, stride_rtk,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn, stride_dbg,
-    H, N_Q, N_K, BIAS_COLS,
+    H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX,
     BIAS_H, BIAS_BH, LOOP_B, LOOP_H, B_PER_GROUP,
     sm_scale, dropout_p, keep_scale, Seed,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr,
+    REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """dBias = dS summed over the dims the bias broadcasts, one program per tile of dBias.
@@ -406,6 +537,9 @@ def _flash_attn_bwd_dbias_kernel(
             off_h = (bias_h + ih).to(tl.int64)
             off_bh = (off_b * H + off_h).to(tl.int32)
             bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
+            rel_h = RelH + off_b * stride_rhb + off_h * stride_rhh
+            rel_w = RelW + off_b * stride_rwb + off_h * stride_rwh
+            rel_t = RelT + off_b * stride_rtb + off_h * stride_rth
             k_base = K + off_b * stride_kb + off_h * stride_kh
             v_base = V + off_b * stride_vb + off_h * stride_vh
             row_base = off_b * H * N_Q + off_h * N_Q
@@ -424,8 +558,11 @@ def _flash_attn_bwd_dbias_kernel(
                     cols = (pid_n + jn) * BLOCK_N + tl.arange(0, BLOCK_N)
                     ds, _ = _dscores_tile(q, do, lse2, delta, k_base, v_base, bias_base, off_bh, offs_m, mask_m,
                                           cols, cols < N_K, mask_d, stride_kn, stride_kd, stride_vn, stride_vd,
-                                          stride_biasm, stride_biasn, BIAS_COLS, qk_scale, dropout_p, keep_scale,
-                                          Seed, True, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
+                                          stride_biasm, stride_biasn, BIAS_COLS,
+                                          rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk,
+                                          stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX,
+                                          qk_scale, dropout_p, keep_scale,
+                                          Seed, True, HAS_REL, REL_3D, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -534,6 +671,34 @@ def _no_seed(like: torch.Tensor) -> torch.Tensor:
 _NO_SEED = {}
 
 
+def _rel_args(rel_pos, q):
+    """(the three term pointers, their 12 strides, (Kh, Kw, prefix), flags) of a rel_pos for the kernels;
+    q and zero strides stand in for absent terms (never read: HAS_REL / REL_3D off)."""
+    if rel_pos is None:
+        return (q, q, q), (0,) * 12, (1, 1, 0), dict(HAS_REL=False, REL_3D=False)
+    rel_t = rel_pos.rel_t
+    terms = (rel_pos.rel_h, rel_pos.rel_w, rel_t if rel_t is not None else rel_pos.rel_h)
+    strides = tuple(st for t in terms for st in t.stride())
+    _, kh, kw = rel_pos.key_grid
+    return terms, strides, (kh, kw, rel_pos.prefix), dict(HAS_REL=True, REL_3D=rel_t is not None)
+
+
+def _rel_key(rel_pos, grad: bool = False) -> Dict[str, Any]:
+    """The tune-key entries of a rel_pos: whether there is one (2-D or 3-D) and, with its gradient, the
+    padded grid (the dQ program's accumulators grow with it)."""
+    if rel_pos is None:
+        return {}
+    key = {"rel": 3 if rel_pos.rel_t is not None else 2}
+    if grad:
+        key["rel_pad"] = max(_rel_pad(n) for n in rel_pos.key_grid)
+    return key
+
+
+def _rel_pad(n: int) -> int:
+    """A key-grid axis padded for the one-hot dot (a power of two, at least 16: tl.dot's smallest K)."""
+    return max(16, 1 << max(0, n - 1).bit_length())
+
+
 def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, rel_pos=None
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed tensor)."""
@@ -545,14 +710,15 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, re
         seed = draw_dropout_seed(q.device) if dropout_p > 0 else _no_seed(q)
         _, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_strides = bias_b.stride() if bias_b is not None else None
+        rel_terms, rel_strides, rel_sizes, rel_flags = _rel_args(rel_pos, q)
         tuning.launch(
             configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
-            (q, k, v, bias_b if bias_b is not None else q, out, lse,
-             *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *out.stride(),
-             H, n_q, n_k, bias_cols, scale, dropout_p, _keep_scale(dropout_p), seed),
+            (q, k, v, bias_b if bias_b is not None else q, *rel_terms, out, lse,
+             *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides, *out.stride(),
+             H, n_q, n_k, bias_cols, *rel_sizes, scale, dropout_p, _keep_scale(dropout_p), seed),
             dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                 INPUT_PRECISION=_precision(q.dtype)),
-            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0), q.device)
+                 INPUT_PRECISION=_precision(q.dtype), **rel_flags),
+            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos)), q.device)
     return out, lse, seed
 
 
@@ -574,21 +740,36 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
         bias4, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_arg = bias_b if bias_b is not None else q
         bias_strides = bias_b.stride() if bias_b is not None else None
+        rel_terms, rel_strides, rel_sizes, rel_flags = _rel_args(rel_pos, q)
         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                     INPUT_PRECISION=_precision(q.dtype))
-        key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0)
-        scalars = (H, n_q, n_k, bias_cols, scale, dropout_p, _keep_scale(dropout_p), seed)
-        strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *dout.stride())
+                     INPUT_PRECISION=_precision(q.dtype), **rel_flags)
+        key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos))
+        scalars = (H, n_q, n_k, bias_cols, *rel_sizes)
+        tail = (scale, dropout_p, _keep_scale(dropout_p), seed)
+        strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides,
+                   *dout.stride())
         tuning.launch(
             configs.ATTN_BWD_DKDV, _flash_attn_bwd_dkdv_kernel,
             lambda meta: (B * H * triton.cdiv(n_k, meta["BLOCK_N"]),),
-            (q, k, v, bias_arg, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), *scalars),
+            (q, k, v, bias_arg, *rel_terms, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
+             *scalars, *tail),
             flags, key, q.device)
+        rel_grad = rel_pos is not None and rel_requires_grad
+        d_rel = _rel_grad_buffers(rel_pos, q) if rel_grad else (q, q, q)
+        kt, kh, kw = rel_pos.key_grid if rel_pos is not None else (1, 1, 1)
         tuning.launch(
             configs.ATTN_BWD_DQ, _flash_attn_bwd_dq_kernel,
             lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
-            (q, k, v, bias_arg, dout, lse, delta, dq, *strides, *dq.stride(), *scalars),
-            flags, key, q.device)
+            (q, k, v, bias_arg, *rel_terms, dout, lse, delta, dq, *d_rel, *strides, *dq.stride(), *scalars, kt, *tail),
+            dict(flags, REL_GRAD=rel_grad, KT_PAD=_rel_pad(kt) if rel_grad else 16,
+                 KH_PAD=_rel_pad(kh) if rel_grad else 16, KW_PAD=_rel_pad(kw) if rel_grad else 16,
+                 REL_EXACT=q.dtype == torch.float32),
+            {**key, **_rel_key(rel_pos, rel_grad)}, q.device)
+        drel = None
+        if rel_grad:
+            drel = tuple(g.to(t.dtype) if g is not None else None
+                         for g, t in zip(d_rel if rel_pos.rel_t is not None else d_rel[:2] + (None,),
+                                         (rel_pos.rel_h, rel_pos.rel_w, rel_pos.rel_t)))
         dbias = None
         if bias_requires_grad:
             bb, bh, bm, bn = bias4.shape
@@ -607,15 +788,23 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
 
             tuning.launch(
                 configs.ATTN_BWD_DBIAS, _flash_attn_bwd_dbias_kernel, grid,
-                (q, k, v, bias_b, dout, lse, delta, parts, *strides, *parts.stride()[1:], parts.stride(0),
-                 H, n_q, n_k, bias_cols, bh, bb * bh, loop_b, H if bh == 1 else 1, per_group,
-                 scale, dropout_p, _keep_scale(dropout_p), seed),
+                (q, k, v, bias_b, *rel_terms, dout, lse, delta, parts, *strides, *parts.stride()[1:], parts.stride(0),
+                 *scalars, bh, bb * bh, loop_b, H if bh == 1 else 1, per_group, *tail),
                 dict(HEAD_DIM=d, BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
-                     INPUT_PRECISION=_precision(q.dtype)),
+                     INPUT_PRECISION=_precision(q.dtype), **rel_flags),
                 {**key, "reduce": f"{int(reduce_m)}{int(reduce_n)}"}, q.device)
             dbias4 = parts[0] if groups == 1 else parts.sum(0).to(bias.dtype)
             dbias = dbias4.view(bias.shape)
-    return dq, dk, dv, dbias, None
+    return dq, dk, dv, dbias, drel
+
+
+def _rel_grad_buffers(rel_pos, q):
+    """float32 (B, H, Nq - prefix, K) buffers the dQ kernel writes the rel_pos gradients into, one per
+    grid axis (t, h, w order of the kernel's arguments: h, w, t; q stands in for an absent rel_t)."""
+    def buffer(t):
+        return torch.empty(t.shape, dtype=torch.float32, device=q.device)
+    return (buffer(rel_pos.rel_h), buffer(rel_pos.rel_w),
+            buffer(rel_pos.rel_t) if rel_pos.rel_t is not None else q)
 
 
 # dBias of a batch-shared bias: batch groups aim at about this many programs (a few waves on any GPU)

@@ -81,14 +81,32 @@ PICKS = {
 }
 
 
+# With a rel_pos: the forward's tile also holds the gathered terms' offsets, the dQ program the (M x 64)
+# gradient accumulators. Configs without register spills on sm_90 (ptxas -v of the AOT compile, SAM's 64 x 64
+# grid, D = 64; fp32 dQ: the least spilling), best guess first; the head-dim rows above still apply past
+# D = 128.
+REL_PICKS = {
+    "fwd": {"fp32": [(64, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
+            64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2)]},
+    "dq": {"fp32": [(32, 32, 8, 1), (64, 16, 8, 1), (64, 32, 8, 1)],
+           64: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+           # a grid axis of 65..128: twice the accumulators; the least spilling (92 bytes at 64 x 32)
+           128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]},
+}
+
+
 def heuristic_of(kernel: str):
-    """The heuristic of one attention kernel: its PICKS row for the key's dtype and head-dim class, with
-    at most two stages before Ampere (no cp.async to pipeline)."""
+    """The heuristic of one attention kernel: its PICKS row for the key's dtype and head-dim class (its
+    REL_PICKS row with a rel_pos up to D = 128), with at most two stages before Ampere (no cp.async to
+    pipeline)."""
     table = PICKS[kernel]
 
     def heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
         d = key["D"]
         row = table["fp32"] if key["dtype"] == "fp32" else table[64 if d <= 64 else 128 if d <= 128 else 256]
+        if key.get("rel") and kernel in REL_PICKS and d <= 128:
+            wide = key.get("rel_pad", 0) > 64 and kernel == "dq"
+            row = REL_PICKS[kernel]["fp32" if key["dtype"] == "fp32" else 128 if wide else 64]
         return before_ampere([_c(*p) for p in row], gpu)
     return heuristic
 

@@ -188,8 +188,8 @@ class ReferenceWindowKernels:
         bias = _window_bias(table, geo, heads, qkv.dtype, qkv.device)
         dout_w = _heads(_to_windows(dout, geo, None), heads)  # the adjoint of the output's window reverse
         out_w = _heads(_to_windows(out, geo, None), heads)  # padded rows 0: their dO is 0 too
-        dq, dk, dv, dbias = attention_backward_math(dout_w, q, k, v, bias, out_w, lse.view(q.shape[:-1]),
-                                                    inputs.scale, bias_requires_grad=need_table and table is not None)
+        dq, dk, dv, dbias, _ = attention_backward_math(dout_w, q, k, v, bias, out_w, lse.view(q.shape[:-1]),
+                                                       inputs.scale, bias_requires_grad=need_table and table is not None)
         dqkv = dqkv_bias = dtable = None
         if need_qkv or need_bias:
             dwin = torch.cat([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], dim=-1)  # B, nW, N, 3C

@@ -49,7 +49,9 @@ def test_bench_writes_rows_for_every_candidate(op, extra, tmp_path, capsys):
     (["window", "--reps", "0"], "--reps must be >= 1; got 0"),
     (["window", "--warmup", "-1"], "--warmup must be >= 0; got -1"),
     (["patch", "--min-time", "-1"], "--min-time must be >= 0 seconds; got -1.0"),
-    (["attention", "--workload", "video"], "--workload: attention has the workload sets vit, long, all; got 'video'"),
+    (["attention", "--workload", "video"],
+     "--workload: attention has the workload sets vit, long, sam, all; got 'video'"),
+    (["attention", "--workload", "sam", "--bias"], "--bias: the sam workloads carry their own decomposed rel-pos"),
     (["model", "--workload", "long"], "--workload: model has the workload sets vit, swin, all; got 'long'"),
     (["window", "--bias"], "--bias: only the attention op takes a bias"),
     (["attention", "--device", "tpu9"], "--device: 'tpu9' is not a device"),
@@ -306,3 +308,123 @@ def test_cpu_default_says_what_it_leaves_out(monkeypatch, capsys):
     assert "SAM ViT-H global" not in timed and "ViT-B/16@512" in timed
     assert main(["attention", "--device", "cpu", "--no-compile", "--workload", "vit"]) == 0
     assert "SAM ViT-H global" in timed  # named: timed too
+
+
+# ---- SAM global attention with a decomposed rel-pos bias ---------------------------------------------------
+
+SAM_TINY = [("SAM tiny rel-pos", 2, (4, 6), 16)]  # a 4x6 grid (N=24): rows and columns cannot be confused
+SAM_PEERS = ["timm bias + sdpa:math", "timm bias + sdpa:flash", "timm bias + sdpa:efficient",
+             "timm bias + sdpa:cudnn", "timm eager math", "timm bias + sdpa (compiled)"]
+
+
+def test_sam_workloads_sizes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object: no GPU needed
+    (w,) = workloads.attention_workloads("sam", cpu, None)  # CPU default: B=1 only
+    assert w.params == dict(B=1, H=12, N=4096, D=64, grid=(64, 64))
+    assert w.shape == "B=1 H=12 N=4096 D=64 rel_pos=64x64" and "B=1" in w.name
+    assert [w.params["B"] for w in workloads.attention_workloads("sam", cuda, None)] == [1, 2, 4, 8]
+    assert [w.params["B"] for w in workloads.attention_workloads("sam", cpu, 8)] == [8]
+    every = workloads.attention_workloads("all", cpu, None)
+    others = workloads.attention_workloads("vit", cpu, None) + workloads.attention_workloads("long", cpu, None)
+    assert [w.name for w in every] == [w.name for w in others] + ["SAM ViT-B global rel-pos B=1"]
+    flops, io_bytes = workloads.attention_cost(w.params, "fwd", torch.float32, False)
+    assert flops > 4.0 * 12 * 4096 ** 2 * 64 and io_bytes > 0
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_sam_bench_rows(mode, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("timm")
+    monkeypatch.setattr(workloads, "SAM_REL_POS", SAM_TINY)
+    out = tmp_path / "r.json"
+    assert main(["attention", "--workload", "sam", "--mode", mode, "--json", str(out)] + FAST) == 0
+    rows = {r["candidate"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {r["workload"] for r in rows.values()} == {"SAM tiny rel-pos B=1"}
+    assert {r["shape"] for r in rows.values()} == {"B=1 H=2 N=24 D=16 rel_pos=4x6"}
+    assert set(SAM_PEERS) <= set(rows) and {"vitkernels:reference", "vitkernels:triton"} <= set(rows)
+    for name in ("vitkernels:reference", "timm bias + sdpa:math", "timm eager math"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["median_ms"] > 0 and r["tflops"] > 0, r
+        if core.peak_memory_mb(lambda: None, torch.device("cpu")) is not None:
+            assert r["peak_mb"] is not None and r["peak_mb"] > 0, r
+    assert rows["vitkernels:reference"]["best_peer"] in SAM_PEERS
+    assert rows["timm bias + sdpa (compiled)"]["status"] == "skipped: compiled peer off (--no-compile)"
+    assert rows["vitkernels:triton"]["status"].startswith("skipped: ")  # not timed on CPU, with the reason
+    for r in rows.values():  # every row ran or says why not
+        assert r["status"] == "ok" or (r["status"].startswith(("skipped: ", "error: ")) and len(r["status"]) > 12), r
+    if mode == "fwd+bwd":  # CPU flash takes the float mask only without its gradient: torch's refusal shown
+        flash = rows["timm bias + sdpa:flash"]["status"]
+        assert flash.startswith("error: RuntimeError"), flash
+
+
+def test_sam_dense_candidates_are_refused_with_the_reason_on_cpu(monkeypatch):
+    p = dict(B=1, H=2, N=24, D=16, grid=(4, 6))
+    monkeypatch.setattr(workloads, "_available_gb", lambda: 1e-9)
+    cands = {c.name: c for c in workloads.attention_candidates(p, torch.float32, "fwd+bwd", torch.device("cpu"),
+                                                               None, False)}
+    if workloads._timm_missing() is None:
+        for name in SAM_PEERS[:-1]:
+            assert cands[name].skip.startswith("would materialise ~") and "GB available" in cands[name].skip, name
+    assert cands["vitkernels:reference"].skip.startswith("would materialise ~")
+    assert "would materialise" not in (cands["vitkernels:cpu"].skip or "")  # never forms the N x N bias
+    assert cands["vitkernels:triton"].skip  # a reason, whatever it is on this machine
+    monkeypatch.setattr(workloads, "_available_gb", lambda: 1e9)
+    cands = workloads.attention_candidates(p, torch.float32, "fwd+bwd", torch.device("cpu"), None, False)
+    assert not any("would materialise" in (c.skip or "") for c in cands)
+
+
+def test_sam_real_shape_is_refused_only_where_it_does_not_fit(monkeypatch):
+    """B=8 at N=4096 fp32: a 6 GiB bias; with 16 GB available the fused SDPA peer runs, the math ones are refused."""
+    (w,) = workloads.attention_workloads("sam", torch.device("cpu"), 8)
+    monkeypatch.setattr(workloads, "_available_gb", lambda: 20.0)
+    cands = {c.name: c for c in workloads.attention_candidates(w.params, torch.float32, "fwd", torch.device("cpu"),
+                                                               None, False)}
+    assert "would materialise ~" in cands["vitkernels:reference"].skip
+    if workloads._timm_missing() is None:
+        assert cands["timm bias + sdpa:flash"].skip is None
+        assert "would materialise ~24.0 GB" in cands["timm bias + sdpa:math"].skip
+    (w,) = workloads.attention_workloads("sam", torch.device("cpu"), None)  # B=1: nothing refused
+    cands = workloads.attention_candidates(w.params, torch.float32, "fwd+bwd", torch.device("cpu"), None, False)
+    assert not any("would materialise" in (c.skip or "") for c in cands)
+
+
+def _sam_run(call, p):
+    """(out, d qkv, d table_h, d table_w) of one candidate's call on the bench's seeded inputs."""
+    base, table_h, table_w = workloads._rel_pos_inputs(p, torch.float32, torch.device("cpu"), True)
+    q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
+    out = call(q, k, v, table_h, table_w, tuple(p["grid"]))
+    out.backward(torch.ones_like(out))
+    return out.detach(), base.grad, table_h.grad, table_w.grad
+
+
+def _matches(a, b):
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_sam_vitkernels_matches_the_timm_peer(backend):
+    """The candidates compute the same thing: vitkernels' rel_pos terms and timm's dense bias (SDPA and its
+    eager math) agree on the output and on the gradients of qkv and both tables."""
+    pytest.importorskip("timm")
+    p = dict(B=2, H=2, N=24, D=16, grid=(4, 6))
+    timm_sdpa = _sam_run(workloads.sam_timm_sdpa, p)
+    _matches(_sam_run(workloads.sam_timm_eager, p), timm_sdpa)
+    probe = workloads.attention_candidates(p, torch.float32, "fwd", torch.device("cpu"), [backend], False)[0]
+    if probe.skip:
+        pytest.skip(f"{backend}: {probe.skip}")
+    try:
+        ours = _sam_run(lambda *a: workloads.sam_vitkernels(*a, backend=backend), p)
+    except (AssertionError, TypeError, NotImplementedError) as exc:  # the C++ rel_pos kernels not built yet
+        if backend == "reference":
+            raise
+        pytest.skip(f"{backend} backend without rel_pos in this build ({type(exc).__name__}: {exc})"[:300])
+    _matches(ours, timm_sdpa)
+    assert all(g.abs().sum() > 0 for g in ours[1:])  # the gradients reach qkv and both tables
+
+
+@pytest.mark.slow
+def test_sam_compiled_peer_matches():
+    pytest.importorskip("timm")
+    p = dict(B=1, H=2, N=24, D=16, grid=(4, 6))
+    compiled = torch.compile(workloads.sam_timm_sdpa, dynamic=False)
+    _matches(_sam_run(compiled, p), _sam_run(workloads.sam_timm_eager, p))

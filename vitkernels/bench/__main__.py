@@ -8,6 +8,12 @@ torch raised), FlexAttention and timm's modules compiled with torch.compile, tim
 Conv2d patch embedding. Rows print as they are timed, a progress line goes to stderr, and the --json /
 --markdown / --save files are rewritten after every row: a stopped run keeps what it timed.
 
+attention --workload sam: SAM ViT-B's global attention (64x64 token grid, 12 heads of 64) with its
+decomposed relative-position bias, the einsums building it timed too: vitkernels' rel_pos terms against
+timm's dense (B*H, N, N) bias (get_decomposed_rel_pos_bias) into SDPA with each backend forced, timm's
+eager math, and that path under torch.compile. B=1, 2, 4, 8 on a GPU; B=1 on CPU (--batch for another).
+On CPU a dense candidate that would not fit in the memory available is refused, saying so.
+
 Without a GPU the CPU subset runs (small batches, wall clock; Triton is not timed on CPU). Each
 candidate is called until at least --reps calls and --min-time seconds were timed; rows whose IQR is
 over 10% of the median are flagged noisy. The JSON records the CPU, torch's thread count and the load."""
@@ -29,6 +35,7 @@ EPILOG = """examples:
   python -m vitkernels.bench attention --workload vit --dtype bf16 --mode fwd+bwd --bias --plot att.png
   python -m vitkernels.bench window --workload swin --json window.json
   python -m vitkernels.bench attention --workload long --limit 1 --no-compile
+  python -m vitkernels.bench attention --workload sam --mode fwd+bwd --batch 2
   python -m vitkernels.bench model --workload vit --mode fwd+bwd --save"""
 
 
@@ -37,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("op", choices=sorted(OPS), help="which op (or whole models) to time")
     parser.add_argument("--workload", default=None, metavar="NAME",
-                        help="workload set; attention: vit, long, all (default vit); window: swin, video, all "
+                        help="workload set; attention: vit, long, sam (SAM ViT-B global attention with "
+                             "its decomposed rel-pos bias), all (default vit); window: swin, video, all "
                              "(default swin); patch: vit, video, all (default vit); model: vit, swin, all "
                              "(default all)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
@@ -48,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"vitkernels backends to time, from {', '.join(dispatch.BACKEND_NAMES)} "
                              "(default: every backend of the op)")
     parser.add_argument("--bias", action="store_true",
-                        help="attention: add a learnable (1, H, N, N) bias (default: off)")
+                        help="attention: add a learnable (1, H, N, N) bias (default: off; the sam set has "
+                             "its own rel-pos bias and takes none)")
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size for every workload (default: per workload; smaller on CPU)")
     parser.add_argument("--device", default=None,
@@ -103,6 +112,8 @@ def parse(argv):
             parser.error(f"--backends: {args.op} has the vitkernels backends {', '.join(valid)}; got {name!r}")
     if args.bias and args.op != "attention":
         parser.error(f"--bias: only the attention op takes a bias (got op {args.op!r})")
+    if args.bias and args.workload == "sam":
+        parser.error("--bias: the sam workloads carry their own decomposed rel-pos bias and take no dense one")
     for flag, value, low in (("--batch", args.batch, 1), ("--limit", args.limit, 1), ("--reps", args.reps, 1),
                              ("--warmup", args.warmup, 0)):
         if value is not None and value < low:
@@ -142,6 +153,8 @@ def main(argv=None) -> int:
             print(f"CPU default: left out {names}; "
                   f"name the set (--workload {DEFAULT_WORKLOAD[args.op]}) to time them too")
     workloads = workloads[: args.limit]
+    if args.bias and any("grid" in w.params for w in workloads):
+        print("note: --bias does not apply to the SAM rel-pos workloads (their bias is the decomposed rel-pos one)")
 
     meta = core.metadata(device, argv, {
         "timing": {"warmup": warmup, "min_reps": reps, "min_time_s": min_time, "max_reps": core.MAX_REPS,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import importlib.util
 import itertools
 import json
 import os
@@ -482,9 +483,7 @@ def figure(rows: List[Row], meta: Optional[Dict] = None):
 
 
 def plot(rows: List[Row], path: str, meta: Optional[Dict] = None) -> str:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         return "plot skipped: matplotlib is not installed"
     fig = figure(rows, meta)
     if fig is None:

@@ -1,9 +1,11 @@
 """Named workloads per op and the candidates timed on them: every vitkernels backend (refusals carry the
 backend's reason) and the peers users compare against (torch SDPA with each backend forced,
-FlexAttention compiled, timm's eager modules and their torch.compile, eager Conv2d patch embedding)."""
+FlexAttention compiled, timm's eager modules and their torch.compile, eager Conv2d patch embedding,
+timm's dense decomposed rel-pos bias into SDPA for SAM's global attention)."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 import os
 from dataclasses import dataclass
@@ -85,19 +87,39 @@ ATTENTION = {
             ("ViT-B/16@512", 12, 1025, 64), ("SAM ViT-H global", 16, 4096, 80)],
     "long": [("long 16k", 8, 16384, 64), ("long 64k", 4, 65536, 64)],
 }
+# attention --workload sam: SAM ViT-B's global attention blocks (1024x1024 image: a 64x64 token grid, 12 heads
+# of 64) with their decomposed relative-position bias: (name, heads, (h, w) token grid, D), one workload per
+# batch of SAM_BATCHES (CPU: B=1 only, one fwd call is seconds there; --batch picks another).
+SAM_REL_POS = [("SAM ViT-B global rel-pos", 12, (64, 64), 64)]
+SAM_BATCHES = {"gpu": (1, 2, 4, 8), "cpu": (1,)}
 
 
 def attention_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
-    kinds = ["vit", "long"] if kind == "all" else [kind]
+    kinds = ["vit", "long", "sam"] if kind == "all" else [kind]
     out = []
     for k in kinds:
+        if k == "sam":
+            out += rel_pos_workloads(device, batch)
+            continue
         for name, heads, n, d in ATTENTION.get(k, []):
             b = batch or (1 if n >= 16384 else (64 if _gpu(device) else 2))
             out.append(Workload(name, f"B={b} H={heads} N={n} D={d}", dict(B=b, H=heads, N=n, D=d)))
     return out
 
 
+def rel_pos_workloads(device, batch: Optional[int]) -> List[Workload]:
+    out = []
+    for name, heads, grid, d in SAM_REL_POS:
+        n = math.prod(grid)
+        for b in (batch,) if batch else SAM_BATCHES["gpu" if _gpu(device) else "cpu"]:
+            out.append(Workload(f"{name} B={b}", f"B={b} H={heads} N={n} D={d} rel_pos={'x'.join(map(str, grid))}",
+                                dict(B=b, H=heads, N=n, D=d, grid=tuple(grid))))
+    return out
+
+
 def attention_cost(p, mode, dtype, with_bias) -> Tuple[float, float]:
+    if "grid" in p:
+        return rel_pos_cost(p, mode, dtype)
     fwd = 4.0 * p["B"] * p["H"] * p["N"] ** 2 * p["D"]
     flops = fwd * (3.5 if mode == "fwd+bwd" else 1.0)  # backward = 2.5 x forward (recomputes QK^T)
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -112,6 +134,8 @@ def _dense_bytes(p, elem, extra=1):
 def attention_candidates(p, dtype, mode, device, backends, with_bias) -> List[Candidate]:
     from vitkernels.ops.attention.checks import check_attention_inputs
 
+    if "grid" in p:  # a decomposed rel-pos workload (--workload sam): its own bias, never a dense --bias one
+        return rel_pos_candidates(p, dtype, mode, device, backends)
     B, H, N, D = p["B"], p["H"], p["N"], p["D"]
     grad = mode == "fwd+bwd"
 
@@ -192,6 +216,144 @@ def _flex_candidate(runner, device, grad, with_bias) -> Candidate:
             return score + bias[0, h, q_idx, kv_idx]
         return compiled(q, k, v, score_mod=score_mod)
     return Candidate("flex (compiled)", "peer", build=runner(call))
+
+
+# ---------------------------------------------------------------------------------------------------- rel-pos
+# SAM's global attention with its decomposed relative-position bias. Every candidate starts from the same
+# (B, N, 3, H, D) qkv and the two (2 * side - 1, D) tables, and its timed call builds the bias terms from the
+# queries (the einsums are part of every peer's work too): vitkernels adds the small per-axis terms
+# (decomposed_rel_pos) inside the kernel; timm's path forms the dense (B*H, N, N) bias with
+# get_decomposed_rel_pos_bias and hands it to SDPA (each backend forced) or to its eager math. In fwd+bwd the
+# gradients reach qkv and both tables.
+
+# how many dense (B, H, N, N) tensors each candidate holds at once (bias, scores, probabilities, gradients),
+# (fwd, fwd+bwd), for the CPU refusal: the torch CPU allocator's peak at B=1 H=12 N=1024 fp32 was 2.1/- (fused
+# SDPA; CPU flash refuses the bias gradient), 3.3/3.5 (math), 3.1/3.3 (eager), 1.1/2.4 (compiled), 4.1/6.3
+# (vitkernels' reference) matrices; rounded up
+REL_POS_DENSE = {"sdpa fused": (2.5, 4), "sdpa:math": (4, 4.5), "eager": (3.5, 4), "compiled": (1.5, 3),
+                 "reference": (4.5, 7)}
+
+
+def _rel_pos_inputs(p, dtype, device, grad):
+    """(qkv (B, N, 3, H, D), table_h, table_w), seeded: the same numbers for every candidate."""
+    B, H, N, D = p["B"], p["H"], p["N"], p["D"]
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(B, N, 3, H, D, generator=gen, dtype=torch.float32)
+    tables = [torch.randn(2 * side - 1, D, generator=gen, dtype=torch.float32) * 0.1 for side in p["grid"]]
+    return [t.to(device=device, dtype=dtype).requires_grad_(grad) for t in [base] + tables]
+
+
+def sam_vitkernels(q, k, v, table_h, table_w, grid, backend=None):
+    """vitkernels: the per-axis terms (decomposed_rel_pos) added inside flash_attention's tiles."""
+    from vitkernels import decomposed_rel_pos, flash_attention
+
+    return flash_attention(q, k, v, rel_pos=decomposed_rel_pos(q, grid, grid, table_h, table_w), backend=backend)
+
+
+def timm_rel_pos_bias(q, table_h, table_w, grid):
+    """timm's samvit bias: get_decomposed_rel_pos_bias on the (B*H, N, D) queries (unscaled) gives the dense
+    (B*H, N, N) bias; returned as its (B, H, N, N) view."""
+    from timm.models.vision_transformer_sam import get_decomposed_rel_pos_bias
+
+    B, H, N, D = q.shape
+    return get_decomposed_rel_pos_bias(q.reshape(B * H, N, D), table_h, table_w, grid, grid).view(B, H, N, N)
+
+
+def sam_timm_sdpa(q, k, v, table_h, table_w, grid, sdpa_backend=None):
+    """timm's fused path: SDPA with the dense bias as attn_mask (timm calls it on (B*H, N, D); the (B, H, N, D)
+    views here are the same math, and the layout SDPA's fused CUDA kernels need: they refuse 3-D inputs)."""
+    bias = timm_rel_pos_bias(q, table_h, table_w, grid)
+    if sdpa_backend is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([sdpa_backend]):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def sam_timm_eager(q, k, v, table_h, table_w, grid):
+    """timm's eager path (fused_attn off): q * scale @ k^T + bias, softmax, @ v."""
+    bias = timm_rel_pos_bias(q, table_h, table_w, grid)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    attn = attn + bias
+    return attn.softmax(dim=-1) @ v
+
+
+def rel_pos_cost(p, mode, dtype) -> Tuple[float, float]:
+    """FLOPs: QK^T and PV plus the two einsums of the terms; bytes: what a fused kernel must move (q, k, v,
+    out and the terms; the dense peers move far more)."""
+    B, H, N, D = p["B"], p["H"], p["N"], p["D"]
+    terms = sum(p["grid"])
+    fwd = 4.0 * B * H * N ** 2 * D + 2.0 * B * H * N * terms * D
+    flops = fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+    elem = torch.tensor([], dtype=dtype).element_size()
+    io = (4 * B * H * N * D + B * H * N * terms) * elem
+    return flops, io * (2 if mode == "fwd+bwd" else 1)
+
+
+def _timm_missing() -> Optional[str]:
+    try:
+        importlib.import_module("timm.models.vision_transformer_sam")
+    except ImportError as exc:
+        return f"timm unavailable ({exc})"
+    return None
+
+
+def rel_pos_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
+    from torch.nn.attention import SDPBackend
+
+    from vitkernels.ops.attention.checks import RelPos, check_attention_inputs
+
+    B, H, N, D, grid = p["B"], p["H"], p["N"], p["D"], tuple(p["grid"])
+    grad = mode == "fwd+bwd"
+
+    def runner(call):
+        def build():
+            base, table_h, table_w = _rel_pos_inputs(p, dtype, device, grad)
+            q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)  # views, as a block's qkv Linear leaves them
+            g = torch.randn(B, H, N, D, device=device, dtype=dtype)
+
+            def run():
+                out = call(q, k, v, table_h, table_w, grid)
+                if grad:
+                    out.backward(g)
+            return run
+        return build
+
+    matrix_gb = _dense_bytes(p, torch.tensor([], dtype=dtype).element_size()) / 2 ** 30
+
+    def too_dense(kind):
+        return _dense_scores_refusal(device, matrix_gb * REL_POS_DENSE[kind][1 if grad else 0])
+
+    # the probe: zero-size-in-memory views of the real shapes, so every backend's limits see the key grid
+    empty = torch.empty(1, 1, 1, D, device=device, dtype=dtype)
+    qkv = empty.expand(B, H, N, D)
+    terms = [empty[..., :1].expand(B, H, N, side) for side in grid]
+    probe = check_attention_inputs(qkv, qkv, qkv, rel_pos=RelPos(*terms))
+
+    def too_big(name):
+        return [too_dense("reference")] if name == "reference" and too_dense("reference") else []
+
+    cands = []
+    for name, skip in _vitkernels_backends("flash_attention", probe, backends, device, too_big):
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip=skip,
+                               build=runner(lambda *a, _n=name: sam_vitkernels(*a, backend=_n))))
+
+    missing = _timm_missing()
+    # every SDPA backend is attempted, as for the other attention workloads: one that cannot take these inputs
+    # (a float mask that needs a gradient, on CPU flash) reports torch's error
+    for label, be in (("math", SDPBackend.MATH), ("flash", SDPBackend.FLASH_ATTENTION),
+                      ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        skip = missing or too_dense("sdpa:math" if label == "math" else "sdpa fused")
+        cands.append(Candidate(f"timm bias + sdpa:{label}", "peer", skip=skip,
+                               build=runner(lambda *a, _be=be: sam_timm_sdpa(*a, sdpa_backend=_be))))
+    cands.append(Candidate("timm eager math", "peer", skip=missing or too_dense("eager"), build=runner(sam_timm_eager)))
+
+    def compiled_build():
+        return runner(torch.compile(sam_timm_sdpa, dynamic=False))()
+    cands.append(Candidate("timm bias + sdpa (compiled)", "peer", build=compiled_build,
+                           skip=missing or _compile_skip() or too_dense("compiled")))
+    return cands
 
 
 # ---------------------------------------------------------------------------------------------------- window
@@ -494,6 +656,6 @@ OPS: Dict[str, Tuple[Callable, Callable, Callable]] = {
     "patch": (patch_workloads, patch_candidates, patch_cost),
     "model": (model_workloads, model_candidates, model_cost),
 }
-WORKLOAD_KINDS = {"attention": ("vit", "long", "all"), "window": ("swin", "video", "all"),
+WORKLOAD_KINDS = {"attention": ("vit", "long", "sam", "all"), "window": ("swin", "video", "all"),
                   "patch": ("vit", "video", "all"), "model": ("vit", "swin", "all")}
 DEFAULT_WORKLOAD = {"attention": "vit", "window": "swin", "patch": "vit", "model": "all"}

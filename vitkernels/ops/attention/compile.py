@@ -100,12 +100,12 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dout, _dlse, _drng):
     q, k, v, bias, out, lse, rng, rel_h, rel_w, rel_t = ctx.saved_tensors
     scale, dropout_p, backend, rel_prefix = ctx.attrs
-    needs = ctx.needs_input_grad
+    needs = tuple(ctx.needs_input_grad) + (False,) * (11 - len(ctx.needs_input_grad))  # rel args left out
     grads = attention_bwd(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, backend,
                           bias is not None and bool(needs[3]), rel_h, rel_w, rel_t, rel_prefix,
                           rel_h is not None and any(needs[7:10]))
     grads = _compile.grads_or_none(grads, needs[:4] + needs[7:10])
-    return grads[:4] + (None, None, None) + grads[4:] + (None,)
+    return (grads[:4] + (None, None, None) + grads[4:] + (None,))[:len(ctx.needs_input_grad)]
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup)
@@ -158,12 +158,12 @@ def _triton_setup(ctx, inputs, output):
 def _triton_backward(ctx, dout, _dlse, _drng):
     q, k, v, bias, out, lse, rng, rel_h, rel_w, rel_t = ctx.saved_tensors
     scale, dropout_p, rel_prefix = ctx.attrs
-    needs = ctx.needs_input_grad
+    needs = tuple(ctx.needs_input_grad) + (False,) * (10 - len(ctx.needs_input_grad))  # rel args left out
     grads = attention_triton_bwd(dout, q, k, v, bias, out, lse, rng, scale, dropout_p,
                                  bias is not None and bool(needs[3]), rel_h, rel_w, rel_t, rel_prefix,
                                  rel_h is not None and any(needs[6:9]))
     grads = _compile.grads_or_none(grads, needs[:4] + needs[6:9])
-    return grads[:4] + (None, None) + grads[4:] + (None,)
+    return (grads[:4] + (None, None) + grads[4:] + (None,))[:len(ctx.needs_input_grad)]
 
 
 attention_triton_fwd.register_autograd(_triton_backward, setup_context=_triton_setup)

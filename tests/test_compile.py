@@ -136,10 +136,24 @@ def _op_cases(device):
         return (lambda x, w, b, p, c, backend: vitkernels.patch_embed(x, w, b, pos_embed=p, prefix_tokens=c,
                                                                      backend=backend)), (x, w, b, pos, cls)
 
-    return {"flash_attention": attention, "window_attention": window, "patch_embed": patch}
+    def attention_rel_pos():
+        # MViTv2-like: a class token, a 3-D query grid against a pooled key grid, and a learnable bias
+        q = torch.randn(2, 2, 1 + 2 * 4 * 4, 16, device=device, requires_grad=True)
+        k, v = (torch.randn(2, 2, 1 + 2 * 2 * 2, 16, device=device, requires_grad=True) for _ in range(2))
+        rel_t, rel_h, rel_w = (torch.randn(2, 2, 32, 2, device=device, requires_grad=True) for _ in range(3))
+        bias = torch.randn(1, 2, 33, 9, device=device, requires_grad=True)
+        return (lambda q, k, v, b, rt, rh, rw, backend: vitkernels.flash_attention(
+            q, k, v, bias=b, rel_pos=vitkernels.RelPos(rh, rw, rt, prefix=1), backend=backend)), (q, k, v, bias, rel_t,
+                                                                                               rel_h, rel_w)
+
+    return {"flash_attention": attention, "window_attention": window, "patch_embed": patch,
+            "flash_attention_rel_pos": attention_rel_pos}
 
 
 NO_REPLAY = [("flash_attention", "reference"), ("window_attention", "reference"), ("patch_embed", "reference"),
+             ("flash_attention_rel_pos", "reference"),
+             pytest.param("flash_attention_rel_pos", "cpu", marks=pytest.mark.ext),
+             pytest.param("flash_attention_rel_pos", "triton", marks=pytest.mark.triton),
              pytest.param("patch_embed", "cpu", marks=pytest.mark.ext),
              pytest.param("flash_attention", "triton", marks=pytest.mark.triton),
              pytest.param("window_attention", "triton", marks=pytest.mark.triton),
@@ -159,7 +173,7 @@ def test_compiled_backward_runs_the_backward_kernels_and_never_the_forward_again
     g = torch.randn_like(eager)
     grads = torch.autograd.grad(eager, tensors, g)
     torch._dynamo.reset()
-    counting = _count_kernels(monkeypatch, op, backend)
+    counting = _count_kernels(monkeypatch, op.replace("_rel_pos", ""), backend)
     compiled = torch.compile(lambda *ts: fn(*ts, backend), fullgraph=True)(*tensors)
     grads_c = torch.autograd.grad(compiled, tensors, g)
     if not (backend == "triton" and DEVICE == "cuda" and _compile.triton_op_supported()):
@@ -207,6 +221,9 @@ def _opcheck_cases(device):
     return {
         "flash_attention": lambda backend: (attention_compile.attention_fwd, (
             rand(2, 2, 9, 16), rand(2, 2, 11, 16), rand(2, 2, 11, 16), rand(1, 2, 9, 11), 0.25, 0.0, backend)),
+        "flash_attention_rel_pos": lambda backend: (attention_compile.attention_fwd, (
+            rand(2, 2, 9, 16), rand(2, 2, 5, 16), rand(2, 2, 5, 16), None, 0.25, 0.0, backend,
+            rand(2, 2, 8, 2), rand(2, 2, 8, 2), None, 1)),
         "window_attention": lambda backend: (window_compile.window_fwd, (
             rand(1, 9, 10, 3 * 32), rand(169, 2), rand(3 * 32), 2, [7, 7], [3, 3], 16 ** -0.5, backend)),
         "video_window": lambda backend: (window_compile.window_fwd, (
@@ -225,16 +242,14 @@ def _opcheck_cases(device):
 @pytest.mark.parametrize("backend", ["_", "reference", pytest.param("cpu", marks=pytest.mark.ext),
                                      pytest.param("triton", marks=pytest.mark.triton)],
                          ids=["dispatch", "reference", "cpu", "triton"])
-@pytest.mark.parametrize("name", ["flash_attention", "window_attention", "video_window", "patch_embed",
-                                  "patch_embed_channels_last", "video_patch_embed"])
+@pytest.mark.parametrize("name", ["flash_attention", "flash_attention_rel_pos", "window_attention", "video_window",
+                                  "patch_embed", "patch_embed_channels_last", "video_patch_embed"])
 def test_opcheck(name, backend):
     """The custom ops (any backend, run opaque), autograd registration and fake kernels included."""
     device = "cpu"
     if backend == "triton":
         _triton_runs()
         device = DEVICE
-    if backend == "cpu" and "patch_embed" not in name:
-        pytest.skip("the cpu backend has only patch_embed so far")
     if backend == "cpu" and not dispatch.backend_environment("cpu")[0]:
         pytest.skip(dispatch.backend_environment("cpu")[1])
     op, args = _opcheck_cases(device)[name](backend)

@@ -19,6 +19,12 @@ def attn(**over):
     return lambda: flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
 
 
+def _relpos(rows, kh, kw, rel_t=None, prefix=0):
+    from vitkernels import RelPos
+
+    return RelPos(torch.randn(1, 2, rows, kh), torch.randn(1, 2, rows, kw), rel_t, prefix)
+
+
 def win(qkv=None, **over):
     qkv = torch.randn(1, 8, 8, 3 * 32) if qkv is None else qkv
     kw = dict(num_heads=2, window_size=4, shift_size=2)
@@ -54,6 +60,22 @@ CASES = [
     ("scale nan", attn(scale=float("nan")), ValueError, ["scale must be finite", "nan"]),
     ("dropout type", attn(dropout_p=None), TypeError, ["dropout_p must be a float", "NoneType"]),
     ("dropout range", attn(dropout_p=1.5), ValueError, ["dropout_p must be in [0, 1]", "1.5"]),
+    # flash_attention(rel_pos=...): q is (1, 2, 5, 16), k (1, 2, 5, 16)
+    ("rel_pos kind", attn(rel_pos=[torch.randn(1, 2, 5, 5)]), TypeError,
+     ["rel_pos must be", "RelPos(rel_h, rel_w", "a list of 1"]),
+    ("rel_pos term not a tensor", attn(rel_pos=(torch.randn(1, 2, 5, 5), 1.0)), TypeError,
+     ["rel_pos.rel_w must be a torch.Tensor", "float"]),
+    ("rel_pos term dtype", attn(rel_pos=(torch.randn(1, 2, 5, 5), torch.randn(1, 2, 5, 1, dtype=f64))), TypeError,
+     ["rel_pos.rel_w must have the dtype of q", "float64"]),
+    ("rel_pos term shape", attn(rel_pos=(torch.randn(1, 2, 4, 5), torch.randn(1, 2, 5, 1))), ValueError,
+     ["rel_pos.rel_h must be (B, H, Nq - prefix, K)", "(1, 2, 5, K)", "(1, 2, 4, 5)"]),
+    ("rel_pos grid", attn(rel_pos=(torch.randn(1, 2, 5, 2), torch.randn(1, 2, 5, 2))), ValueError,
+     ["rel_pos key grid 2 (rel_h) x 2 (rel_w) = 4 keys", "Nk - prefix = 5 - 0 = 5"]),
+    ("rel_pos prefix type", attn(rel_pos=_relpos(4, 1, 4, prefix=1.0)), TypeError, ["rel_pos.prefix must be an int", "float"]),
+    ("rel_pos prefix range", attn(rel_pos=_relpos(1, 1, 1, prefix=6)), ValueError,
+     ["rel_pos.prefix must be in [0, min(Nq, Nk)] = [0, 5]", "6"]),
+    ("rel_pos 3-D grid", attn(rel_pos=_relpos(4, 1, 4, rel_t=torch.randn(1, 2, 4, 3), prefix=1)), ValueError,
+     ["rel_pos key grid 3 (rel_t) x 1 (rel_h) x 4 (rel_w) = 12 keys", "Nk - prefix = 5 - 1 = 4"]),
     # window_attention
     ("qkv not a tensor", win(qkv="x"), TypeError, ["qkv must be a torch.Tensor", "str"]),
     ("qkv rank", win(qkv=torch.randn(8, 8, 96)), ValueError, ["qkv must have 4 or 5 dims", "(8, 8, 96)"]),

@@ -161,3 +161,58 @@ def test_a_clipped_window_says_it_was_clipped():
     with pytest.raises(ValueError, match=r"rel_pos_bias must have shape \(49, 2\).*window_size \(7, 7\) is "
                                          r"clipped to the \(4, 4\) map.*got \(169, 2\)"):
         window_attention(torch.randn(1, 4, 4, 96), num_heads=2, window_size=7, rel_pos_bias=torch.randn(169, 2))
+
+
+# ---- flash_attention(rel_pos=...) --------------------------------------------------------------------------
+
+
+class _SamLikeAttention(torch.nn.Module):
+    """Global attention with decomposed relative position on a 4 x 5 grid, as SAM's blocks compute it."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+        self.rel_pos_h = torch.nn.Parameter(torch.randn(7, 16) * 0.2)
+        self.rel_pos_w = torch.nn.Parameter(torch.randn(9, 16) * 0.2)
+
+    def forward(self, x):  # B, 20, 32
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        rel = vitkernels.decomposed_rel_pos(q, (4, 5), (4, 5), self.rel_pos_h, self.rel_pos_w)
+        return flash_attention(q, k, v, rel_pos=rel).sum(dim=(1, 3))
+
+
+def test_rel_pos_under_fx_is_one_node_and_under_jit_trace_is_the_dense_math():
+    module = _SamLikeAttention()
+    x, other = torch.randn(2, 20, 32), torch.randn(3, 20, 32)
+    graph_module = torch.fx.symbolic_trace(module)
+    assert [n.target for n in graph_module.graph.nodes if n.target is flash_attention] == [flash_attention]
+    torch.testing.assert_close(graph_module(other), module(other))
+    traced = torch.jit.trace(module, (x,), check_trace=False)
+    assert not [n for n in traced.inlined_graph.nodes() if n.kind() == "prim::PythonOp"]
+    torch.testing.assert_close(traced(other), module(other), rtol=1e-4, atol=1e-4)
+
+
+def test_rel_pos_on_meta_and_empty_inputs():
+    q = torch.randn(2, 3, 1 + 6, 16, device="meta", requires_grad=True)
+    kv = torch.randn(2, 3, 1 + 4, 16, device="meta")
+    rel_h, rel_w = (torch.randn(2, 3, 6, 2, device="meta", requires_grad=True) for _ in range(2))
+    out = flash_attention(q, kv, kv, rel_pos=vitkernels.RelPos(rel_h, rel_w, prefix=1))
+    assert out.is_meta and out.shape == (2, 3, 7, 16)
+    out.sum().backward()
+    assert rel_h.grad.is_meta and rel_h.grad.shape == rel_h.shape
+    # no queries past the class token: the terms are empty, the class token attends as without them
+    q, k, v = (torch.randn(2, 3, n, 16, requires_grad=True) for n in (1, 5, 5))
+    rel = vitkernels.RelPos(torch.randn(2, 3, 0, 2), torch.randn(2, 3, 0, 2), prefix=1)
+    out = flash_attention(q, k, v, rel_pos=rel)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+def test_rel_pos_under_autocast_takes_the_autocast_dtype():
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    rel = (torch.randn(1, 2, 12, 3), torch.randn(1, 2, 12, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attention(q, k, v, rel_pos=rel)
+    assert out.dtype == torch.bfloat16
+    expected = flash_attention(*(t.bfloat16() for t in (q, k, v)), rel_pos=tuple(t.bfloat16() for t in rel))
+    torch.testing.assert_close(out, expected)

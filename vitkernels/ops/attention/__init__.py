@@ -86,6 +86,8 @@ _CALLS = dispatch.call_memo(OP)
 def _rel_terms(rel_pos) -> tuple:
     """The tensors (or proxies) inside a rel_pos argument; () for None or anything unexpected (the checks
     then say what is wrong)."""
+    if isinstance(rel_pos, torch.fx.Proxy):  # decomposed_rel_pos's node under FX
+        return (rel_pos,)
     if rel_pos is None or not isinstance(rel_pos, (tuple, list)):
         return ()
     return tuple(t for t in rel_pos if isinstance(t, (torch.Tensor, torch.fx.Proxy)))

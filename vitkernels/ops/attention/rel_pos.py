@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from vitkernels.ops import _tracing
 from vitkernels.ops.attention.checks import OP, RelPos
 
 
@@ -43,7 +44,11 @@ def decomposed_rel_pos(
     dtype; differentiable in q and the tables.
 
     ``flash_attention(q, k, v, rel_pos=decomposed_rel_pos(q, (64, 64), (64, 64), rel_h, rel_w))`` is SAM's
-    global attention without its (4096 x 4096) bias."""
+    global attention without its (4096 x 4096) bias. Under FX symbolic tracing: one node."""
+    proxy = _tracing.fx_proxy(q, rel_pos_h, rel_pos_w, rel_pos_t)
+    if proxy is not None:
+        return _tracing.fx_leaf(proxy, decomposed_rel_pos, (q, q_grid, k_grid, rel_pos_h, rel_pos_w),
+                                dict(rel_pos_t=rel_pos_t, prefix=prefix))
     q_grid, k_grid = tuple(int(n) for n in q_grid), tuple(int(n) for n in k_grid)
     three_d = rel_pos_t is not None
     if len(q_grid) != len(k_grid) or len(q_grid) != (3 if three_d else 2):

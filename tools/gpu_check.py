@@ -87,6 +87,7 @@ class BenchCase:
 
 VIT_B = dict(B=64, H=12, N=197, D=64)
 LONG = dict(B=4, H=12, N=4096, D=64)
+SAM_B_GLOBAL = dict(B=4, H=12, N=4096, D=64, grid=(64, 64))  # SAM ViT-B's global block, decomposed rel-pos
 SWIN_T_S1 = dict(B=64, spatial=(56, 56), C=96, heads=3, window=7, shift=3)
 VIT_B_PATCH = dict(B=128, chw=(3, 224, 224), patch=(16, 16), E=768, P=1)
 
@@ -99,6 +100,8 @@ def bench_cases(quick: bool) -> List[BenchCase]:
         BenchCase("attention", "attention ViT-B N=197 D=64 +bias", VIT_B, "fwd+bwd", bias=True, quick=True),
         BenchCase("attention", "attention N=4096 D=64", LONG, "fwd", quick=False),
         BenchCase("attention", "attention N=4096 D=64", LONG, "fwd+bwd", quick=True),
+        BenchCase("attention", "attention SAM ViT-B global rel-pos", SAM_B_GLOBAL, "fwd", quick=False),
+        BenchCase("attention", "attention SAM ViT-B global rel-pos", SAM_B_GLOBAL, "fwd+bwd", quick=True),
         BenchCase("window", "window Swin-T stage 1", SWIN_T_S1, "fwd", quick=False),
         BenchCase("window", "window Swin-T stage 1", SWIN_T_S1, "fwd+bwd", quick=True),
         BenchCase("patch", "patch embed ViT-B/16", VIT_B_PATCH, "fwd", quick=True),

@@ -110,9 +110,57 @@ def _ptx_case(case) -> dict:
     return specialized_ptx_stats(**case)
 
 
+def register_usage(module: str, name: str, dtype: str, constexprs: dict, ones: list, div16: list, arch: int = 90,
+                   num_warps: int = 4, num_stages: int = 2) -> dict:
+    """Registers and spills per thread, from ptxas -v on the PTX of a launch-specialized compile (as
+    ``specialized_ptx_stats``): {"registers", "spill_stores", "spill_loads"} (bytes)."""
+    import importlib
+    import re
+    import subprocess
+    import tempfile
+
+    kernel = getattr(importlib.import_module(module), name)
+    names = [p.name for p in kernel.params]
+    ones = [n for n in ones if n in names]
+    consts = dict(constexprs, **{n: 1 for n in ones})
+    sig = signature(kernel, dtype, consts)
+    for n in ones:
+        sig[n] = "constexpr"
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if sig[n] != "constexpr" and (sig[n].startswith("*") or n in div16)}
+    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        report = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", path, "-o",
+                                 os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    return {"registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+            "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
+
+
+def _usage_case(case) -> dict:
+    return register_usage(**case)
+
+
+def _usage_main(cases) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_usage_case, cases))
+    print(json.dumps({"triton": triton.__version__, "results": results}))
+
+
 if __name__ == "__main__":
-    # ``--ptx CASES``: JSON list of specialized_ptx_stats keyword dicts; otherwise the compile suite
+    # ``--ptx CASES`` / ``--usage CASES``: JSON lists of specialized_ptx_stats / register_usage keyword dicts;
+    # otherwise the compile suite
     if sys.argv[1] == "--ptx":
         _ptx_main(json.loads(sys.argv[2]))
+    elif sys.argv[1] == "--usage":
+        _usage_main(json.loads(sys.argv[2]))
     else:
         _main()

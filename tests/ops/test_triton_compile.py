@@ -132,10 +132,11 @@ EXTRA = [
 ]
 SUITES = {
     # the default suite: fp16 and fp32 on sm_90 (bf16 generates the same code as fp16 up to the type)
-    "default": build_cases(("fp16", "fp32"), 90) + EXTRA,
+    "default": build_cases(("fp16", "fp32"), 90) + EXTRA + rel_pos_cases("fp16") + rel_pos_cases("fp32", rel_grid=(4, 8, 8)),
     # make test-slow: bf16, every kernel on sm_80 (A100: 163 KB of shared memory per block), and every
     # heuristic candidate of the attention kernels at ViT sizes in bf16
-    "slow": build_cases(("bf16",), 90) + build_cases(("fp16", "fp32"), 80) + heuristic_cases("bf16"),
+    "slow": build_cases(("bf16",), 90) + build_cases(("fp16", "fp32"), 80) + heuristic_cases("bf16")
+    + rel_pos_cases("bf16", rel_grid=(8, 7, 7), n=393, head_dim=96) + rel_pos_cases("bf16", rel_grid=(1, 128, 128)),
 }
 
 
@@ -333,3 +334,46 @@ def test_hot_loads_are_wide_with_the_gpu_machines_triton():
     narrow = [(i, r) for i, r in zip(ids, results)
               if not i.endswith("-D40") and (r["scalar16"] > 0 or r["cp_async"] + r["vector"] == 0)]
     assert not narrow, narrow
+
+
+# ---- registers: the rel_pos configs the heuristic picks first do not spill ---------------------------------
+
+
+REL_UNIT = ["stride_rhk", "stride_rwk", "stride_rtk"]  # contiguous terms: unit stride along the key grid
+REL_DIV16 = [f"stride_r{t}{d}" for t in "hwt" for d in "bhm"]
+
+
+def rel_usage_cases():
+    """The forward and dQ kernels with SAM's 64 x 64 rel_pos grid, bf16 and fp32, the heuristic's first pick,
+    specialized as a launch with contiguous terms would be."""
+    cases, ids = [], []
+    for dtype in ("bf16", "fp32"):
+        for case in rel_pos_cases(dtype):
+            module, kernel, _, consts, arch, warps, stages = case
+            name = f"{kernel.strip('_')}-{dtype}"
+            if kernel not in ("_flash_attn_fwd_kernel", "_flash_attn_bwd_dq_kernel") or name in ids:
+                continue  # the first pick of each only
+            cases.append(dict(module=module, name=kernel, dtype=dtype, constexprs=consts, ones=ATTN_UNIT + REL_UNIT,
+                              div16=ATTN_STRIDES + REL_DIV16, arch=arch, num_warps=warps, num_stages=stages))
+            ids.append(name)
+    return cases, ids
+
+
+REL_USAGE_CASES, REL_USAGE_IDS = rel_usage_cases()
+
+
+@pytest.fixture(scope="module")
+def rel_usage():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--usage", json.dumps(REL_USAGE_CASES)],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["results"]
+
+
+@pytest.mark.parametrize("index", range(len(REL_USAGE_CASES)), ids=REL_USAGE_IDS)
+def test_rel_pos_first_configs_do_not_spill_registers(rel_usage, index):
+    """ptxas -v on sm_90: the gathered terms (forward) and the (M x 64) gradient accumulators (dQ) fit the
+    registers in the configs tried first (triton_configs.REL_PICKS)."""
+    assert rel_usage[index]["spill_stores"] == 0, rel_usage[index]

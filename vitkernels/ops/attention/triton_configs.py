@@ -82,14 +82,14 @@ PICKS = {
 
 
 # With a rel_pos: the forward's tile also holds the gathered terms' offsets, the dQ program the (M x 64)
-# gradient accumulators. Configs without register spills on sm_90 (ptxas -v of the AOT compile, SAM's 64 x 64
-# grid, D = 64; fp32 dQ: the least spilling), best guess first; the head-dim rows above still apply past
-# D = 128.
+# gradient accumulators. Configs without register spills on sm_90 first (ptxas -v of the AOT compile, SAM's
+# 64 x 64 grid, D = 64, fp16 and bf16; fp32 dQ: the least spilling); the head-dim rows above still apply
+# past D = 128.
 REL_PICKS = {
     "fwd": {"fp32": [(64, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 2)],
             64: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 64, 4, 2)]},
     "dq": {"fp32": [(32, 32, 8, 1), (64, 16, 8, 1), (64, 32, 8, 1)],
-           64: [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+           64: [(64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
            # a grid axis of 65..128: twice the accumulators; the least spilling (92 bytes at 64 x 32)
            128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]},
 }

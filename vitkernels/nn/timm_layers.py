@@ -25,6 +25,12 @@ Wherever the fused path does not apply, timm's own code runs, so behaviour never
   experimental opt-in that defaults to off; the explicit softmax it selects is the same math.)
 - WindowAttention on its own (already partitioned windows): ``flash_attention`` with windows x heads on
   one axis and the table bias + shift mask as one small (1, nW * heads, N, N) bias.
+- SAM / ViTDet ``Attention`` (``samvit_*``, ``vision_transformer_sam``; global and windowed blocks alike):
+  qkv Linear -> strided q/k/v views -> ``flash_attention`` with the decomposed relative-position bias
+  (``decomposed_rel_pos`` of the normed queries and ``rel_pos_h`` / ``rel_pos_w``, tables resized as timm
+  resizes them for another map size) -> proj, in and out as (B, H, W, C) maps. timm's code for
+  ``fused_attn=False``, rotary embeddings (``use_rope``), tables of another width than the head dim or of
+  another dtype than the projection (timm's einsum rejects them), head dims the kernels do not take.
 
 Every drop-in also runs timm's code under FX symbolic tracing, ``torch.jit.trace`` and ONNX export (so
 those graphs are the unpatched model's) and when a hook is on a module the fused path skips
@@ -41,6 +47,7 @@ from torch import nn
 from vitkernels.nn import _dropin
 from vitkernels.ops.attention import flash_attention
 from vitkernels.ops.attention.checks import head_dim_supported
+from vitkernels.ops.attention.rel_pos import decomposed_rel_pos
 from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_attention import window_attention
 
@@ -52,11 +59,12 @@ def _timm():
         from timm.models.deit import VisionTransformerDistilled
         from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention
         from timm.models.vision_transformer import VisionTransformer
+        from timm.models.vision_transformer_sam import Attention as SamAttention
     except ImportError as exc:  # pragma: no cover - exercised only without timm
         raise ImportError(f"vitkernels' timm drop-ins need timm installed ({exc})") from exc
     return dict(Attention=Attention, PatchEmbed=PatchEmbed, SwinTransformerBlock=SwinTransformerBlock,
                 WindowAttention=WindowAttention, VisionTransformer=VisionTransformer,
-                VisionTransformerDistilled=VisionTransformerDistilled)
+                VisionTransformerDistilled=VisionTransformerDistilled, SamAttention=SamAttention)
 
 
 def _timm_fused_attn_on() -> bool:
@@ -257,6 +265,44 @@ class FusedSwinBlockMixin(_TimmDropIn):
         return attn.proj_drop(attn.proj(out))
 
 
+class FusedSamAttentionMixin(_TimmDropIn):
+    """timm SAM / ViTDet ``Attention.forward`` (``vision_transformer_sam``: a (B, H, W, C) map or window, with
+    the decomposed relative-position bias) on ``flash_attention(..., rel_pos=...)``."""
+
+    def _fused_call(self, x) -> bool:
+        if _dropin.plain_path_reason(x) is not None:  # first: the argument may be a proxy
+            return False
+        if (not isinstance(x, torch.Tensor) or x.dim() != 4 or not self.fused_attn
+                or not head_dim_supported(self.head_dim)
+                or self.qkv.out_features != 3 * self.num_heads * self.head_dim):
+            return False
+        if not self.use_rel_pos:
+            return self.rope is None  # rotary embeddings: timm's code
+        tables = (self.rel_pos_h, self.rel_pos_w)
+        if any(t.dim() != 2 or t.shape[1] != self.head_dim or t.device != x.device for t in tables):
+            return False  # timm's einsum / indexing raises its own error
+        # without autocast timm's einsum takes the tables only in the queries' dtype (decomposed_rel_pos
+        # would cast them); under autocast both run in the autocast dtype
+        return (_dropin.autocast_on(x.device.type)
+                or all(t.dtype == self.qkv.weight.dtype for t in tables))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fused_call(x):
+            return super().forward(x)
+        B, H, W, _ = x.shape
+        N = H * W
+        qkv = self.qkv(x.reshape(B, N, -1)).view(B, N, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, D) strided views, no copies
+        q, k = self.q_norm(q), self.k_norm(k)
+        rel_pos = (decomposed_rel_pos(q, (H, W), (H, W), self.rel_pos_h, self.rel_pos_w)
+                   if self.use_rel_pos else None)
+        # timm calls SDPA without a scale: its default, head_dim ** -0.5 (flash_attention's default too)
+        x = flash_attention(q, k, v, rel_pos=rel_pos, dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, -1)
+        x = self.proj_drop(self.proj(x))
+        return x.view(B, H, W, -1)
+
+
 # mixin -> (timm class name, the methods the mixin reimplements): a timm class is fused only when its code
 # for each of them is the code of one of the named timm classes (a subclass that overrides one keeps its own)
 _MIXINS = (
@@ -266,6 +312,7 @@ _MIXINS = (
     (FusedPatchEmbedMixin, ("PatchEmbed",), ("forward",)),
     (FusedWindowAttentionMixin, ("WindowAttention",), ("forward",)),
     (FusedAttentionMixin, ("Attention",), ("forward",)),
+    (FusedSamAttentionMixin, ("SamAttention",), ("forward",)),
 )
 
 
@@ -279,15 +326,15 @@ def fused_class(base: type) -> type:
     mixin = _mixin_for(base)
     if mixin is None:
         raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__} (timm's Attention, "
-                        "PatchEmbed, VisionTransformer, SwinTransformerBlock, WindowAttention, or a subclass "
-                        "that keeps their forward code)")
+                        "PatchEmbed, VisionTransformer, SwinTransformerBlock, WindowAttention, SAM's Attention, "
+                        "or a subclass that keeps their forward code)")
     return _dropin.extend_class(base, mixin, __name__)
 
 
 def patch_timm(model: nn.Module) -> nn.Module:
-    """Switch timm's Attention, PatchEmbed, VisionTransformer (ViT/DeiT), SwinTransformerBlock and
-    WindowAttention modules of ``model`` to their fused versions in place (same parameters, buffers and
-    state_dict keys) and return the model. ``unpatch_timm`` undoes it."""
+    """Switch timm's Attention, PatchEmbed, VisionTransformer (ViT/DeiT), SwinTransformerBlock,
+    WindowAttention and SAM / ViTDet Attention (``samvit_*``) modules of ``model`` to their fused versions in
+    place (same parameters, buffers and state_dict keys) and return the model. ``unpatch_timm`` undoes it."""
     for module in model.modules():
         cls = type(module)
         if not issubclass(cls, _TimmDropIn) and _mixin_for(cls) is not None:

@@ -18,6 +18,15 @@ What is fused (torchvision's own code runs wherever the fused path would not giv
 - ``swin3d_t/s/b`` (``ShiftedWindowAttention3d``, ``PatchEmbed3d``): ``window_attention`` on the 3-D map
   (padding, clipping of windows larger than the map and the shift mask as torchvision does them), and the
   tubelet projection as one ``patch_embed`` call when no padding is needed.
+- ``mvit_v1_b`` / ``mvit_v2_s`` (``MultiscaleAttention``): torchvision's qkv projection and q / k / v pooling
+  (pool convs, their norms, the class token), then one ``flash_attention`` for ``matmul(scaler * q, k^T)``,
+  MViTv2's decomposed relative-position bias (``_add_rel_pos``: ``decomposed_rel_pos`` of the pooled
+  queries after the class token, ``prefix=1``), the softmax and ``@ v``; then the pooling residual
+  (``_add_shortcut``, out of place), and ``project``. torchvision's code for a token count that is not
+  class token + ``thw``, pools whose output grid cannot be told before they run (another pool module or
+  Pool code), tables of another width or dtype than the heads. The table rows are torchvision's
+  (``index_rule="torchvision"``: its float32 rounding of stretched distances, e.g. 16 queries against 6
+  pooled keys).
 - Every encoder / Swin block gains gradient checkpointing: ``model.set_grad_checkpointing(True)`` on the
   patched ``VisionTransformer``, ``SwinTransformer`` or ``SwinTransformer3d`` recomputes each block in the
   backward pass (``torch.utils.checkpoint``, non-reentrant; dropout masks replayed from the saved RNG
@@ -30,6 +39,8 @@ extraction), ``torch.jit.trace`` and ONNX export; ``torch.jit.script`` raises an
 from __future__ import annotations
 
 import functools
+import math
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +49,9 @@ from torch.utils import checkpoint as _checkpoint
 
 from vitkernels.nn import _dropin
 from vitkernels.nn.multihead_attention import replace_mha, restore_mha
+from vitkernels.ops.attention import flash_attention
 from vitkernels.ops.attention.checks import head_dim_supported
+from vitkernels.ops.attention.rel_pos import decomposed_rel_pos
 from vitkernels.ops.patch_embed import patch_embed
 from vitkernels.ops.window_attention import window_attention
 
@@ -47,6 +60,7 @@ def _torchvision():
     try:
         from torchvision.models import swin_transformer as swin2d
         from torchvision.models import vision_transformer as vit
+        from torchvision.models.video import mvit
         from torchvision.models.video import swin_transformer as swin3d
     except ImportError as exc:  # pragma: no cover - exercised only without torchvision
         raise ImportError(f"vitkernels' torchvision drop-ins need torchvision installed ({exc})") from exc
@@ -54,7 +68,7 @@ def _torchvision():
                 SwinTransformer=swin2d.SwinTransformer, SwinTransformerBlock=swin2d.SwinTransformerBlock,
                 ShiftedWindowAttention=swin2d.ShiftedWindowAttention,
                 SwinTransformer3d=swin3d.SwinTransformer3d, ShiftedWindowAttention3d=swin3d.ShiftedWindowAttention3d,
-                PatchEmbed3d=swin3d.PatchEmbed3d)
+                PatchEmbed3d=swin3d.PatchEmbed3d, MultiscaleAttention=mvit.MultiscaleAttention, Pool=mvit.Pool)
 
 
 class _TorchvisionDropIn:
@@ -227,6 +241,89 @@ class FusedPatchEmbed3dMixin(_TorchvisionDropIn):
         return self.norm(tokens.view(x.shape[0], *grid, tokens.shape[-1]))
 
 
+def _pooled_grid(pool: Optional[nn.Module], thw: Sequence[int]) -> Optional[Tuple[int, ...]]:
+    """The (T, H, W) torchvision's ``Pool`` returns for a ``thw`` grid, told before it runs (a Conv3d pool,
+    torchvision's Pool code); ``thw`` itself without a pool; None when it cannot be told."""
+    if pool is None:
+        return tuple(thw)
+    conv = getattr(pool, "pool", None)
+    if type(pool).forward is not _torchvision()["Pool"].forward or type(conv) is not nn.Conv3d \
+            or isinstance(conv.padding, str):
+        return None
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1
+                 for n, k, s, p, d in zip(thw, conv.kernel_size, conv.stride, conv.padding, conv.dilation))
+
+
+def _pooled_residual(out: torch.Tensor, q: torch.Tensor, with_cls_embed: bool) -> torch.Tensor:
+    """torchvision's ``_add_shortcut(out, q, with_cls_embed)`` out of place (flash_attention saved ``out`` for
+    its backward): ``out + q``, or ``out + q`` after the class token; in ``out``'s dtype, as the in-place
+    add gives it."""
+    res = torch.add(out, q).to(out.dtype)
+    if not with_cls_embed:
+        res[:, :, :1] = out[:, :, :1]
+    return res
+
+
+def _int_grid(thw) -> bool:
+    return (isinstance(thw, (tuple, list)) and len(thw) == 3
+            and all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) for n in thw))
+
+
+class FusedMultiscaleAttentionMixin(_TorchvisionDropIn):
+    """torchvision MViT ``MultiscaleAttention``: torchvision's projection and pooling, then one
+    ``flash_attention`` (with MViTv2's decomposed relative positions after the class token), the pooling
+    residual out of place, and the output projection."""
+
+    def _rel_tables(self):
+        tables = (self.rel_pos_t, self.rel_pos_h, self.rel_pos_w)
+        return tables if all(t is not None for t in tables) else None  # torchvision's own condition
+
+    def _fused_call(self, x, thw) -> bool:
+        if _dropin.plain_path_reason(x, *(thw if isinstance(thw, (tuple, list)) else (thw,))) is not None:
+            return False
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or not _int_grid(thw):
+            return False
+        if not head_dim_supported(self.head_dim) or self.qkv.out_features != 3 * self.num_heads * self.head_dim:
+            return False
+        if x.shape[1] != 1 + math.prod(thw):  # class token + the thw grid, else torchvision's code (and errors)
+            return False
+        tables = self._rel_tables()
+        if tables is None:
+            return True
+        if any(t.dim() != 2 or t.shape[1] != self.head_dim or t.device != x.device for t in tables):
+            return False
+        if not (_dropin.autocast_on(x.device.type) or all(t.dtype == self.qkv.weight.dtype for t in tables)):
+            return False  # torchvision's einsum rejects them (decomposed_rel_pos would cast)
+        k_thw = _pooled_grid(self.pool_k, thw)  # v must be pooled to k's grid: else torchvision's code (error)
+        return _pooled_grid(self.pool_q, thw) is not None and k_thw is not None \
+            and _pooled_grid(self.pool_v, thw) == k_thw
+
+    def forward(self, x: torch.Tensor, thw: Tuple[int, int, int]) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+        if not self._fused_call(x, thw):
+            return super().forward(x, thw)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).transpose(1, 3).unbind(dim=2)
+        if self.pool_k is not None:
+            k, k_thw = self.pool_k(k, thw)
+        else:
+            k_thw = thw
+        if self.pool_v is not None:
+            v = self.pool_v(v, thw)[0]
+        if self.pool_q is not None:
+            q, thw = self.pool_q(q, thw)
+        tables = self._rel_tables()
+        rel_pos = (decomposed_rel_pos(q, thw, k_thw, tables[1], tables[2], tables[0], prefix=1,
+                                      index_rule="torchvision") if tables is not None else None)
+        # q, k, v have a unit last stride from torchvision's projection and pools; a pool of another kind
+        # (a subclass) might not: copied then, as torchvision's matmul would read it anyway
+        out = flash_attention(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), rel_pos=rel_pos,
+                              scale=self.scaler)
+        if self.residual_pool:
+            out = _pooled_residual(out, q, self.residual_with_cls_embed)
+        out = out.transpose(1, 2).reshape(B, -1, self.output_dim)
+        return self.project(out), thw
+
+
 # mixin -> (torchvision class names, the methods the mixin reimplements): a class is fused only when its code
 # for each of them is torchvision's (a subclass that overrides one keeps its own). The checkpointing mixins
 # reimplement nothing (they wrap whatever forward the class has).
@@ -241,6 +338,7 @@ _MIXINS = (
     (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention3d",),
      ("forward", "get_relative_position_bias", "define_relative_position_index")),
     (FusedPatchEmbed3dMixin, ("PatchEmbed3d",), ("forward",)),
+    (FusedMultiscaleAttentionMixin, ("MultiscaleAttention",), ("forward",)),
 )
 
 
@@ -255,14 +353,15 @@ def fused_class(base: type) -> type:
     if mixin is None:
         raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__} (torchvision's "
                         "VisionTransformer, EncoderBlock, SwinTransformer(3d), SwinTransformerBlock, "
-                        "ShiftedWindowAttention(3d), PatchEmbed3d, or a subclass that keeps their forward code)")
+                        "ShiftedWindowAttention(3d), PatchEmbed3d, MultiscaleAttention, or a subclass that keeps "
+                        "their forward code)")
     return _dropin.extend_class(base, mixin, __name__)
 
 
 def patch_torchvision(model: nn.Module) -> nn.Module:
-    """Switch ``model``'s torchvision ViT / Swin / Video Swin modules (and every ``nn.MultiheadAttention``)
-    to their fused versions in place (same parameters, buffers and state_dict keys) and return the model.
-    ``unpatch_torchvision`` undoes it."""
+    """Switch ``model``'s torchvision ViT / Swin / Video Swin / MViT modules (and every
+    ``nn.MultiheadAttention``) to their fused versions in place (same parameters, buffers and state_dict keys)
+    and return the model. ``unpatch_torchvision`` undoes it."""
     if type(model) is not nn.MultiheadAttention:  # replace_mha takes the model around one
         replace_mha(model)
     for module in model.modules():

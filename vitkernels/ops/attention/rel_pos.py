@@ -13,19 +13,31 @@ from vitkernels.ops import _tracing
 from vitkernels.ops.attention.checks import OP, RelPos
 
 
-def rel_pos_table(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tensor:
+INDEX_RULES = ("timm", "torchvision")
+
+
+def rel_pos_table(q_size: int, k_size: int, table: torch.Tensor, index_rule: str = "timm") -> torch.Tensor:
     """(q_size, k_size, C): the row of ``table`` (L, C) for each (query, key) pair along one axis.
 
     The table is resized (linear) to ``2 * max(q_size, k_size) - 1`` rows when it has another length, and
     the coordinates of the shorter axis are stretched to the longer one's (a pooled key grid): the
-    rule of MViTv2, ViTDet and SAM (timm's ``get_rel_pos``, torchvision's ``_add_rel_pos``)."""
+    rule of MViTv2, ViTDet and SAM. ``index_rule`` picks whose float32 arithmetic turns the stretched
+    distance into a row: timm's ``get_rel_pos`` ("timm", SAM / ViTDet) or torchvision's ``_add_rel_pos``
+    ("torchvision", MViTv2). The two agree whenever one size divides the other and can pick neighbouring
+    rows otherwise (16 queries against 6 keys)."""
     length = 2 * max(q_size, k_size) - 1
     if table.shape[0] != length:
         table = F.interpolate(table.reshape(1, table.shape[0], -1).permute(0, 2, 1), size=length,
                               mode="linear").reshape(-1, length).permute(1, 0)
-    q_coords = torch.arange(q_size, dtype=torch.float32)[:, None] * max(k_size / q_size, 1.0)
-    k_coords = torch.arange(k_size, dtype=torch.float32)[None, :] * max(q_size / k_size, 1.0)
-    relative = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    q_ratio, k_ratio = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
+    if index_rule == "timm":
+        q_coords = torch.arange(q_size, dtype=torch.float32)[:, None] * q_ratio
+        k_coords = torch.arange(k_size, dtype=torch.float32)[None, :] * k_ratio
+        relative = (q_coords - k_coords) + (k_size - 1) * k_ratio
+    elif index_rule == "torchvision":
+        relative = torch.arange(q_size)[:, None] * q_ratio - (torch.arange(k_size)[None, :] + (1.0 - k_size)) * k_ratio
+    else:
+        raise ValueError(f"{OP}: index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
     return table[relative.long().to(table.device)]
 
 
@@ -37,18 +49,22 @@ def decomposed_rel_pos(
     rel_pos_w: torch.Tensor,  # Lw, D
     rel_pos_t: Optional[torch.Tensor] = None,  # Lt, D (3-D grids)
     prefix: int = 0,
+    index_rule: str = "timm",
 ) -> RelPos:
     """The ``RelPos`` of queries ``q`` (unscaled, as the models use them) laid out on ``q_grid`` ((h, w) or
     (t, h, w), after ``prefix`` class tokens) against keys on ``k_grid``, with the learnable tables
     ``rel_pos_h``/``rel_pos_w`` (/``rel_pos_t``) of shape (L, D). Each term: (B, H, Nq - prefix, K) in q's
-    dtype; differentiable in q and the tables.
+    dtype; differentiable in q and the tables. ``index_rule``: "timm" (SAM, ViTDet) or "torchvision"
+    (MViTv2), see ``rel_pos_table``.
 
     ``flash_attention(q, k, v, rel_pos=decomposed_rel_pos(q, (64, 64), (64, 64), rel_h, rel_w))`` is SAM's
     global attention without its (4096 x 4096) bias. Under FX symbolic tracing: one node."""
     proxy = _tracing.fx_proxy(q, rel_pos_h, rel_pos_w, rel_pos_t)
     if proxy is not None:
         return _tracing.fx_leaf(proxy, decomposed_rel_pos, (q, q_grid, k_grid, rel_pos_h, rel_pos_w),
-                                dict(rel_pos_t=rel_pos_t, prefix=prefix))
+                                dict(rel_pos_t=rel_pos_t, prefix=prefix, index_rule=index_rule))
+    if index_rule not in INDEX_RULES:
+        raise ValueError(f"{OP}: index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
     q_grid, k_grid = tuple(int(n) for n in q_grid), tuple(int(n) for n in k_grid)
     three_d = rel_pos_t is not None
     if len(q_grid) != len(k_grid) or len(q_grid) != (3 if three_d else 2):
@@ -60,12 +76,12 @@ def decomposed_rel_pos(
         raise ValueError(f"{OP}: q has {n_q} rows; q_grid {q_grid} after {prefix} prefix tokens needs "
                          f"{prefix + qt * qh * qw}")
     r_q = q[:, :, prefix:].reshape(B, H, qt, qh, qw, D)
-    rh = rel_pos_table(qh, k_grid[-2], rel_pos_h).to(q.dtype)
-    rw = rel_pos_table(qw, k_grid[-1], rel_pos_w).to(q.dtype)
+    rh = rel_pos_table(qh, k_grid[-2], rel_pos_h, index_rule).to(q.dtype)
+    rw = rel_pos_table(qw, k_grid[-1], rel_pos_w, index_rule).to(q.dtype)
     rel_h = torch.einsum("bnthwc,hkc->bnthwk", r_q, rh).reshape(B, H, n_q - prefix, k_grid[-2])
     rel_w = torch.einsum("bnthwc,wkc->bnthwk", r_q, rw).reshape(B, H, n_q - prefix, k_grid[-1])
     rel_t = None
     if three_d:
-        rt = rel_pos_table(qt, k_grid[0], rel_pos_t).to(q.dtype)
+        rt = rel_pos_table(qt, k_grid[0], rel_pos_t, index_rule).to(q.dtype)
         rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, rt).reshape(B, H, n_q - prefix, k_grid[0])
     return RelPos(rel_h, rel_w, rel_t, prefix)

@@ -1,7 +1,8 @@
 """Drop-in modules: ``MultiheadAttention`` / ``replace_mha`` (undone by ``restore_mha``) for torch's, and
-timm's ``Attention``, ``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock`` with ``patch_timm``
-(undone by ``unpatch_timm``; these need timm), torchvision's ViT, Swin and Video Swin modules with
-``patch_torchvision`` (undone by ``unpatch_torchvision``; these need torchvision)."""
+timm's ``Attention``, ``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock`` and SAM / ViTDet's
+``Attention`` with ``patch_timm`` (undone by ``unpatch_timm``; these need timm), torchvision's ViT, Swin,
+Video Swin and MViT modules with ``patch_torchvision`` (undone by ``unpatch_torchvision``; these need
+torchvision)."""
 from vitkernels.nn.multihead_attention import MultiheadAttention, replace_mha, restore_mha
 from vitkernels.nn.timm_layers import patch_timm, unpatch_timm
 from vitkernels.nn.torchvision_layers import patch_torchvision, unpatch_torchvision

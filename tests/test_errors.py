@@ -25,6 +25,15 @@ def _relpos(rows, kh, kw, rel_t=None, prefix=0):
     return RelPos(torch.randn(1, 2, rows, kh), torch.randn(1, 2, rows, kw), rel_t, prefix)
 
 
+def _drp(**over):
+    from vitkernels import decomposed_rel_pos
+
+    args = dict(q=torch.randn(1, 2, 12, 16), q_grid=(3, 4), k_grid=(3, 4), rel_pos_h=torch.randn(5, 16),
+                rel_pos_w=torch.randn(7, 16))
+    args.update(over)
+    return lambda: decomposed_rel_pos(**args)
+
+
 def win(qkv=None, **over):
     qkv = torch.randn(1, 8, 8, 3 * 32) if qkv is None else qkv
     kw = dict(num_heads=2, window_size=4, shift_size=2)
@@ -76,6 +85,23 @@ CASES = [
      ["rel_pos.prefix must be in [0, min(Nq, Nk)] = [0, 5]", "6"]),
     ("rel_pos 3-D grid", attn(rel_pos=_relpos(4, 1, 4, rel_t=torch.randn(1, 2, 4, 3), prefix=1)), ValueError,
      ["rel_pos key grid 3 (rel_t) x 1 (rel_h) x 4 (rel_w) = 12 keys", "Nk - prefix = 5 - 1 = 4"]),
+    # decomposed_rel_pos(q, q_grid, k_grid, rel_pos_h, rel_pos_w, ...): q (1, 2, 12, 16) on a 3 x 4 grid
+    ("decomposed q rank", _drp(q=torch.randn(2, 12, 16)), ValueError,
+     ["decomposed_rel_pos: q must have 4 dims", "(B, H, Nq, D)"]),
+    ("decomposed grid", _drp(k_grid=(0, 4)), ValueError, ["k_grid must be (h, w) positive ints", "(0, 4)"]),
+    ("decomposed 3-D grid", _drp(rel_pos_t=torch.randn(3, 16)), ValueError,
+     ["q_grid must be (t, h, w) positive ints (rel_pos_t is given)", "(3, 4)"]),
+    ("decomposed rows", _drp(q_grid=(3, 5)), ValueError, ["q has 12 rows; q_grid (3, 5) after 0 prefix tokens needs 15"]),
+    ("decomposed table width", _drp(rel_pos_w=torch.randn(7, 17)), ValueError,
+     ["rel_pos_w must be a (L, D) table with L >= 1 and D = 16", "(7, 17)"]),
+    ("decomposed table rank", _drp(rel_pos_h=torch.randn(5)), ValueError, ["rel_pos_h must be a (L, D) table", "(5,)"]),
+    ("decomposed table empty", _drp(rel_pos_h=torch.randn(0, 16)), ValueError, ["rel_pos_h must be a (L, D)", "(0, 16)"]),
+    ("decomposed table dtype", _drp(rel_pos_h=torch.randn(5, 16, dtype=f64)), TypeError,
+     ["rel_pos_h must have q's dtype float32 (outside autocast)", "float64"]),
+    ("decomposed table not a tensor", _drp(rel_pos_w=[1.0]), TypeError, ["rel_pos_w must be a torch.Tensor", "list"]),
+    ("decomposed prefix", _drp(prefix=-1), ValueError, ["prefix must be an int >= 0", "-1"]),
+    ("decomposed index rule", _drp(index_rule="mvit"), ValueError, ["index_rule must be one of ('timm', 'torchvision')",
+                                                                    "'mvit'"]),
     # window_attention
     ("qkv not a tensor", win(qkv="x"), TypeError, ["qkv must be a torch.Tensor", "str"]),
     ("qkv rank", win(qkv=torch.randn(8, 8, 96)), ValueError, ["qkv must have 4 or 5 dims", "(8, 8, 96)"]),
@@ -121,6 +147,6 @@ def test_error_names_argument_expected_and_actual(name, call, exc, fragments):
     with pytest.raises(exc) as info:
         call()
     message = str(info.value)
-    assert message.split(":")[0] in ("flash_attention", "window_attention", "patch_embed"), message
+    assert message.split(":")[0] in ("flash_attention", "window_attention", "patch_embed", "decomposed_rel_pos"), message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"

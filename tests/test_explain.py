@@ -42,6 +42,16 @@ def test_explain_takes_the_op_by_name_and_reports_a_forced_backend_that_refuses(
     assert any("float64" in r for r in explanation.backends["triton"].reasons)
 
 
+def test_explain_checks_rel_pos_as_the_call_does():
+    q = torch.randn(1, 2, 20, 16)
+    rel = vitkernels.RelPos(torch.randn(1, 2, 20, 4), torch.randn(1, 2, 20, 5))
+    explanation = vitkernels.explain(vitkernels.flash_attention, q, q, q, rel_pos=rel, backend="reference")
+    assert explanation.chosen == "reference" and "rel_pos key grid 4x5" in str(explanation)
+    bad = vitkernels.RelPos(torch.randn(1, 2, 20, 3), torch.randn(1, 2, 20, 3))
+    with pytest.raises(ValueError, match=r"3 \(rel_h\) x 3 \(rel_w\) = 9 keys must equal Nk - prefix = 20"):
+        vitkernels.explain(vitkernels.flash_attention, q, q, q, rel_pos=bad)
+
+
 def test_explain_follows_the_environment_variable(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     x, w = torch.randn(2, 3, 32, 32), torch.randn(8, 3, 16, 16)

@@ -23,7 +23,8 @@ from vitkernels.ops.window_attention.checks import check_window_inputs
 # op name -> (the public function, its input check called with the bound arguments)
 _OPS: Dict[str, Tuple[Callable, Callable]] = {
     "flash_attention": (flash_attention, lambda a: check_attention_inputs(a["q"], a["k"], a["v"], a["bias"],
-                                                                           a["scale"], a["dropout_p"])),
+                                                                           a["scale"], a["dropout_p"],
+                                                                           a["rel_pos"])),
     "window_attention": (window_attention, lambda a: check_window_inputs(
         a["qkv"], a["num_heads"], a["window_size"], a["shift_size"], a["rel_pos_bias"], a["qkv_bias"], a["scale"])),
     "patch_embed": (patch_embed, lambda a: check_patch_embed_inputs(a["x"], a["weight"], a["bias"], a["pos_embed"],

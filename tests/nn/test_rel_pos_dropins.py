@@ -138,6 +138,25 @@ def test_samvit_takes_timms_code_for_what_the_fused_path_does_not_do(op_calls):
         torch.testing.assert_close(traced(x), reference(x), rtol=1e-9, atol=1e-10)
 
 
+def test_wrapped_qkv_projections_run_the_originals_code(op_calls):
+    # an adapter / quantized wrapper around qkv (here a Sequential): the originals call it as it is
+    reference, model = _timm_pair(_samvit)
+    for m in (reference, model):
+        for attn in _sam_attentions(m):
+            attn.qkv = torch.nn.Sequential(attn.qkv)
+    x = torch.randn(1, 3, 96, 96, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-9, atol=1e-10)
+    reference, model = _tv_pair(_mvit)
+    for m in (reference, model):
+        for block in m.blocks:
+            block.attn.qkv = torch.nn.Sequential(block.attn.qkv)
+    clip = torch.randn(1, 3, 4, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(clip), reference(clip), rtol=1e-9, atol=1e-10)
+    assert op_calls["flash_attention"] == 0
+
+
 def test_samvit_attention_dropout_in_training_runs_in_the_fused_op(op_calls):
     from timm.models.vision_transformer_sam import Attention
 

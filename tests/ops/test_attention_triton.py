@@ -321,12 +321,24 @@ def test_rel_pos_with_dropout_matches_the_reference_given_the_kernels_mask():
         "triton", DEVICE, lambda rng, shape, p: dropout_mask_triton(rng, *shape, p))
 
 
-def test_rel_pos_grid_axes_past_the_triton_limit_are_refused_with_the_reason():
+def test_rel_pos_grid_axes_past_the_triton_limit_are_refused_with_the_reason_when_their_gradient_is_needed():
     from vitkernels.ops.attention.triton_configs import REL_AXIS_MAX
 
     n = REL_AXIS_MAX + 1
     q = torch.randn(1, 1, n, 16, device=DEVICE)
-    rel = (torch.randn(1, 1, n, 1, device=DEVICE), torch.randn(1, 1, n, n, device=DEVICE))
+    rel = (torch.randn(1, 1, n, 1, device=DEVICE), torch.randn(1, 1, n, n, device=DEVICE, requires_grad=True))
+    with pytest.raises(BackendUnavailableError, match=f"axis longer than {REL_AXIS_MAX}"):
+        vitkernels.flash_attention(q, q, q, rel_pos=rel, backend="triton")
+    # without the terms' gradient (inference, or frozen terms) any grid runs, and a cached decision for one
+    # case is not reused for the other
+    expected = vitkernels.flash_attention(*(t.double() for t in (q, q, q)), backend="reference",
+                                          rel_pos=tuple(t.detach().double() for t in rel))
+    with torch.no_grad():
+        out = vitkernels.flash_attention(q, q, q, rel_pos=rel, backend="triton")
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    frozen = (rel[0], rel[1].detach())
+    torch.testing.assert_close(vitkernels.flash_attention(q, q, q, rel_pos=frozen, backend="triton").double(),
+                               expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(BackendUnavailableError, match=f"axis longer than {REL_AXIS_MAX}"):
         vitkernels.flash_attention(q, q, q, rel_pos=rel, backend="triton")
 

@@ -273,9 +273,9 @@ class FusedSamAttentionMixin(_TimmDropIn):
         if _dropin.plain_path_reason(x) is not None:  # first: the argument may be a proxy
             return False
         if (not isinstance(x, torch.Tensor) or x.dim() != 4 or not self.fused_attn
-                or not head_dim_supported(self.head_dim)
+                or not head_dim_supported(self.head_dim) or not isinstance(self.qkv, nn.Linear)
                 or self.qkv.out_features != 3 * self.num_heads * self.head_dim):
-            return False
+            return False  # a wrapped qkv (an adapter, a quantized module): timm's code calls it as it is
         if not self.use_rel_pos:
             return self.rope is None  # rotary embeddings: timm's code
         tables = (self.rel_pos_h, self.rel_pos_w)

@@ -283,8 +283,9 @@ class FusedMultiscaleAttentionMixin(_TorchvisionDropIn):
             return False
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or not _int_grid(thw):
             return False
-        if not head_dim_supported(self.head_dim) or self.qkv.out_features != 3 * self.num_heads * self.head_dim:
-            return False
+        if not head_dim_supported(self.head_dim) or not isinstance(self.qkv, nn.Linear) \
+                or self.qkv.out_features != 3 * self.num_heads * self.head_dim:
+            return False  # a wrapped qkv (an adapter, a quantized module): torchvision's code calls it as it is
         if x.shape[1] != 1 + math.prod(thw):  # class token + the thw grid, else torchvision's code (and errors)
             return False
         tables = self._rel_tables()

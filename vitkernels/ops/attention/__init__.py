@@ -107,8 +107,10 @@ def _signature(q, k, v, bias, rel_pos, scale, dropout_p, backend):
         if rel_pos is not None:
             if type(rel_pos) not in (RelPos, tuple) or len(rel_pos) not in (2, 4):
                 return None
+            terms = [t for t in rel_pos[:3] if t is not None]
             rel = (type(rel_pos), tuple(sig(t) for t in rel_pos[:3]),
-                   (type(rel_pos[3]), rel_pos[3]) if len(rel_pos) == 4 else None)
+                   (type(rel_pos[3]), rel_pos[3]) if len(rel_pos) == 4 else None,
+                   torch.is_grad_enabled() and any(t.requires_grad for t in terms))  # triton's grid limit
         signature = (sig(q), sig(k), sig(v), sig(bias), rel, type(scale), scale, type(dropout_p), dropout_p, backend,
                      _CALLS.environment())
         hash(signature)
@@ -134,14 +136,19 @@ def _triton_shape_reasons(inputs: AttentionInputs) -> List[str]:
     from vitkernels.ops.attention.triton_configs import REL_AXIS_MAX
 
     reasons = []
-    if max(rel.key_grid) > REL_AXIS_MAX:
-        reasons.append(f"the rel_pos key grid {'x'.join(map(str, rel.key_grid))} has an axis longer than "
-                       f"{REL_AXIS_MAX}, the triton kernels' limit (its gradient is reduced in registers); "
-                       "backend='cpu' or 'reference' take any grid")
+    if max(rel.key_grid) > REL_AXIS_MAX and _rel_grad_wanted(rel):
+        reasons.append(f"the {rel.describe()} has an axis longer than {REL_AXIS_MAX}: the triton kernels reduce "
+                       "its gradient in registers (without a gradient, under torch.no_grad or with terms that "
+                       "do not require grad, triton takes any grid); backend='cpu' or 'reference' take any grid")
     if any((t.shape[2] - 1) * abs(t.stride(2)) + (t.shape[3] - 1) * abs(t.stride(3)) >= 2 ** 31 for t in rel.terms):
         reasons.append("a rel_pos term's (Nq, K) slice spans 2^31 elements or more (the triton kernels index it "
-                       "with 32-bit offsets); pass it contiguous")
+                       "with 32-bit offsets); backend='cpu' or 'reference' take it")
     return reasons
+
+
+def _rel_grad_wanted(rel: RelPos) -> bool:
+    """Whether the backward would compute the rel_pos terms' gradient (so the memo keys on it too)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in rel.terms)
 
 
 def _triton_kernels():

@@ -42,7 +42,7 @@ class RelPos(NamedTuple):
         return (1 if self.rel_t is None else self.rel_t.shape[-1], self.rel_h.shape[-1], self.rel_w.shape[-1])
 
     def describe(self) -> str:
-        grid = "x".join(str(n) for n in self.key_grid[(1 if self.rel_t is None else 0):])
+        grid = "x".join(str(n) for n in self.key_grid[(1 if self.rel_t is None else 0):])  # t only when 3-D
         return f"rel_pos key grid {grid}" + (f" after {self.prefix} prefix tokens" if self.prefix else "")
 
 

@@ -4,12 +4,15 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from vitkernels.ops import _checks as C
 from vitkernels.ops import _tracing
+from vitkernels.ops._checks import autocast_dtype
 from vitkernels.ops.attention.checks import OP, RelPos
 
 
@@ -63,18 +66,10 @@ def decomposed_rel_pos(
     if proxy is not None:
         return _tracing.fx_leaf(proxy, decomposed_rel_pos, (q, q_grid, k_grid, rel_pos_h, rel_pos_w),
                                 dict(rel_pos_t=rel_pos_t, prefix=prefix, index_rule=index_rule))
-    if index_rule not in INDEX_RULES:
-        raise ValueError(f"{OP}: index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
-    q_grid, k_grid = tuple(int(n) for n in q_grid), tuple(int(n) for n in k_grid)
     three_d = rel_pos_t is not None
-    if len(q_grid) != len(k_grid) or len(q_grid) != (3 if three_d else 2):
-        raise ValueError(f"{OP}: decomposed_rel_pos takes (h, w) grids (and (t, h, w) with rel_pos_t); got "
-                         f"q_grid {q_grid}, k_grid {k_grid}, rel_pos_t {'given' if three_d else 'None'}")
+    q_grid, k_grid = _check_inputs(q, q_grid, k_grid, rel_pos_h, rel_pos_w, rel_pos_t, prefix, index_rule)
     B, H, n_q, D = q.shape
     qt, qh, qw = q_grid if three_d else (1,) + q_grid
-    if n_q - prefix != qt * qh * qw:
-        raise ValueError(f"{OP}: q has {n_q} rows; q_grid {q_grid} after {prefix} prefix tokens needs "
-                         f"{prefix + qt * qh * qw}")
     r_q = q[:, :, prefix:].reshape(B, H, qt, qh, qw, D)
     rh = rel_pos_table(qh, k_grid[-2], rel_pos_h, index_rule).to(q.dtype)
     rw = rel_pos_table(qw, k_grid[-1], rel_pos_w, index_rule).to(q.dtype)
@@ -85,3 +80,43 @@ def decomposed_rel_pos(
         rt = rel_pos_table(qt, k_grid[0], rel_pos_t, index_rule).to(q.dtype)
         rel_t = torch.einsum("bnthwc,tkc->bnthwk", r_q, rt).reshape(B, H, n_q - prefix, k_grid[0])
     return RelPos(rel_h, rel_w, rel_t, prefix)
+
+
+NAME = "decomposed_rel_pos"
+
+
+def _check_inputs(q, q_grid, k_grid, rel_pos_h, rel_pos_w, rel_pos_t, prefix, index_rule):
+    """Validate ``decomposed_rel_pos``'s arguments (errors name the argument, the expected and the actual);
+    returns the grids as tuples of ints."""
+    if index_rule not in INDEX_RULES:
+        raise ValueError(f"{NAME}: index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
+    C.require_tensor(NAME, "q", q)
+    C.require_rank(NAME, "q", q, (4,), "(B, H, Nq, D)")
+    C.require_float_dtype(NAME, "q", q)
+    three_d = rel_pos_t is not None
+    grids = []
+    for name, grid in (("q_grid", q_grid), ("k_grid", k_grid)):
+        if (not isinstance(grid, (tuple, list, torch.Size)) or len(grid) != (3 if three_d else 2)
+                or not all(isinstance(n, (int, torch.SymInt)) and not isinstance(n, bool) and n >= 1 for n in grid)):
+            raise ValueError(f"{NAME}: {name} must be {'(t, h, w)' if three_d else '(h, w)'} positive ints"
+                             f"{' (rel_pos_t is given)' if three_d else ''}, got {grid!r}")
+        grids.append(tuple(grid))
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+        raise ValueError(f"{NAME}: prefix must be an int >= 0, got {prefix!r}")
+    n_q, D = q.shape[2], q.shape[3]
+    if n_q - prefix != math.prod(grids[0]):
+        raise ValueError(f"{NAME}: q has {n_q} rows; q_grid {grids[0]} after {prefix} prefix tokens needs "
+                         f"{prefix + math.prod(grids[0])}")
+    autocast = autocast_dtype(q.device.type) is not None
+    for name, table in (("rel_pos_h", rel_pos_h), ("rel_pos_w", rel_pos_w), ("rel_pos_t", rel_pos_t)):
+        if name == "rel_pos_t" and table is None:
+            continue
+        C.require_tensor(NAME, name, table)
+        if table.dim() != 2 or table.shape[0] < 1 or table.shape[1] != D:
+            raise ValueError(f"{NAME}: {name} must be a (L, D) table with L >= 1 and D = {D} (q's head dim), got "
+                             f"shape {tuple(table.shape)}")
+        C.require_same_device(NAME, name, table, "q", q)
+        if table.dtype != q.dtype and not autocast:  # under autocast the einsum takes both in its dtype
+            raise TypeError(f"{NAME}: {name} must have q's dtype {C.dtype_name(q.dtype)} (outside autocast), got "
+                            f"{C.dtype_name(table.dtype)}")
+    return grids

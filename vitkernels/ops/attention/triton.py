@@ -117,8 +117,9 @@ def _rel_grad_step(acc, ds, ds_dtype_of, cols, n_k, rel_kh, rel_kw, rel_prefix, 
                    PAD: tl.constexpr, EXACT: tl.constexpr):
     """acc (M x PAD) += dS summed by key-grid index along AXIS, a dot with a one-hot. EXACT (fp32 inputs):
     an IEEE fp32 dot; else dS split into high and low parts in the inputs' 16-bit dtype (``ds_dtype_of``'s,
-    the dtype dQ's dot already takes dS in): 16-22 significant bits, past what the fp16 / bf16 gradient
-    keeps, on tensor cores, exact against the 0/1 one-hot and accumulated in fp32."""
+    the dtype dQ's dot already takes dS in): 16 (bf16) to 22 (fp16, outside its subnormal range) significant
+    bits, past what the fp16 / bf16 gradient keeps, on tensor cores, exact against the 0/1 one-hot and
+    accumulated in fp32."""
     hot = _rel_one_hot(cols, n_k, rel_kh, rel_kw, rel_prefix, AXIS, PAD)
     if EXACT:
         acc = tl.dot(ds, hot, acc, input_precision="ieee")

@@ -355,3 +355,31 @@ def test_mvit_under_autocast_keeps_torchvisions_dtypes(op_calls):
     assert our_dtypes == their_dtypes
     assert op_calls["flash_attention"] == 3
     assert (ours - exact).abs().max() <= 2 * (theirs - exact).abs().max() + 1e-6
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["samvit", "mvit"])
+def test_compiled_drop_ins_fullgraph_match_eager(kind, compiler, op_calls):
+    """torch.compile(fullgraph=True) of the patched models (a graph break raises): decomposed_rel_pos, the
+    table resizing and the MViT pooling grids trace, and the fused op runs (no replay of the unpatched math).
+    aot_eager traces exactly what inductor gets, without its code generation (about 50 s a model here)."""
+    torch._dynamo.reset()
+    if kind == "samvit":
+        model, x = vitkernels.patch_timm(_samvit(torch.float32)).eval(), torch.randn(2, 3, 96, 96)
+    else:
+        model, x = vitkernels.patch_torchvision(_mvit().float()).eval(), torch.randn(2, 3, 4, 32, 32)
+    out = model(x)
+    out.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    eager_calls = op_calls["flash_attention"]
+    assert eager_calls > 0
+    out_c = torch.compile(model, fullgraph=True, backend=compiler)(x)
+    out_c.square().mean().backward()
+    assert op_calls["flash_attention"] == 2 * eager_calls  # traced through the fused drop-in once more
+    torch.testing.assert_close(out_c, out, rtol=1e-4, atol=1e-5)
+    for (name, p), g in zip(model.named_parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

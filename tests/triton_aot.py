@@ -72,14 +72,12 @@ def _main() -> None:
 # ---- what the compiler makes of a kernel with Triton's run-time specializations --------------------------
 
 
-def specialized_ptx_stats(module: str, name: str, dtype: str, constexprs: dict, ones: list, div16: list,
-                          arch: int = 90, num_warps: int = 4, num_stages: int = 2) -> dict:
-    """Compile as a launch would: integer arguments equal to 1 (``ones``: unit strides) become constants,
-    and pointers plus the integers in ``div16`` carry the 16-divisibility hint Triton derives from the
-    actual values. Returns counts of the global-load forms in the PTX: ``cp_async`` (pipelined copies),
-    ``vector`` (ld.global.v2/v4), ``scalar16`` (ld.global.b16/u16: one 16-bit element per instruction)."""
+def specialized_ptx(module: str, name: str, dtype: str, constexprs: dict, ones: list, div16: list, arch: int = 90,
+                    num_warps: int = 4, num_stages: int = 2) -> str:
+    """The PTX of a compile as a launch would make it: integer arguments equal to 1 (``ones``: unit strides)
+    become constants, and pointers plus the integers in ``div16`` carry the 16-divisibility hint Triton
+    derives from the actual values."""
     import importlib
-    import re
 
     kernel = getattr(importlib.import_module(module), name)
     names = [p.name for p in kernel.params]
@@ -91,8 +89,17 @@ def specialized_ptx_stats(module: str, name: str, dtype: str, constexprs: dict, 
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if sig[n] != "constexpr" and (sig[n].startswith("*") or n in div16)}
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                         options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ptx"]
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ptx"]
+
+
+def specialized_ptx_stats(module: str, name: str, dtype: str, constexprs: dict, ones: list, div16: list,
+                          arch: int = 90, num_warps: int = 4, num_stages: int = 2) -> dict:
+    """Counts of the global-load forms in the PTX of ``specialized_ptx``: ``cp_async`` (pipelined copies),
+    ``vector`` (ld.global.v2/v4), ``scalar16`` (ld.global.b16/u16: one 16-bit element per instruction)."""
+    import re
+
+    ptx = specialized_ptx(module, name, dtype, constexprs, ones, div16, arch, num_warps, num_stages)
     return {"cp_async": len(re.findall(r"cp\.async\.c[ag]", ptx)),
             "vector": len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]\.", ptx)),
             "scalar16": len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\s", ptx))}
@@ -114,23 +121,11 @@ def register_usage(module: str, name: str, dtype: str, constexprs: dict, ones: l
                    num_warps: int = 4, num_stages: int = 2) -> dict:
     """Registers and spills per thread, from ptxas -v on the PTX of a launch-specialized compile (as
     ``specialized_ptx_stats``): {"registers", "spill_stores", "spill_loads"} (bytes)."""
-    import importlib
     import re
     import subprocess
     import tempfile
 
-    kernel = getattr(importlib.import_module(module), name)
-    names = [p.name for p in kernel.params]
-    ones = [n for n in ones if n in names]
-    consts = dict(constexprs, **{n: 1 for n in ones})
-    sig = signature(kernel, dtype, consts)
-    for n in ones:
-        sig[n] = "constexpr"
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if sig[n] != "constexpr" and (sig[n].startswith("*") or n in div16)}
-    src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs)
-    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                         options=dict(num_warps=num_warps, num_stages=num_stages)).asm["ptx"]
+    ptx = specialized_ptx(module, name, dtype, constexprs, ones, div16, arch, num_warps, num_stages)
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.ptx")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from vitkernels.ops import _checks as C
 from vitkernels.ops import _tracing
 from vitkernels.ops._checks import autocast_dtype
-from vitkernels.ops.attention.checks import OP, RelPos
+from vitkernels.ops.attention.checks import RelPos
 
 
 INDEX_RULES = ("timm", "torchvision")
@@ -40,7 +40,7 @@ def rel_pos_table(q_size: int, k_size: int, table: torch.Tensor, index_rule: str
     elif index_rule == "torchvision":
         relative = torch.arange(q_size)[:, None] * q_ratio - (torch.arange(k_size)[None, :] + (1.0 - k_size)) * k_ratio
     else:
-        raise ValueError(f"{OP}: index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
+        raise ValueError(f"rel_pos_table: index_rule must be one of {INDEX_RULES}, got {index_rule!r}")
     return table[relative.long().to(table.device)]
 
 

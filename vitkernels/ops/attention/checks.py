@@ -46,6 +46,34 @@ class RelPos(NamedTuple):
         return f"rel_pos key grid {grid}" + (f" after {self.prefix} prefix tokens" if self.prefix else "")
 
 
+class Rope(NamedTuple):
+    """Rotary position embedding (EVA-02, DINOv3-style 2-D / axial RoPE) applied to q and k inside the
+    kernels: for each token ``n >= prefix`` and each head,
+
+        x_rot = x * cos[n - prefix] + rotate(x) * sin[n - prefix]
+
+    computed in the promoted dtype of x and cos (fp32 for fp16/bf16 q with fp32 tables) and rounded to q's
+    dtype once (timm's ``apply_rot_embed``). ``rotate`` pairs the channels of a head:
+
+    - ``rotate_half=False`` (timm's default, EVA-02): interleaved pairs ``[-x1, x0, -x3, x2, ...]``;
+    - ``rotate_half=True`` (DINOv3, timm's ``rotate_half=True``): halves ``[-x[D/2:], x[:D/2]]``.
+
+    cos and sin are per-element (..., Nq - prefix, D), as timm lays them out (``RotaryEmbeddingCat``
+    gives ``[sin | cos]`` along the last dim: ``sin, cos = rope.chunk(2, -1)``), broadcastable over
+    (B, H) (shapes (N, D), (1|B, 1|H, N, D) and the 3-D forms), any strides, fp32 or q's dtype. The first
+    ``prefix`` tokens (class / register tokens) are not rotated. Needs Nq == Nk (self-attention: q and k
+    share the angles). Gradients flow to cos and sin when they require one (learnable frequencies).
+    """
+    cos: torch.Tensor  # ..., Nq - prefix, D
+    sin: torch.Tensor  # ..., Nq - prefix, D
+    prefix: int = 0  # leading tokens left unrotated (class / register tokens)
+    rotate_half: bool = False  # True: halves [-x2, x1]; False: interleaved pairs [-x1, x0, ...]
+
+    def describe(self) -> str:
+        layout = "half" if self.rotate_half else "interleaved"
+        return f"rope ({layout}{f', after {self.prefix} prefix tokens' if self.prefix else ''})"
+
+
 @dataclass
 class AttentionInputs:
     q: torch.Tensor  # B, H, Nq, D
@@ -55,6 +83,7 @@ class AttentionInputs:
     scale: float
     dropout_p: float
     rel_pos: Optional[RelPos] = None  # decomposed relative position, checked
+    rope: Optional[Rope] = None  # rotary embedding, checked; cos and sin as 4-D views (1|B, 1|H, Nq - prefix, D)
 
     @property
     def device(self) -> torch.device:
@@ -72,20 +101,22 @@ class AttentionInputs:
     def data_free(self) -> bool:
         """Meta tensors or a zero-size dim: nothing to compute (dispatch gives it to the reference)."""
         rel = self.rel_pos.terms if self.rel_pos is not None else ()
-        return data_free(self.q, self.k, self.v, self.bias, *rel)
+        rope = self.rope[:2] if self.rope is not None else ()
+        return data_free(self.q, self.k, self.v, self.bias, *rel, *rope)
 
     def describe(self) -> str:
         bias = "none" if self.bias is None else f"{tuple(self.bias.shape)}"
         return (f"q {tuple(self.q.shape)}, k {tuple(self.k.shape)}, {C.dtype_name(self.dtype)} on {self.device}, "
                 f"bias {bias}, dropout_p={self.dropout_p}"
-                + (f", {self.rel_pos.describe()}" if self.rel_pos is not None else ""))
+                + (f", {self.rel_pos.describe()}" if self.rel_pos is not None else "")
+                + (f", {self.rope.describe()}" if self.rope is not None else ""))
 
 
 def head_dim_supported(d: int) -> bool:
     return 16 <= d <= 256 and d % 8 == 0
 
 
-def check_attention_inputs(q, k, v, bias=None, scale=None, dropout_p=0.0, rel_pos=None) -> AttentionInputs:
+def check_attention_inputs(q, k, v, bias=None, scale=None, dropout_p=0.0, rel_pos=None, rope=None) -> AttentionInputs:
     """Validate the arguments of ``flash_attention``; raise ValueError/TypeError naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         C.require_tensor(OP, name, t)
@@ -130,7 +161,8 @@ def check_attention_inputs(q, k, v, bias=None, scale=None, dropout_p=0.0, rel_po
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"{OP}: dropout_p must be in [0, 1], got {dropout_p}")
     rel_pos = check_rel_pos(rel_pos, q, k)
-    return AttentionInputs(q, k, v, bias, D ** -0.5 if scale is None else scale, float(dropout_p), rel_pos)
+    rope = check_rope(rope, q, k)
+    return AttentionInputs(q, k, v, bias, D ** -0.5 if scale is None else scale, float(dropout_p), rel_pos, rope)
 
 
 REL_POS_FORMS = ("a vitkernels.RelPos(rel_h, rel_w, rel_t=None, prefix=0) or a tuple (rel_h, rel_w) of "
@@ -173,3 +205,53 @@ def _kind(value) -> str:
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of {len(value)}"
     return type(value).__name__
+
+
+ROPE_FORMS = ("a vitkernels.Rope(cos, sin, prefix=0, rotate_half=False) or a tuple (cos, sin) of "
+              "(..., Nq, D) tensors")
+
+
+def check_rope(rope, q, k) -> Optional[Rope]:
+    """Validate ``rope`` against q (B, H, Nq, D) and k (B, H, Nk, D); returns it as a ``Rope`` whose cos and
+    sin are 4-D views (1|B, 1|H, Nq - prefix, D) of the given tensors (no copy)."""
+    if rope is None:
+        return None
+    if not isinstance(rope, Rope):
+        if not isinstance(rope, (tuple, list)) or len(rope) != 2:
+            raise TypeError(f"{OP}: rope must be {ROPE_FORMS}; got {_kind(rope)} (prefix tokens and the half "
+                            "layout: Rope(cos, sin, prefix=..., rotate_half=True))")
+        rope = Rope(*rope)
+    prefix, rotate_half = rope.prefix, rope.rotate_half
+    if isinstance(prefix, bool) or not isinstance(prefix, int):
+        raise TypeError(f"{OP}: rope.prefix must be an int, got {type(prefix).__name__}")
+    if not isinstance(rotate_half, bool):
+        raise TypeError(f"{OP}: rope.rotate_half must be a bool, got {type(rotate_half).__name__}")
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    if Nq != Nk:
+        raise ValueError(f"{OP}: rope rotates q and k by the same per-token angles and needs Nq == Nk, got "
+                         f"Nq={Nq}, Nk={Nk} (rotate q and k yourself for cross-attention)")
+    if not 0 <= prefix <= Nq:
+        raise ValueError(f"{OP}: rope.prefix must be in [0, Nq] = [0, {Nq}], got {prefix}")
+    allowed = (q.dtype,) if q.dtype in (torch.float32, torch.float64) else (q.dtype, torch.float32)
+    for name, t in (("cos", rope.cos), ("sin", rope.sin)):
+        C.require_tensor(OP, f"rope.{name}", t)
+        if t.dtype not in allowed:
+            raise TypeError(f"{OP}: rope.{name} must have dtype "
+                            f"{' or '.join(C.dtype_name(d) for d in allowed)} (q's dtype, or float32 tables "
+                            f"for fp16/bf16 q), got {C.dtype_name(t.dtype)} (no silent casts)")
+        C.require_same_device(OP, f"rope.{name}", t, "q", q)
+        shape = tuple(t.shape)
+        ok = (2 <= t.dim() <= 4 and shape[-2:] == (Nq - prefix, D)
+              and all(s in (1, full) for s, full in zip(reversed(shape[:-2]), (H, B))))
+        if not ok:
+            raise ValueError(f"{OP}: rope.{name} must be (Nq - prefix, D) = ({Nq - prefix}, {D}), or that with "
+                             f"leading dims broadcastable to (B, H) = ({B}, {H}), got shape {shape}")
+    if rope.cos.shape != rope.sin.shape or rope.cos.dtype != rope.sin.dtype:
+        raise ValueError(f"{OP}: rope.cos and rope.sin must have the same shape and dtype, got "
+                         f"{tuple(rope.cos.shape)} {C.dtype_name(rope.cos.dtype)} and {tuple(rope.sin.shape)} "
+                         f"{C.dtype_name(rope.sin.dtype)}")
+    if rotate_half and D % 2:  # D is a multiple of 8 here; kept for the message if that ever changes
+        raise ValueError(f"{OP}: rope with rotate_half needs an even head dim, got D={D}")
+    lead = (None,) * (4 - rope.cos.dim())
+    return rope._replace(cos=rope.cos[lead], sin=rope.sin[lead])

@@ -78,7 +78,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[
                   rel_prefix: int = 0, needs_rel: bool = False) -> List[Tensor]:
     rel_pos = _rel(rel_h, rel_w, rel_t, rel_prefix)
     kernels = _kernels(q, k, v, bias, scale, dropout_p, rel_pos, backend)
-    dq, dk, dv, dbias, drel = kernels.backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, needs_bias,
+    dq, dk, dv, dbias, drel, _ = kernels.backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, needs_bias,
                                                rel_pos, needs_rel)
     return _grads(dq, dk, dv, dbias, drel, q, k, v, bias, rel_h, rel_w, rel_t, dout)
 

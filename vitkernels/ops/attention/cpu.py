@@ -27,7 +27,9 @@ def _rel_args(rel_pos):
 
 class CpuAttentionKernels:
     @staticmethod
-    def forward(q, k, v, bias, scale, dropout_p, rel_pos=None):
+    def forward(q, k, v, bias, scale, dropout_p, rel_pos=None, rope=None):
+        if rope is not None:
+            raise NotImplementedError("rope on cpu: in progress")  # TODO(rope)
         rng = draw_dropout_seed(q.device) if dropout_p > 0 else no_dropout_seed(q.device)
         out, lse = _ext.extension().attention_forward_cpu(q, k, v, bias, scale, dropout_p, *_seed(rng, dropout_p),
                                                           *_rel_args(rel_pos))
@@ -35,14 +37,16 @@ class CpuAttentionKernels:
 
     @staticmethod
     def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad, rel_pos=None,
-                 rel_requires_grad=False):
+                 rel_requires_grad=False, rope=None, rope_requires_grad=False):
+        if rope is not None:
+            raise NotImplementedError("rope on cpu: in progress")  # TODO(rope)
         if dout.shape[-1] > 1 and dout.stride(-1) != 1:  # the kernels read rows; autograd may hand any strides
             dout = dout.contiguous()
         rel_requires_grad = rel_pos is not None and rel_requires_grad
         dq, dk, dv, dbias, drel = _ext.extension().attention_backward_cpu(
             dout, q, k, v, bias, out, lse, scale, dropout_p, *_seed(rng, dropout_p), bias_requires_grad,
             *_rel_args(rel_pos), rel_requires_grad)
-        return dq, dk, dv, dbias, drel
+        return dq, dk, dv, dbias, drel, None
 
 
 def dropout_keep_mask(rng: torch.Tensor, shape, dropout_p: float) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from vitkernels.ops.attention.function import draw_dropout_seed, no_dropout_seed
+from vitkernels.ops.attention.rope import apply_rope, qk_rope_backward
 
 
 def attention_reference(
@@ -159,18 +160,25 @@ class ReferenceAttentionKernels:
     reference backend runs under torch.compile."""
 
     @staticmethod
-    def forward(q, k, v, bias, scale, dropout_p, rel_pos=None):
+    def forward(q, k, v, bias, scale, dropout_p, rel_pos=None, rope=None):
         rng = draw_dropout_seed(q.device) if dropout_p > 0 else no_dropout_seed(q.device)
         mask = _mask(rng, q, k, dropout_p)
-        out, lse = attention_forward_math(q, k, v, with_rel_pos(bias, rel_pos, q.shape[-2], k.shape[-2]), scale,
-                                          dropout_p, mask)
+        q_r, k_r = (apply_rope(q, rope), apply_rope(k, rope)) if rope is not None else (q, k)
+        out, lse = attention_forward_math(q_r, k_r, v, with_rel_pos(bias, rel_pos, q.shape[-2], k.shape[-2]),
+                                          scale, dropout_p, mask)
         return out, lse, rng
 
     @staticmethod
     def backward(dout, q, k, v, bias, out, lse, rng, scale, dropout_p, bias_requires_grad, rel_pos=None,
-                 rel_requires_grad=False):
-        return attention_backward_math(dout, q, k, v, bias, out, lse, scale, bias_requires_grad, dropout_p,
-                                       _mask(rng, q, k, dropout_p), rel_pos, rel_requires_grad)
+                 rel_requires_grad=False, rope=None, rope_requires_grad=False):
+        q_r, k_r = (apply_rope(q, rope), apply_rope(k, rope)) if rope is not None else (q, k)
+        dq, dk, dv, dbias, drel = attention_backward_math(dout, q_r, k_r, v, bias, out, lse, scale,
+                                                          bias_requires_grad, dropout_p, _mask(rng, q, k, dropout_p),
+                                                          rel_pos, rel_requires_grad)
+        drope = None
+        if rope is not None:
+            dq, dk, drope = qk_rope_backward(dq, dk, q, k, rope, rope_requires_grad)
+        return dq, dk, dv, dbias, drel, drope
 
 
 def _mask(rng, q, k, dropout_p):

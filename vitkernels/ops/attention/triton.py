@@ -833,10 +833,16 @@ def dropout_mask_triton(seed: torch.Tensor, B: int, H: int, n_q: int, n_k: int, 
 class TritonAttentionKernels:
     """flash_attention's Triton forward/backward, in the shape ``AttentionFunction`` expects."""
 
-    forward = staticmethod(flash_attention_fwd_triton)
+    @staticmethod
+    def forward(q, k, v, bias, scale, dropout_p, rel_pos=None, rope=None):
+        if rope is not None:
+            raise NotImplementedError("rope on triton: in progress")  # TODO(rope): fused rotation
+        return flash_attention_fwd_triton(q, k, v, bias, scale, dropout_p, rel_pos)
 
     @staticmethod
     def backward(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad, rel_pos=None,
-                 rel_requires_grad=False):
+                 rel_requires_grad=False, rope=None, rope_requires_grad=False):
+        if rope is not None:
+            raise NotImplementedError("rope on triton: in progress")  # TODO(rope): fused rotation
         return flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad,
-                                          rel_pos, rel_requires_grad)
+                                          rel_pos, rel_requires_grad) + (None,)

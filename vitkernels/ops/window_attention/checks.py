@@ -26,7 +26,9 @@ class WindowInputs:
     table_window: Tuple[int, ...]  # the window the table and its index are laid out for
     rel_pos_bias: Optional[torch.Tensor]  # table_rows(table_window), num_heads
     qkv_bias: Optional[torch.Tensor]  # 3C
-    scale: float
+    scale: float  # 1.0 with cosine (the logit scale is per head)
+    cosine: bool = False  # Swin V2: q and k L2-normalised per head, logits * exp(min(logit_scale, log 100))
+    logit_scale: Optional[torch.Tensor] = None  # (num_heads,) or (num_heads, 1, ..., 1); cosine only
 
     @property
     def device(self) -> torch.device:
@@ -43,15 +45,16 @@ class WindowInputs:
     @property
     def data_free(self) -> bool:
         """Meta tensors or a zero-size dim: nothing to compute (dispatch gives it to the reference)."""
-        return data_free(self.qkv, self.rel_pos_bias, self.qkv_bias)
+        return data_free(self.qkv, self.rel_pos_bias, self.qkv_bias, self.logit_scale)
 
     def describe(self) -> str:
         return (f"qkv {tuple(self.qkv.shape)} {C.dtype_name(self.dtype)} on {self.device}, "
-                f"num_heads={self.num_heads}, head_dim={self.head_dim}, window {self.window}, shift {self.shift}")
+                f"num_heads={self.num_heads}, head_dim={self.head_dim}, window {self.window}, shift {self.shift}"
+                + (", cosine attention" if self.cosine else ""))
 
 
 def check_window_inputs(qkv, num_heads, window_size, shift_size=0, rel_pos_bias=None, qkv_bias=None,
-                        scale=None) -> WindowInputs:
+                        scale=None, cosine=False, logit_scale=None) -> WindowInputs:
     """Validate the arguments of ``window_attention``; raise ValueError/TypeError naming the argument."""
     C.require_tensor(OP, "qkv", qkv)
     C.require_rank(OP, "qkv", qkv, (4, 5), "((B, H, W, 3C) for 2-D, (B, T, H, W, 3C) for 3-D)")
@@ -92,5 +95,39 @@ def check_window_inputs(qkv, num_heads, window_size, shift_size=0, rel_pos_bias=
         C.require_same_device(OP, "qkv_bias", qkv_bias, "qkv", qkv)
         C.require_shape(OP, "qkv_bias", qkv_bias, (c3,), "(3 * C, qkv's last dim)")
     scale = C.optional_scale(OP, scale)
+    check_cosine(cosine, logit_scale, scale, qkv, num_heads)
+    if cosine:
+        scale = 1.0
     return WindowInputs(qkv, num_heads, head_dim, window_size, shift_size, window, shift, tuple(table_window),
-                        rel_pos_bias, qkv_bias, head_dim ** -0.5 if scale is None else scale)
+                        rel_pos_bias, qkv_bias, head_dim ** -0.5 if scale is None else scale, cosine,
+                        logit_scale if cosine else None)
+
+
+def check_cosine(cosine, logit_scale, scale, qkv, num_heads) -> None:
+    """Swin V2's scaled cosine attention: ``cosine`` a bool; with it a ``logit_scale`` of num_heads values
+    ((num_heads,) or (num_heads, 1, ..., 1), as timm and torchvision keep it), fp32 or qkv's dtype, and no
+    ``scale``; without it no ``logit_scale``."""
+    if not isinstance(cosine, bool):
+        raise TypeError(f"{OP}: cosine must be a bool, got {type(cosine).__name__}")
+    if not cosine:
+        if logit_scale is not None:
+            raise ValueError(f"{OP}: logit_scale is only used with cosine=True (Swin V2's scaled cosine "
+                             "attention); pass cosine=True, or drop logit_scale")
+        return
+    if logit_scale is None:
+        raise ValueError(f"{OP}: cosine=True needs logit_scale, the per-head log scale of the cosine logits "
+                         "(Swin V2's attn.logit_scale, shape (num_heads, 1, 1))")
+    if scale is not None:
+        raise ValueError(f"{OP}: scale must be None with cosine=True (the cosine logits are scaled by "
+                         f"exp(min(logit_scale, log(100))) per head), got scale={scale}")
+    C.require_tensor(OP, "logit_scale", logit_scale)
+    allowed = (qkv.dtype,) if qkv.dtype in (torch.float32, torch.float64) else (qkv.dtype, torch.float32)
+    if logit_scale.dtype not in allowed:
+        raise TypeError(f"{OP}: logit_scale must have dtype {' or '.join(C.dtype_name(d) for d in allowed)} "
+                        f"(qkv's dtype, or float32 for fp16/bf16 qkv), got {C.dtype_name(logit_scale.dtype)} "
+                        "(no silent casts)")
+    C.require_same_device(OP, "logit_scale", logit_scale, "qkv", qkv)
+    shape = tuple(logit_scale.shape)
+    if not shape or shape[0] != num_heads or any(s != 1 for s in shape[1:]):
+        raise ValueError(f"{OP}: logit_scale must have shape (num_heads,) or (num_heads, 1, ..., 1) with "
+                         f"num_heads={num_heads}, got {shape}")

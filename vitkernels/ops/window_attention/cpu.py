@@ -47,7 +47,7 @@ class CpuWindowKernels:
 
     @staticmethod
     def backward(dout, inputs, out, lse, needs, cache=None):
-        need_qkv, need_table, need_bias = needs
+        need_qkv, need_table, need_bias = needs[:3]
         table, qkv_bias, nd = inputs.rel_pos_bias, inputs.qkv_bias, len(inputs.window)
         need_table = need_table and table is not None
         need_bias = need_bias and qkv_bias is not None
@@ -62,4 +62,4 @@ class CpuWindowKernels:
             dqkv_bias = dbias.to(qkv_bias.dtype)
         if need_qkv:
             dqkv = dqkv.view(inputs.qkv.shape)
-        return dqkv, dtable, dqkv_bias
+        return dqkv, dtable, dqkv_bias, None

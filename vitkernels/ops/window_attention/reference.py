@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from vitkernels.ops.attention.reference import attention_backward_math, attention_forward_math, attention_reference
 from vitkernels.ops.window_attention import geometry
+from vitkernels.ops.window_attention.cosine import cosine_qk, cosine_qk_backward
 
 
 def _pad_with_bias(x: torch.Tensor, pads: Sequence[int], qkv_bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -153,14 +154,21 @@ def window_attention_reference(
     rel_pos_bias: Optional[torch.Tensor] = None,  # table_rows(table window), num_heads
     qkv_bias: Optional[torch.Tensor] = None,  # 3C
     scale: Optional[float] = None,
+    cosine: bool = False,
+    logit_scale: Optional[torch.Tensor] = None,  # num_heads values (cosine)
 ) -> torch.Tensor:  # B, H, W, C  or  B, T, H, W, C
     """Shifted-window attention over a whole map; ``window_size``/``shift_size`` are full tuples as the
-    user gave them (clipping to a small map happens here)."""
+    user gave them (clipping to a small map happens here). ``cosine``: Swin V2's scaled cosine logits
+    (``cosine.py``), computed in fp32 (fp64 for fp64 inputs)."""
     geo = _Geometry(qkv.shape[1:-1], window_size, shift_size)
     head_dim = qkv.shape[-1] // (3 * num_heads)
     q, k, v = _split_qkv(_to_windows(qkv, geo, qkv_bias), num_heads)  # B, nW, heads, N, hd
     bias = _window_bias(rel_pos_bias, geo, num_heads, qkv.dtype, qkv.device)
-    out = attention_reference(q, k, v, bias, scale if scale is not None else head_dim ** -0.5)
+    if cosine:
+        q, k = cosine_qk(q, k, logit_scale)
+        out = attention_reference(q, k, v.to(q.dtype), bias, 1.0).to(qkv.dtype)
+    else:
+        out = attention_reference(q, k, v, bias, scale if scale is not None else head_dim ** -0.5)
     return _from_windows(_merge_heads(out), geo)[0]
 
 
@@ -175,21 +183,33 @@ class ReferenceWindowKernels:
         geo = _Geometry(qkv.shape[1:-1], inputs.window_size, inputs.shift_size)
         q, k, v = _split_qkv(_to_windows(qkv, geo, inputs.qkv_bias), heads)
         bias = _window_bias(inputs.rel_pos_bias, geo, heads, qkv.dtype, qkv.device)
+        if inputs.cosine:
+            q, k = cosine_qk(q, k, inputs.logit_scale)
+            v = v.to(q.dtype)
         out_w, lse = attention_forward_math(q, k, v, bias, inputs.scale)  # lse: B, nW, heads, N
-        out = _from_windows(_merge_heads(out_w), geo)[0]
+        out = _from_windows(_merge_heads(out_w.to(qkv.dtype)), geo)[0]
         return out, lse.reshape(-1, heads, geo.n), None
 
     @staticmethod
     def backward(dout, inputs, out, lse, needs, cache=None):
-        need_qkv, need_table, need_bias = needs
+        need_qkv, need_table, need_bias, need_scale = (tuple(needs) + (False,))[:4]
         qkv, table, qkv_bias, heads = inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias, inputs.num_heads
         geo = _Geometry(qkv.shape[1:-1], inputs.window_size, inputs.shift_size)
         q, k, v = _split_qkv(_to_windows(qkv, geo, qkv_bias), heads)
         bias = _window_bias(table, geo, heads, qkv.dtype, qkv.device)
         dout_w = _heads(_to_windows(dout, geo, None), heads)  # the adjoint of the output's window reverse
         out_w = _heads(_to_windows(out, geo, None), heads)  # padded rows 0: their dO is 0 too
-        dq, dk, dv, dbias, _ = attention_backward_math(dout_w, q, k, v, bias, out_w, lse.view(q.shape[:-1]),
-                                                       inputs.scale, bias_requires_grad=need_table and table is not None)
+        q_in, k_in, v_in = q, k, v
+        if inputs.cosine:
+            q_in, k_in = cosine_qk(q, k, inputs.logit_scale)
+            v_in = v.to(q_in.dtype)
+        dq, dk, dv, dbias, _ = attention_backward_math(dout_w, q_in, k_in, v_in, bias, out_w,
+                                                       lse.view(q.shape[:-1]), inputs.scale,
+                                                       bias_requires_grad=need_table and table is not None)
+        dscale = None
+        if inputs.cosine:
+            dq, dk, dscale = cosine_qk_backward(dq, dk, q, k, inputs.logit_scale, need_scale)
+            dq, dk, dv = dq.to(qkv.dtype), dk.to(qkv.dtype), dv.to(qkv.dtype)
         dqkv = dqkv_bias = dtable = None
         if need_qkv or need_bias:
             dwin = torch.cat([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], dim=-1)  # B, nW, N, 3C
@@ -199,4 +219,4 @@ class ReferenceWindowKernels:
         if need_table and table is not None:
             dtable = geometry.sum_by_table_row(dbias.sum_to_size(heads, geo.n, geo.n), geo.window,
                                                geo.table_window).to(table.dtype)
-        return (dqkv.contiguous() if need_qkv else None), dtable, dqkv_bias
+        return (dqkv.contiguous() if need_qkv else None), dtable, dqkv_bias, dscale

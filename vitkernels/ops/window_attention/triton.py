@@ -843,4 +843,4 @@ class TritonWindowKernels:
 
     @staticmethod
     def backward(dout, inputs, out, lse, needs, cache=None):
-        return window_attention_bwd_triton(dout, inputs, out, lse, needs, cache)
+        return tuple(window_attention_bwd_triton(dout, inputs, out, lse, tuple(needs)[:3], cache)) + (None,)

@@ -11,7 +11,7 @@ import importlib
 
 from vitkernels.dispatch import BACKEND_NAMES, BackendUnavailableError, available_backends
 from vitkernels.explain import explain
-from vitkernels.ops import RelPos, decomposed_rel_pos, flash_attention, patch_embed, window_attention
+from vitkernels.ops import RelPos, Rope, decomposed_rel_pos, flash_attention, patch_embed, window_attention
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "window_attention",
     "patch_embed",
     "RelPos",
+    "Rope",
     "decomposed_rel_pos",
     "explain",
     "available_backends",

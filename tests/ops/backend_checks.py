@@ -232,3 +232,137 @@ def rel_pos_dropout_matches_the_reference_with_the_kernels_mask(backend, device,
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
     for n in ts:
         torch.testing.assert_close(ts[n].grad.double(), rs[n].grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{n}: {m}")
+
+
+# ---- rotary position (flash_attention(rope=...)) -----------------------------------------------------------
+
+
+def rope_leaves(B, H, N, D, prefix=0, table_shape=None, device="cpu", with_bias=False, seed=0):
+    """q, k, v (B, H, N, D) and timm-like cos / sin tables (angles of a 2-D axial grid, each frequency twice,
+    interleaved as in timm's layout; any extra dims of ``table_shape`` get their own angles), optionally a
+    learnable bias: float32 leaves (not requiring grad)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    leaves = {"q": rnd(B, H, N, D), "k": rnd(B, H, N, D), "v": rnd(B, H, N, D)}
+    shape = table_shape or (N - prefix, D)
+    angles = torch.rand(*shape[:-1], D // 2, generator=g) * 2 * math.pi * torch.linspace(1, 0.05, D // 2)
+    angles = angles.repeat_interleave(2, dim=-1)
+    leaves["cos"], leaves["sin"] = angles.cos().to(device), angles.sin().to(device)
+    if with_bias:
+        leaves["bias"] = rnd(1, H, N, N)
+    return leaves
+
+
+def _rope_call(ts, prefix, rotate_half, backend, dropout_p=0.0, table_dtype=None):
+    cos, sin = ts["cos"], ts["sin"]
+    if table_dtype is not None:
+        cos, sin = cos.to(table_dtype), sin.to(table_dtype)
+    rope = vitkernels.Rope(cos, sin, prefix, rotate_half)
+    return vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), rope=rope,
+                                      dropout_p=dropout_p, backend=backend)
+
+
+def rope_vs_reference(backend, leaves, prefix=0, rotate_half=False, dtype=torch.float32, table_dtype=None,
+                      tables_grad=False, factor=2.0, grad_factor=3.0):
+    """``backend`` against the fp64 reference (timm's rotation, then attention), with the same-dtype reference
+    as the yardstick: the output and the gradients of q, k, v, the bias and (``tables_grad``) cos and sin.
+    ``table_dtype``: the tables' dtype in the same-dtype runs (default: ``dtype``; float32 tables with
+    fp16/bf16 q is timm's usual mix)."""
+    results = {}
+    for name, cast, be in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"), ("run", dtype, backend)):
+        tcast = torch.float64 if cast == torch.float64 else (table_dtype or dtype)
+        ts = {n: t.detach().to(tcast if n in ("cos", "sin") else cast).requires_grad_(
+            tables_grad or n not in ("cos", "sin")) for n, t in leaves.items()}
+        out = _rope_call(ts, prefix, rotate_half, be)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        out.backward(g.to(out.device, cast))
+        results[name] = (out, {n: t.grad for n, t in ts.items()})
+    fl = FLOOR[dtype]
+    assert results["run"][0].dtype == dtype
+    assert_close_2x(results["run"][0], results["pt"][0], results["ref"][0], factor=factor, floor=fl, name="out")
+    for n in leaves:
+        if n in ("cos", "sin") and not tables_grad:
+            assert results["run"][1][n] is None, f"d{n} given without requires_grad"
+            continue
+        assert results["run"][1][n] is not None, f"d{n} missing"
+        assert results["run"][1][n].shape == leaves[n].shape, n
+        assert_close_2x(results["run"][1][n], results["pt"][1][n], results["ref"][1][n], factor=grad_factor,
+                        floor=fl * 10, name=f"d{n}")
+    return results
+
+
+def rope_backward_is_bitwise_deterministic(backend, device, tables_grad=True):
+    leaves = rope_leaves(2, 2, 77, 40, prefix=1, device=device, with_bias=True)
+    runs = []
+    for _ in range(2):
+        ts = {n: t.clone().requires_grad_(tables_grad or n not in ("cos", "sin")) for n, t in leaves.items()}
+        out = _rope_call(ts, 1, False, backend)
+        out.backward(torch.ones_like(out))
+        runs.append([out] + [ts[n].grad for n in sorted(ts) if ts[n].requires_grad])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---- Swin V2 scaled cosine attention (window_attention(cosine=True)) -----------------------------------------
+
+
+def cosine_window_vs_reference(backend, device, shape, heads, head_dim, window, shift, dtype=torch.float32,
+                               logit_scale=None, scale_dtype=None, with_bias=True, with_table=True, seed=0):
+    """``backend`` with ``cosine=True`` against the fp64 reference, the same-dtype reference as the yardstick:
+    output and the gradients of qkv, the table (Swin V2's 16 * sigmoid(MLP) values), qkv_bias and the logit
+    scale. ``logit_scale`` (heads,) float32 values (default: spread over [log 2, log 100 + 0.5], so one head
+    sits past the clamp); ``scale_dtype``: its dtype in the same-dtype runs (default ``dtype``)."""
+    g = torch.Generator().manual_seed(seed)
+    B, *spatial = shape
+    nd = len(spatial)
+    window_t = (window,) * nd if isinstance(window, int) else tuple(window)
+    C = heads * head_dim
+    leaves = {"qkv": torch.randn(B, *spatial, 3 * C, generator=g).to(device)}
+    if with_table:
+        leaves["rel_pos_bias"] = (16 * torch.sigmoid(torch.randn(table_rows(window_t), heads, generator=g))).to(device)
+    if with_bias:
+        leaves["qkv_bias"] = torch.randn(3 * C, generator=g).to(device)
+    if logit_scale is None:
+        logit_scale = torch.linspace(math.log(2.0), math.log(100.0) + 0.5, heads)
+    leaves["logit_scale"] = logit_scale.reshape(heads, 1, 1).to(device)
+    dout = torch.randn(B, *spatial, C, generator=g).to(device)
+    results = {}
+    for name, cast, be in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"), ("run", dtype, backend)):
+        scast = torch.float64 if cast == torch.float64 else (scale_dtype or dtype)
+        ts = {n: t.detach().to(scast if n == "logit_scale" else cast).requires_grad_() for n, t in leaves.items()}
+        out = vitkernels.window_attention(ts["qkv"], num_heads=heads, window_size=window, shift_size=shift,
+                                          rel_pos_bias=ts.get("rel_pos_bias"), qkv_bias=ts.get("qkv_bias"),
+                                          cosine=True, logit_scale=ts["logit_scale"], backend=be)
+        out.backward(dout.to(cast))
+        grads = {n: (t.grad if t.grad is not None else torch.zeros_like(t)) for n, t in ts.items()}
+        results[name] = (out, grads)
+    floor = FLOOR[dtype]
+    assert results["run"][0].dtype == dtype
+    assert_close_2x(results["run"][0], results["pt"][0], results["ref"][0], floor=floor, name="out")
+    for n in leaves:
+        assert results["run"][1][n].shape == leaves[n].shape, n
+        assert_close_2x(results["run"][1][n], results["pt"][1][n], results["ref"][1][n], factor=3.0,
+                        floor=floor * 10, name=f"d{n}")
+    return results
+
+
+def cosine_window_backward_is_bitwise_deterministic(backend, device):
+    heads, hd = 2, 32
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(2, 13, 10, 3 * heads * hd, generator=g).to(device)
+    table = (16 * torch.sigmoid(torch.randn(169, heads, generator=g))).to(device)
+    bias = torch.randn(3 * heads * hd, generator=g).to(device)
+    logit_scale = torch.tensor([math.log(10.0), math.log(30.0)]).reshape(heads, 1, 1).to(device)
+    dout = torch.randn(2, 13, 10, heads * hd, generator=g).to(device)
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in (qkv, table, bias, logit_scale)]
+        out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=7, shift_size=3, rel_pos_bias=ts[1],
+                                          qkv_bias=ts[2], cosine=True, logit_scale=ts[3], backend=backend)
+        out.backward(dout)
+        runs.append([out] + [t.grad for t in ts])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

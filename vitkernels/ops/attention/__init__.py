@@ -7,11 +7,12 @@ import torch
 
 from vitkernels import dispatch
 from vitkernels.ops import _compile, _tracing
-from vitkernels.ops.attention.checks import OP, AttentionInputs, RelPos, check_attention_inputs
+from vitkernels.ops.attention.checks import OP, AttentionInputs, RelPos, Rope, check_attention_inputs
 from vitkernels.ops.attention.compile import compiled_attention
 from vitkernels.ops.attention.function import apply_attention
 from vitkernels.ops.attention.reference import ReferenceAttentionKernels, attention_reference, with_rel_pos
 from vitkernels.ops.attention.rel_pos import decomposed_rel_pos
+from vitkernels.ops.attention.rope import apply_rope
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
 from vitkernels.ops.cpu_limits import cpu_reasons
 from vitkernels.ops.triton_limits import triton_reasons
@@ -24,6 +25,7 @@ def flash_attention(
     *,
     bias: Optional[torch.Tensor] = None,
     rel_pos: Optional[Union[RelPos, Tuple[torch.Tensor, torch.Tensor]]] = None,
+    rope: Optional[Union[Rope, Tuple[torch.Tensor, torch.Tensor]]] = None,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     backend: Optional[str] = None,
@@ -41,6 +43,11 @@ def flash_attention(
             rel_t=None, prefix=0)`` or ``(rel_h, rel_w)``, per-axis terms of shape (B, H, Nq - prefix, K)
             over a row-major key grid; added tile by tile, never formed as Nq x Nk (see ``RelPos``).
             Combines with ``bias`` and dropout; its terms get gradients.
+        rope: rotary position embedding (EVA-02, DINOv3-style 2-D RoPE): ``Rope(cos, sin, prefix=0,
+            rotate_half=False)`` or ``(cos, sin)``, per-token tables (..., Nq - prefix, D) in timm's layout;
+            q and k are rotated as the kernels load them (never written back) and the backward rotates dq
+            and dk back (see ``Rope``). Needs Nq == Nk; combines with ``bias``, ``rel_pos`` and dropout;
+            the tables get gradients when they require one.
         scale: default ``D ** -0.5``.
         dropout_p: dropout on the probabilities, drawn from torch's RNG.
         backend: None (dispatch picks), "reference", "triton", "cuda" or "cpu".
@@ -51,30 +58,36 @@ def flash_attention(
         meta or empty inputs: see ``vitkernels.ops._tracing``.
     """
     rel_terms = _rel_terms(rel_pos)
-    proxy = _tracing.fx_proxy(q, k, v, bias, *rel_terms)
+    rope_tables = _rel_terms(rope)
+    proxy = _tracing.fx_proxy(q, k, v, bias, *rel_terms, *rope_tables)
     if proxy is not None:  # FX symbolic tracing: one node
         return _tracing.fx_leaf(proxy, flash_attention, (q, k, v),
-                                dict(bias=bias, rel_pos=rel_pos, scale=scale, dropout_p=dropout_p, backend=backend))
+                                dict(bias=bias, rel_pos=rel_pos, rope=rope, scale=scale, dropout_p=dropout_p,
+                                     backend=backend))
     if isinstance(q, torch.Tensor) and (ac := autocast_dtype(q.device.type)) is not None:
         q, k, v, bias = autocast_cast(ac, q, k, v, bias)
         if rel_terms:
             rel_pos = _cast_rel_pos(ac, rel_pos)
+        if rope_tables:
+            rope = _cast_rope(ac, rope)
         with torch.autocast(q.device.type, enabled=False):
-            return flash_attention(q, k, v, bias=bias, rel_pos=rel_pos, scale=scale, dropout_p=dropout_p,
+            return flash_attention(q, k, v, bias=bias, rel_pos=rel_pos, rope=rope, scale=scale, dropout_p=dropout_p,
                                    backend=backend)
     if _tracing.plain_math_reason() is not None:  # jit.trace / ONNX export: record the reference math
-        return _reference_run(check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos))
+        return _reference_run(check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos, rope))
     if _compile.compiling():  # torch.compile: a forward op and a backward op (compile.py)
-        inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos)
+        inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos, rope)
         return compiled_attention(inputs, backend, triton_can_run=not _triton_shape_reasons(inputs))
-    signature = _signature(q, k, v, bias, rel_pos, scale, dropout_p, backend)
+    signature = _signature(q, k, v, bias, rel_pos, rope, scale, dropout_p, backend)
     known = _CALLS.get(signature)
     if known is not None:  # checked and dispatched before: same metadata, same answer
         impl, scale, dropout_p = known
         if rel_pos is not None and not isinstance(rel_pos, RelPos):
             rel_pos = RelPos(*rel_pos)
-        return impl.run(AttentionInputs(q, k, v, bias, scale, dropout_p, rel_pos))
-    inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos)
+        if rope is not None:
+            rope = _rope_views(rope)
+        return impl.run(AttentionInputs(q, k, v, bias, scale, dropout_p, rel_pos, rope))
+    inputs = check_attention_inputs(q, k, v, bias, scale, dropout_p, rel_pos, rope)
     impl = dispatch.select(OP, inputs, backend)
     _CALLS.put(signature, (impl, inputs.scale, inputs.dropout_p))
     return impl.run(inputs)
@@ -100,9 +113,32 @@ def _cast_rel_pos(dtype, rel_pos):
     return type(rel_pos)(autocast_cast(dtype, *rel_pos))
 
 
-def _signature(q, k, v, bias, rel_pos, scale, dropout_p, backend):
+def _cast_rope(dtype, rope):
+    """Under autocast: float32 tables stay (the kernels rotate in fp32, as timm with fp32 tables); others
+    take the autocast dtype."""
+    def cast(t):
+        return t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float32 else t
+    if isinstance(rope, Rope):
+        return rope._replace(cos=cast(rope.cos), sin=cast(rope.sin))
+    return type(rope)(cast(t) for t in rope)
+
+
+def _rope_views(rope) -> Rope:
+    """A memoised call's rope as the checks return it (4-D views of the tables, no copy)."""
+    rope = rope if isinstance(rope, Rope) else Rope(*rope)
+    lead = (None,) * (4 - rope.cos.dim())
+    return rope._replace(cos=rope.cos[lead], sin=rope.sin[lead])
+
+
+def _signature(q, k, v, bias, rel_pos, rope, scale, dropout_p, backend):
     sig = dispatch.tensor_signature
     try:
+        rope_key = None
+        if rope is not None:
+            if type(rope) not in (Rope, tuple) or len(rope) not in (2, 4):
+                return None
+            rope_key = (type(rope), sig(rope[0]), sig(rope[1]),
+                        tuple((type(a), a) for a in rope[2:]))
         rel = None
         if rel_pos is not None:
             if type(rel_pos) not in (RelPos, tuple) or len(rel_pos) not in (2, 4):
@@ -111,8 +147,8 @@ def _signature(q, k, v, bias, rel_pos, scale, dropout_p, backend):
             rel = (type(rel_pos), tuple(sig(t) for t in rel_pos[:3]),
                    (type(rel_pos[3]), rel_pos[3]) if len(rel_pos) == 4 else None,
                    torch.is_grad_enabled() and any(t.requires_grad for t in terms))  # triton's grid limit
-        signature = (sig(q), sig(k), sig(v), sig(bias), rel, type(scale), scale, type(dropout_p), dropout_p, backend,
-                     _CALLS.environment())
+        signature = (sig(q), sig(k), sig(v), sig(bias), rel, rope_key, type(scale), scale, type(dropout_p), dropout_p,
+                     backend, _CALLS.environment())
         hash(signature)
         return signature
     except (AttributeError, TypeError, RuntimeError):  # not plain tensors / hashable: the checks say what is wrong
@@ -122,7 +158,9 @@ def _signature(q, k, v, bias, rel_pos, scale, dropout_p, backend):
 def _reference_run(inputs: AttentionInputs) -> torch.Tensor:
     q, k = inputs.q, inputs.k
     bias = with_rel_pos(inputs.bias, inputs.rel_pos, q.shape[-2], k.shape[-2])
-    return attention_reference(q, inputs.k, inputs.v, bias, inputs.scale, inputs.dropout_p)
+    if inputs.rope is not None:
+        q, k = apply_rope(q, inputs.rope), apply_rope(k, inputs.rope)
+    return attention_reference(q, k, inputs.v, bias, inputs.scale, inputs.dropout_p)
 
 
 def _triton_reasons(inputs: AttentionInputs) -> List[str]:
@@ -131,6 +169,8 @@ def _triton_reasons(inputs: AttentionInputs) -> List[str]:
 
 def _triton_shape_reasons(inputs: AttentionInputs) -> List[str]:
     rel = inputs.rel_pos
+    if inputs.rope is not None:
+        return ["rope: not on triton yet"]  # TODO(rope-triton): remove when the kernels rotate
     if rel is None:
         return []
     from vitkernels.ops.attention.triton_configs import REL_AXIS_MAX
@@ -174,8 +214,14 @@ def _cpu_run(inputs: AttentionInputs) -> torch.Tensor:
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,
                   kernels=lambda: ReferenceAttentionKernels)
 dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernels=_triton_kernels)
-dispatch.register(OP, "cpu", reasons=lambda inputs: cpu_reasons(inputs.device, inputs.dtype), run=_cpu_run,
-                  kernels=_cpu_kernels)
+def _cpu_reasons(inputs: AttentionInputs) -> List[str]:
+    reasons = cpu_reasons(inputs.device, inputs.dtype)
+    if inputs.rope is not None:
+        reasons.append("rope: not on cpu yet")  # TODO(rope-cpu): remove when the C++ kernels rotate
+    return reasons
 
-__all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs", "RelPos",
+
+dispatch.register(OP, "cpu", reasons=_cpu_reasons, run=_cpu_run, kernels=_cpu_kernels)
+
+__all__ = ["flash_attention", "attention_reference", "check_attention_inputs", "AttentionInputs", "RelPos", "Rope",
            "decomposed_rel_pos"]

@@ -50,8 +50,10 @@ def test_bench_writes_rows_for_every_candidate(op, extra, tmp_path, capsys):
     (["window", "--warmup", "-1"], "--warmup must be >= 0; got -1"),
     (["patch", "--min-time", "-1"], "--min-time must be >= 0 seconds; got -1.0"),
     (["attention", "--workload", "video"],
-     "--workload: attention has the workload sets vit, long, sam, all; got 'video'"),
+     "--workload: attention has the workload sets vit, long, sam, eva, all; got 'video'"),
     (["attention", "--workload", "sam", "--bias"], "--bias: the sam workloads carry their own decomposed rel-pos"),
+    (["attention", "--workload", "eva", "--bias"], "--bias: the eva workloads time EVA-02's rotary attention"),
+    (["window", "--workload", "sam"], "--workload: window has the workload sets swin, video, swinv2, all; got 'sam'"),
     (["model", "--workload", "long"], "--workload: model has the workload sets vit, swin, all; got 'long'"),
     (["window", "--bias"], "--bias: only the attention op takes a bias"),
     (["attention", "--device", "tpu9"], "--device: 'tpu9' is not a device"),
@@ -423,3 +425,60 @@ def test_sam_compiled_peer_matches():
     p = dict(B=1, H=2, N=24, D=16, grid=(4, 6))
     compiled = torch.compile(workloads.sam_timm_sdpa, dynamic=False)
     _matches(_sam_run(compiled, p), _sam_run(workloads.sam_timm_eager, p))
+
+
+# ---- EVA-02 rope (attention --workload eva) and Swin V2 (window --workload swinv2) ---------------------------
+
+
+def test_eva_and_swinv2_workload_sets():
+    cpu = torch.device("cpu")
+    names = [w.name for w in workloads.attention_workloads("eva", cpu, None)]
+    assert names == ["EVA-02-B/14@224 rope", "EVA-02-L/14@448 rope"]
+    w = workloads.attention_workloads("eva", cpu, None)[0]
+    assert w.params == dict(B=2, H=12, N=257, D=64, rope_grid=(16, 16))
+    assert w.shape == "B=2 H=12 N=257 D=64 rope=16x16+cls"
+    assert "EVA-02-B/14@224 rope" in [w.name for w in workloads.attention_workloads("all", cpu, None)]
+    v2 = workloads.window_workloads("swinv2", cpu, None)
+    assert [w.name for w in v2] == ["SwinV2-T/w8 s1", "SwinV2-T/w8 s3"]
+    assert v2[0].params == dict(B=1, spatial=(64, 64), C=96, heads=3, window=8, shift=4, cosine=True)
+
+
+@pytest.mark.parametrize("op,workload,peers", [
+    ("attention", "eva", ["timm rope + sdpa:math", "timm rope + eager math"]),
+    ("window", "swinv2", ["timm eager"]),
+])
+def test_eva_and_swinv2_bench_rows(op, workload, peers, tmp_path, monkeypatch):
+    pytest.importorskip("timm")
+    monkeypatch.setattr(workloads, "EVA_ROPE", [("EVA tiny rope", 2, (3, 4), 16)])
+    monkeypatch.setitem(workloads.WINDOW, "swinv2", [("SwinV2 tiny", (9, 10), 32, 2, 4, 2)])
+    out = tmp_path / "r.json"
+    assert main([op, "--workload", workload, "--mode", "fwd+bwd", "--json", str(out)] + FAST) == 0
+    rows = {r["candidate"]: r for r in json.loads(out.read_text())["rows"]}
+    for name in ["vitkernels:reference"] + peers:
+        assert rows[name]["status"] == "ok" and rows[name]["median_ms"] > 0, rows[name]
+    assert rows["vitkernels:triton"]["status"].startswith("skipped: ")
+    compiled = [r for n, r in rows.items() if "compiled" in n]
+    assert compiled and all(r["status"] == "skipped: compiled peer off (--no-compile)" for r in compiled)
+
+
+def _eva_run(call, p):
+    torch.manual_seed(0)
+    base = torch.randn(p["B"], p["N"], 3, p["H"], p["D"], requires_grad=True)
+    q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)
+    out = call(q, k, v, workloads._rope_table(p, torch.device("cpu")))
+    out.backward(torch.ones_like(out))
+    return out.detach(), base.grad
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_eva_vitkernels_matches_the_timm_peer(backend):
+    """The candidates compute the same thing: vitkernels' fused rotation and timm's rotate-then-SDPA agree on the
+    output and the qkv gradient."""
+    pytest.importorskip("timm")
+    p = dict(B=2, H=2, N=13, D=16, rope_grid=(3, 4))
+    timm_sdpa = _eva_run(workloads.eva_timm_sdpa, p)
+    _matches(_eva_run(workloads.eva_timm_eager, p), timm_sdpa)
+    probe = workloads.attention_candidates(p, torch.float32, "fwd", torch.device("cpu"), [backend], False)[0]
+    if probe.skip:
+        pytest.skip(f"{backend}: {probe.skip}")
+    _matches(_eva_run(lambda *a: workloads.eva_vitkernels(*a, backend=backend), p), timm_sdpa)

@@ -146,13 +146,38 @@ def _op_cases(device):
             q, k, v, bias=b, rel_pos=vitkernels.RelPos(rh, rw, rt, prefix=1), backend=backend)), (q, k, v, bias, rel_t,
                                                                                                rel_h, rel_w)
 
+    def attention_rope():
+        # EVA-02-like: a class token left unrotated, learnable tables (half layout), a learnable bias
+        q, k, v = (torch.randn(2, 2, 1 + 16, 32, device=device, requires_grad=True) for _ in range(3))
+        cos, sin = (torch.randn(16, 32, device=device, requires_grad=True) for _ in range(2))
+        bias = torch.randn(1, 2, 17, 17, device=device, requires_grad=True)
+        return (lambda q, k, v, b, c, s, backend: vitkernels.flash_attention(
+            q, k, v, bias=b, rope=vitkernels.Rope(c, s, prefix=1, rotate_half=True), backend=backend)), (q, k, v, bias,
+                                                                                                       cos, sin)
+
+    def window_cosine():
+        # Swin V2: scaled cosine attention with a learnable per-head logit scale
+        qkv = torch.randn(2, 9, 10, 96, device=device, requires_grad=True)
+        table = (16 * torch.sigmoid(torch.randn(169, 2, device=device))).requires_grad_()
+        qkv_bias = torch.randn(96, device=device, requires_grad=True)
+        logit_scale = torch.tensor([2.3, 3.0], device=device).view(2, 1, 1).requires_grad_()
+        return (lambda x, t, b, ls, backend: vitkernels.window_attention(
+            x, num_heads=2, window_size=7, shift_size=3, rel_pos_bias=t, qkv_bias=b, cosine=True, logit_scale=ls,
+            backend=backend)), (qkv, table, qkv_bias, logit_scale)
+
     return {"flash_attention": attention, "window_attention": window, "patch_embed": patch,
-            "flash_attention_rel_pos": attention_rel_pos}
+            "flash_attention_rel_pos": attention_rel_pos, "flash_attention_rope": attention_rope,
+            "window_attention_cosine": window_cosine}
 
 
 NO_REPLAY = [("flash_attention", "reference"), ("window_attention", "reference"), ("patch_embed", "reference"),
-             ("flash_attention_rel_pos", "reference"),
+             ("flash_attention_rel_pos", "reference"), ("flash_attention_rope", "reference"),
+             ("window_attention_cosine", "reference"),
              pytest.param("flash_attention_rel_pos", "cpu", marks=pytest.mark.ext),
+             pytest.param("flash_attention_rope", "cpu", marks=pytest.mark.ext),
+             pytest.param("window_attention_cosine", "cpu", marks=pytest.mark.ext),
+             pytest.param("flash_attention_rope", "triton", marks=pytest.mark.triton),
+             pytest.param("window_attention_cosine", "triton", marks=pytest.mark.triton),
              pytest.param("flash_attention_rel_pos", "triton", marks=pytest.mark.triton),
              pytest.param("patch_embed", "cpu", marks=pytest.mark.ext),
              pytest.param("flash_attention", "triton", marks=pytest.mark.triton),
@@ -173,15 +198,19 @@ def test_compiled_backward_runs_the_backward_kernels_and_never_the_forward_again
     g = torch.randn_like(eager)
     grads = torch.autograd.grad(eager, tensors, g)
     torch._dynamo.reset()
-    counting = _count_kernels(monkeypatch, op.replace("_rel_pos", ""), backend)
+    counting = _count_kernels(monkeypatch, op.replace("_rel_pos", "").replace("_rope", "").replace("_cosine", ""),
+                              backend)
     compiled = torch.compile(lambda *ts: fn(*ts, backend), fullgraph=True)(*tensors)
     grads_c = torch.autograd.grad(compiled, tensors, g)
     if not (backend == "triton" and DEVICE == "cuda" and _compile.triton_op_supported()):
         # opaque ops: each kernel ran exactly once (a replay would run the forward twice)
         assert (counting.forward_calls, counting.backward_calls) == (1, 1)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    # the reference's eager path is autograd through the plain math, its compiled one the explicit backward:
+    # fp32 rounding differs, most behind Swin V2's logit scale (up to 100)
+    atol = 1e-4 if op == "window_attention_cosine" and backend == "reference" else 1e-5
     for a, b in zip(grads_c, grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("backend", [None, pytest.param("triton", marks=pytest.mark.triton)])
@@ -224,6 +253,18 @@ def _opcheck_cases(device):
         "flash_attention_rel_pos": lambda backend: (attention_compile.attention_fwd, (
             rand(2, 2, 9, 16), rand(2, 2, 5, 16), rand(2, 2, 5, 16), None, 0.25, 0.0, backend,
             rand(2, 2, 8, 2), rand(2, 2, 8, 2), None, 1)),
+        "flash_attention_rope": lambda backend: (attention_compile.attention_fwd, (
+            rand(2, 2, 9, 16), rand(2, 2, 9, 16), rand(2, 2, 9, 16), rand(1, 2, 9, 9), 0.25, 0.0, backend,
+            None, None, None, 0, rand(1, 2, 8, 16), rand(1, 2, 8, 16), 1, False)),
+        "flash_attention_rope_rel_pos": lambda backend: (attention_compile.attention_fwd, (
+            rand(2, 2, 9, 16), rand(2, 2, 9, 16), rand(2, 2, 9, 16), None, 0.25, 0.0, backend,
+            rand(2, 2, 9, 3), rand(2, 2, 9, 3), None, 0, rand(1, 1, 9, 16), rand(1, 1, 9, 16), 0, True)),
+        "window_attention_cosine": lambda backend: (window_compile.window_fwd, (
+            rand(1, 9, 10, 3 * 32), rand(169, 2), rand(3 * 32), 2, [7, 7], [3, 3], 1.0, backend,
+            torch.tensor([2.3, 3.0], device=device).view(2, 1, 1).requires_grad_(), True)),
+        "video_window_cosine": lambda backend: (window_compile.window_fwd, (
+            rand(1, 3, 5, 6, 3 * 16), rand(3 * 5 * 5, 2), None, 2, [2, 3, 3], [1, 1, 2], 1.0, backend,
+            torch.tensor([2.3, 5.0], device=device).requires_grad_(), True)),
         "window_attention": lambda backend: (window_compile.window_fwd, (
             rand(1, 9, 10, 3 * 32), rand(169, 2), rand(3 * 32), 2, [7, 7], [3, 3], 16 ** -0.5, backend)),
         "video_window": lambda backend: (window_compile.window_fwd, (
@@ -242,8 +283,10 @@ def _opcheck_cases(device):
 @pytest.mark.parametrize("backend", ["_", "reference", pytest.param("cpu", marks=pytest.mark.ext),
                                      pytest.param("triton", marks=pytest.mark.triton)],
                          ids=["dispatch", "reference", "cpu", "triton"])
-@pytest.mark.parametrize("name", ["flash_attention", "flash_attention_rel_pos", "window_attention", "video_window",
-                                  "patch_embed", "patch_embed_channels_last", "video_patch_embed"])
+@pytest.mark.parametrize("name", ["flash_attention", "flash_attention_rel_pos", "flash_attention_rope",
+                                  "flash_attention_rope_rel_pos", "window_attention", "video_window",
+                                  "window_attention_cosine", "video_window_cosine", "patch_embed",
+                                  "patch_embed_channels_last", "video_patch_embed"])
 def test_opcheck(name, backend):
     """The custom ops (any backend, run opaque), autograd registration and fake kernels included."""
     device = "cpu"

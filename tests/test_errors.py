@@ -25,6 +25,12 @@ def _relpos(rows, kh, kw, rel_t=None, prefix=0):
     return RelPos(torch.randn(1, 2, rows, kh), torch.randn(1, 2, rows, kw), rel_t, prefix)
 
 
+def _rope(rows, prefix=0, rotate_half=False):
+    from vitkernels import Rope
+
+    return Rope(torch.randn(rows, 16), torch.randn(rows, 16), prefix, rotate_half)
+
+
 def _drp(**over):
     from vitkernels import decomposed_rel_pos
 
@@ -102,6 +108,28 @@ CASES = [
     ("decomposed prefix", _drp(prefix=-1), ValueError, ["prefix must be an int >= 0", "-1"]),
     ("decomposed index rule", _drp(index_rule="mvit"), ValueError, ["index_rule must be one of ('timm', 'torchvision')",
                                                                     "'mvit'"]),
+    # flash_attention(rope=...): q, k are (1, 2, 5, 16)
+    ("rope kind", attn(rope=torch.randn(5, 16)), TypeError, ["rope must be", "Rope(cos, sin", "Tensor"]),
+    ("rope tuple length", attn(rope=(torch.randn(5, 16),)), TypeError, ["rope must be", "a tuple of 1"]),
+    ("rope table not a tensor", attn(rope=(torch.randn(5, 16), 1.0)), TypeError, ["rope.sin must be a torch.Tensor", "float"]),
+    ("rope table dtype", attn(rope=(torch.randn(5, 16, dtype=f64), torch.randn(5, 16, dtype=f64))), TypeError,
+     ["rope.cos must have dtype float32", "float64"]),
+    ("rope fp16 table for fp32 q", attn(rope=(torch.randn(5, 16, dtype=torch.float16),) * 2), TypeError,
+     ["rope.cos must have dtype float32", "float16"]),
+    ("rope table rows", attn(rope=(torch.randn(4, 16), torch.randn(4, 16))), ValueError,
+     ["rope.cos must be (Nq - prefix, D) = (5, 16)", "broadcastable to (B, H) = (1, 2)", "(4, 16)"]),
+    ("rope table width", attn(rope=(torch.randn(5, 8), torch.randn(5, 8))), ValueError, ["rope.cos must be", "(5, 8)"]),
+    ("rope table lead dims", attn(rope=(torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16))), ValueError,
+     ["rope.cos must be", "(B, H) = (1, 2)", "(1, 3, 5, 16)"]),
+    ("rope tables differ", attn(rope=(torch.randn(5, 16), torch.randn(1, 1, 5, 16))), ValueError,
+     ["rope.cos and rope.sin must have the same shape and dtype", "(5, 16)", "(1, 1, 5, 16)"]),
+    ("rope prefix type", attn(rope=_rope(4, prefix=1.0)), TypeError, ["rope.prefix must be an int", "float"]),
+    ("rope prefix range", attn(rope=_rope(0, prefix=6)), ValueError, ["rope.prefix must be in [0, Nq] = [0, 5]", "6"]),
+    ("rope rotate_half type", attn(rope=_rope(5, rotate_half=1)), TypeError, ["rope.rotate_half must be a bool", "int"]),
+    ("rope cross-attention", attn(k=torch.randn(1, 2, 7, 16), v=torch.randn(1, 2, 7, 16), rope=_rope(5)), ValueError,
+     ["rope rotates q and k by the same per-token angles and needs Nq == Nk", "Nq=5, Nk=7"]),
+    ("rope device", attn(rope=(torch.randn(5, 16, device="meta"),) * 2), ValueError,
+     ["rope.cos must be on the device of q", "meta"]),
     # window_attention
     ("qkv not a tensor", win(qkv="x"), TypeError, ["qkv must be a torch.Tensor", "str"]),
     ("qkv rank", win(qkv=torch.randn(8, 8, 96)), ValueError, ["qkv must have 4 or 5 dims", "(8, 8, 96)"]),
@@ -125,6 +153,21 @@ CASES = [
     ("table dtype", win(rel_pos_bias=torch.randn(49, 2, dtype=f64)), TypeError, ["rel_pos_bias must have the dtype of qkv", "float64"]),
     ("qkv_bias shape", win(qkv_bias=torch.randn(32)), ValueError, ["qkv_bias must have shape (96,)", "got (32,)"]),
     ("qkv_bias device", win(qkv_bias=torch.randn(96, device="meta")), ValueError, ["qkv_bias must be on the device of qkv", "meta"]),
+    # window_attention(cosine=True, logit_scale=...): 2 heads
+    ("cosine type", win(cosine=1, logit_scale=torch.zeros(2)), TypeError, ["cosine must be a bool", "int"]),
+    ("cosine without logit_scale", win(cosine=True), ValueError, ["cosine=True needs logit_scale", "(num_heads, 1, 1)"]),
+    ("logit_scale without cosine", win(logit_scale=torch.zeros(2)), ValueError,
+     ["logit_scale is only used with cosine=True", "pass cosine=True"]),
+    ("cosine with scale", win(cosine=True, logit_scale=torch.zeros(2), scale=0.1), ValueError,
+     ["scale must be None with cosine=True", "exp(min(logit_scale, log(100)))", "scale=0.1"]),
+    ("logit_scale not a tensor", win(cosine=True, logit_scale=2.3), TypeError, ["logit_scale must be a torch.Tensor", "float"]),
+    ("logit_scale shape", win(cosine=True, logit_scale=torch.zeros(3, 1, 1)), ValueError,
+     ["logit_scale must have shape (num_heads,) or (num_heads, 1, ..., 1)", "num_heads=2", "(3, 1, 1)"]),
+    ("logit_scale wide", win(cosine=True, logit_scale=torch.zeros(2, 2)), ValueError, ["logit_scale must have shape", "(2, 2)"]),
+    ("logit_scale dtype", win(cosine=True, logit_scale=torch.zeros(2, dtype=f64)), TypeError,
+     ["logit_scale must have dtype float32", "float64"]),
+    ("logit_scale device", win(cosine=True, logit_scale=torch.zeros(2, device="meta")), ValueError,
+     ["logit_scale must be on the device of qkv", "meta"]),
     # patch_embed
     ("x not a tensor", pe(x=1), TypeError, ["x must be a torch.Tensor", "int"]),
     ("x rank", pe(x=torch.randn(3, 32, 32)), ValueError, ["x must have 4 or 5 dims", "(3, 32, 32)"]),

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.utils import assert_close_2x, max_err, qkv_views
+import vitkernels
 from vitkernels import flash_attention
 from vitkernels.ops.attention.function import AttentionFunction
 from vitkernels.ops.attention.reference import ReferenceAttentionKernels
@@ -473,3 +474,58 @@ def test_reference_low_precision_within_2x_of_sdpa_math(dtype, B, H, N, D, bias_
         assert a.dtype == dtype
         assert_close_2x(a, p, r, factor=FACTOR["forward" if name == "output" else "grad"], floor=FLOOR[dtype],
                         name=f"{name} ({dtype})")
+
+
+# ------------------------------------------------------------------------------------ rope (EVA-02 / DINOv3)
+
+
+@pytest.mark.parametrize("rotate_half", [False, True], ids=["interleaved", "half"])
+@pytest.mark.parametrize("prefix,table_lead", [(0, ()), (1, ()), (1, (2, 1)), (4, (1, 3))])
+def test_rope_reference_is_timms_rotation_then_sdpa(rotate_half, prefix, table_lead):
+    """timm's own ``apply_rot_embed_cat`` on q and k after the prefix tokens, then SDPA: float64, the output and
+    the gradients of q, k, v and the [sin | cos] table."""
+    timm_rope = pytest.importorskip("timm.layers.pos_embed_sincos")
+    B, H, N, D = 2, 3, 4 + 20, 32
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, N, D, dtype=F64, requires_grad=True) for _ in range(3))
+    emb = torch.randn(*table_lead, N - prefix, 2 * D, dtype=F64, requires_grad=True)
+
+    def timm_path(q, k, v, emb):
+        def rot(x):
+            return torch.cat([x[:, :, :prefix], timm_rope.apply_rot_embed_cat(x[:, :, prefix:], emb, half=rotate_half)],
+                             dim=2)
+        return F.scaled_dot_product_attention(rot(q), rot(k), v)
+
+    def ours(q, k, v, emb, backend="reference"):
+        sin, cos = emb.chunk(2, dim=-1)
+        return flash_attention(q, k, v, rope=vitkernels.Rope(cos, sin, prefix, rotate_half), backend=backend)
+
+    expected, out = timm_path(q, k, v, emb), ours(q, k, v, emb)
+    torch.testing.assert_close(out, expected, rtol=TOL64, atol=TOL64)
+    g = torch.randn_like(out)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, emb), g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, emb), g), expected_grads):
+        torch.testing.assert_close(a, b, rtol=TOL64, atol=TOL64)
+    # the explicit backward (what the compiled reference runs) agrees too
+    inputs = vitkernels.ops.attention.check_attention_inputs(
+        q, k, v, rope=vitkernels.Rope(*reversed(emb.chunk(2, dim=-1)), prefix, rotate_half))
+    from vitkernels.ops.attention.function import apply_attention
+
+    out_k = apply_attention(ReferenceAttentionKernels, inputs)
+    torch.testing.assert_close(out_k, expected, rtol=TOL64, atol=TOL64)
+    for a, b in zip(torch.autograd.grad(out_k, (q, k, v, emb), g), expected_grads):
+        torch.testing.assert_close(a, b, rtol=TOL64, atol=TOL64)
+
+
+def test_rope_with_fp32_tables_rotates_in_fp32_and_rounds_once():
+    """bf16 q with fp32 tables: the rotation is timm's (fp32 products, one rounding to bf16)."""
+    timm_rope = pytest.importorskip("timm.layers.pos_embed_sincos")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.bfloat16) for _ in range(3))
+    emb = torch.randn(9, 32)
+    sin, cos = emb.chunk(2, dim=-1)
+    out = flash_attention(q, k, v, rope=(cos, sin), backend="reference")
+    expected = F.scaled_dot_product_attention(timm_rope.apply_rot_embed_cat(q, emb), timm_rope.apply_rot_embed_cat(k, emb),
+                                              v)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)

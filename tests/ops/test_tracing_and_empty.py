@@ -216,3 +216,91 @@ def test_rel_pos_under_autocast_takes_the_autocast_dtype():
     assert out.dtype == torch.bfloat16
     expected = flash_attention(*(t.bfloat16() for t in (q, k, v)), rel_pos=tuple(t.bfloat16() for t in rel))
     torch.testing.assert_close(out, expected)
+
+
+# ---- flash_attention(rope=...) and window_attention(cosine=True) -------------------------------------------
+
+
+class _EvaLikeAttention(torch.nn.Module):
+    """Attention with a class token and 2-D RoPE on a 4 x 5 grid, as EVA-02's blocks compute it (timm's
+    [sin | cos] table, interleaved pairs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+        from timm.layers import RotaryEmbeddingCat
+
+        self.register_buffer("emb", RotaryEmbeddingCat(16, in_pixels=False).get_embed((4, 5)))
+
+    def forward(self, x):  # B, 1 + 20, 32
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, 2, 16).permute(2, 0, 3, 1, 4).unbind(0)
+        sin, cos = self.emb.chunk(2, dim=-1)
+        return flash_attention(q, k, v, rope=vitkernels.Rope(cos, sin, prefix=1)).sum(dim=(1, 3))
+
+
+class _SwinV2LikeBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+        self.logit_scale = torch.nn.Parameter(torch.log(10 * torch.ones(2, 1, 1)))
+        self.table = torch.nn.Parameter(torch.randn(169, 2))
+
+    def forward(self, x):  # B, 9, 10, 32
+        return window_attention(self.qkv(x), num_heads=2, window_size=7, shift_size=3,
+                                rel_pos_bias=16 * torch.sigmoid(self.table), cosine=True, logit_scale=self.logit_scale)
+
+
+@pytest.mark.parametrize("name", ["rope", "cosine"])
+def test_rope_and_cosine_under_fx_are_one_node_and_under_jit_trace_the_reference_math(name):
+    pytest.importorskip("timm")
+    module, op = (_EvaLikeAttention(), flash_attention) if name == "rope" else (_SwinV2LikeBlock(), window_attention)
+    x, other = ((torch.randn(2, 21, 32), torch.randn(3, 21, 32)) if name == "rope"
+                else (torch.randn(2, 9, 10, 32), torch.randn(3, 9, 10, 32)))
+    graph_module = torch.fx.symbolic_trace(module)
+    assert [n.target for n in graph_module.graph.nodes if n.target is op] == [op]
+    torch.testing.assert_close(graph_module(other), module(other))
+    traced = torch.jit.trace(module, (x,), check_trace=False)
+    assert not [n for n in traced.inlined_graph.nodes() if n.kind() == "prim::PythonOp"]
+    torch.testing.assert_close(traced(other), module(other), rtol=1e-4, atol=1e-4)
+
+
+def test_rope_and_cosine_on_meta_and_empty_inputs():
+    q = torch.randn(2, 3, 7, 16, device="meta", requires_grad=True)
+    cos, sin = (torch.randn(6, 16, device="meta", requires_grad=True) for _ in range(2))
+    out = flash_attention(q, q, q, rope=vitkernels.Rope(cos, sin, prefix=1))
+    assert out.is_meta and out.shape == (2, 3, 7, 16)
+    out.sum().backward()
+    assert cos.grad.is_meta and cos.grad.shape == cos.shape
+    # only the class token: the tables are empty, attention as without them
+    q, k, v = (torch.randn(2, 3, 1, 16, requires_grad=True) for _ in range(3))
+    out = flash_attention(q, k, v, rope=vitkernels.Rope(torch.randn(0, 16), torch.randn(0, 16), prefix=1))
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+    # cosine window attention on meta tensors and with no batch
+    logit_scale = torch.zeros(2, 1, 1, device="meta", requires_grad=True)
+    qkv = torch.randn(2, 9, 10, 96, device="meta", requires_grad=True)
+    out = window_attention(qkv, num_heads=2, window_size=7, shift_size=3, cosine=True, logit_scale=logit_scale)
+    assert out.is_meta and out.shape == (2, 9, 10, 32)
+    out.sum().backward()
+    assert logit_scale.grad.is_meta and logit_scale.grad.shape == (2, 1, 1)
+    logit_scale = torch.zeros(2, 1, 1, requires_grad=True)
+    out = window_attention(torch.randn(0, 9, 10, 96), num_heads=2, window_size=7, cosine=True, logit_scale=logit_scale)
+    assert out.shape == (0, 9, 10, 32)
+
+
+def test_rope_tables_and_logit_scale_stay_float32_under_autocast():
+    """timm keeps its rope tables and Swin V2's logit scale in fp32 under autocast; casting the logit scale
+    to bf16 would move logits of up to 100 by up to 0.4."""
+    q, k, v = (torch.randn(1, 2, 12, 16) for _ in range(3))
+    cos, sin = torch.randn(12, 16), torch.randn(12, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flash_attention(q, k, v, rope=(cos, sin))
+    assert out.dtype == torch.bfloat16
+    expected = flash_attention(*(t.bfloat16() for t in (q, k, v)), rope=(cos, sin))
+    torch.testing.assert_close(out, expected)
+    qkv, logit_scale = torch.randn(1, 9, 10, 96), torch.full((2, 1, 1), 4.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = window_attention(qkv, num_heads=2, window_size=7, cosine=True, logit_scale=logit_scale)
+    assert out.dtype == torch.bfloat16
+    expected = window_attention(qkv.bfloat16(), num_heads=2, window_size=7, cosine=True, logit_scale=logit_scale)
+    torch.testing.assert_close(out, expected)

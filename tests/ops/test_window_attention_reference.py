@@ -88,6 +88,51 @@ def test_2d_matches_timm_swin_block(resolution, window, shift, num_heads, head_d
     torch.testing.assert_close(table.grad, blk.attn.relative_position_bias_table.grad, **F64_TOL)
 
 
+# 2-D Swin V2 (cosine attention): timm's SwinTransformerV2Block
+
+
+@pytest.mark.parametrize("resolution, window, shift, num_heads, head_dim", [
+    pytest.param((8, 8), 4, 2, 2, 32, id="8x8-w4-s2"),
+    pytest.param((13, 10), 7, 3, 2, 32, id="13x10-w7-s3-pad"),
+    pytest.param((9, 11), (4, 5), (0, 2), 3, 16, id="9x11-w4x5-s0x2-pad"),
+    pytest.param((5, 6), 7, 3, 2, 16, id="5x6-w7-clipped"),
+])
+def test_2d_cosine_matches_timm_swinv2_block(resolution, window, shift, num_heads, head_dim):
+    """window_attention(cosine=True) with Swin V2's table (16 * sigmoid of the CPB MLP) and logit scale against
+    timm's SwinTransformerV2Block._attn (proj taken out), float64, forward and every gradient: x, the qkv weight,
+    q_bias and v_bias, the MLP's weights, the logit scale (one head past the clamp at log 100)."""
+    timm_v2 = pytest.importorskip("timm.models.swin_transformer_v2")
+    B, dim = 2, num_heads * head_dim
+    torch.manual_seed(0)
+    blk = timm_v2.SwinTransformerV2Block(dim, input_resolution=resolution, num_heads=num_heads, window_size=window,
+                                         shift_size=shift).double().eval()
+    attn = blk.attn
+    attn.proj = torch.nn.Identity()
+    with torch.no_grad():
+        attn.q_bias.copy_(torch.randn_like(attn.q_bias))
+        attn.v_bias.copy_(torch.randn_like(attn.v_bias))
+        attn.logit_scale.copy_(torch.linspace(math.log(3.0), math.log(100.0) + 0.3, num_heads).view(-1, 1, 1))
+    x = torch.randn(B, *resolution, dim, dtype=torch.float64)
+    g = torch.randn(B, *resolution, dim, dtype=torch.float64)
+    params = [attn.qkv.weight, attn.q_bias, attn.v_bias, attn.logit_scale, *attn.cpb_mlp.parameters()]
+
+    x_t = x.clone().requires_grad_()
+    out_t = blk._attn(x_t)
+    grads_t = torch.autograd.grad(out_t, [x_t] + params, g)
+
+    x_o = x.clone().requires_grad_()
+    qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+    table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, num_heads))
+    out_o = window_attention(F.linear(x_o, attn.qkv.weight, qkv_bias), num_heads=num_heads, window_size=blk.window_size,
+                             shift_size=blk.shift_size, rel_pos_bias=table, qkv_bias=qkv_bias, cosine=True,
+                             logit_scale=attn.logit_scale, backend="reference")
+    grads_o = torch.autograd.grad(out_o, [x_o] + params, g)
+    torch.testing.assert_close(out_o, out_t, **F64_TOL)
+    for name, a, b in zip(["x", "qkv.weight", "q_bias", "v_bias", "logit_scale", "cpb..."], grads_o, grads_t):
+        torch.testing.assert_close(a, b, **F64_TOL, msg=lambda m, name=name: f"d{name}: {m}")
+    assert grads_o[4].view(-1)[-1] == 0  # past the clamp
+
+
 # --------------------------------------------------------------------------------------------------
 # 3-D: a naive Video Swin, loops and coordinates only
 # --------------------------------------------------------------------------------------------------

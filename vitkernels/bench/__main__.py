@@ -14,6 +14,12 @@ timm's dense (B*H, N, N) bias (get_decomposed_rel_pos_bias) into SDPA with each 
 eager math, and that path under torch.compile. B=1, 2, 4, 8 on a GPU; B=1 on CPU (--batch for another).
 On CPU a dense candidate that would not fit in the memory available is refused, saying so.
 
+attention --workload eva: EVA-02-B/L attention with 2-D RoPE after the class token: vitkernels rotating q and
+k inside the kernels against timm's EvaAttention path (apply_rot_embed_cat on q and k, then SDPA with each
+backend forced, its eager math, or compiled). window --workload swinv2: Swin V2-T (window 8) stages 1 and 3,
+scaled cosine attention with the CPB-MLP table: window_attention(cosine=True) on a timm
+SwinTransformerV2Block's own parameters against that block's _attn, eager and compiled.
+
 Without a GPU the CPU subset runs (small batches, wall clock; Triton is not timed on CPU). Each
 candidate is called until at least --reps calls and --min-time seconds were timed; rows whose IQR is
 over 10% of the median are flagged noisy. The JSON records the CPU, torch's thread count and the load."""
@@ -36,6 +42,8 @@ EPILOG = """examples:
   python -m vitkernels.bench window --workload swin --json window.json
   python -m vitkernels.bench attention --workload long --limit 1 --no-compile
   python -m vitkernels.bench attention --workload sam --mode fwd+bwd --batch 2
+  python -m vitkernels.bench attention --workload eva --mode fwd+bwd
+  python -m vitkernels.bench window --workload swinv2 --mode fwd+bwd
   python -m vitkernels.bench model --workload vit --mode fwd+bwd --save"""
 
 
@@ -45,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("op", choices=sorted(OPS), help="which op (or whole models) to time")
     parser.add_argument("--workload", default=None, metavar="NAME",
                         help="workload set; attention: vit, long, sam (SAM ViT-B global attention with "
-                             "its decomposed rel-pos bias), all (default vit); window: swin, video, all "
-                             "(default swin); patch: vit, video, all (default vit); model: vit, swin, all "
+                             "its decomposed rel-pos bias), eva (EVA-02 attention with 2-D RoPE), all (default vit); "
+                             "window: swin, video, swinv2 (Swin V2 cosine attention), all (default swin); patch: vit, video, all (default vit); model: vit, swin, all "
                              "(default all)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="default: bf16 on a GPU, fp32 on CPU")
@@ -114,6 +122,8 @@ def parse(argv):
         parser.error(f"--bias: only the attention op takes a bias (got op {args.op!r})")
     if args.bias and args.workload == "sam":
         parser.error("--bias: the sam workloads carry their own decomposed rel-pos bias and take no dense one")
+    if args.bias and args.workload == "eva":
+        parser.error("--bias: the eva workloads time EVA-02's rotary attention, which has no additive bias")
     for flag, value, low in (("--batch", args.batch, 1), ("--limit", args.limit, 1), ("--reps", args.reps, 1),
                              ("--warmup", args.warmup, 0)):
         if value is not None and value < low:

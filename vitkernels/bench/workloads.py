@@ -94,12 +94,24 @@ SAM_REL_POS = [("SAM ViT-B global rel-pos", 12, (64, 64), 64)]
 SAM_BATCHES = {"gpu": (1, 2, 4, 8), "cpu": (1,)}
 
 
+# attention --workload eva: EVA-02's attention with 2-D RoPE (timm's [sin | cos] table, interleaved pairs, the
+# class token unrotated): (name, heads, (h, w) token grid, D); batch 64 on a GPU, 2 on CPU.
+EVA_ROPE = [("EVA-02-B/14@224 rope", 12, (16, 16), 64), ("EVA-02-L/14@448 rope", 16, (32, 32), 64)]
+
+
 def attention_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
-    kinds = ["vit", "long", "sam"] if kind == "all" else [kind]
+    kinds = ["vit", "long", "sam", "eva"] if kind == "all" else [kind]
     out = []
     for k in kinds:
         if k == "sam":
             out += rel_pos_workloads(device, batch)
+            continue
+        if k == "eva":
+            for name, heads, grid, d in EVA_ROPE:
+                b = batch or (64 if _gpu(device) else 2)
+                n = 1 + math.prod(grid)
+                out.append(Workload(name, f"B={b} H={heads} N={n} D={d} rope={'x'.join(map(str, grid))}+cls",
+                                    dict(B=b, H=heads, N=n, D=d, rope_grid=tuple(grid))))
             continue
         for name, heads, n, d in ATTENTION.get(k, []):
             b = batch or (1 if n >= 16384 else (64 if _gpu(device) else 2))
@@ -136,6 +148,8 @@ def attention_candidates(p, dtype, mode, device, backends, with_bias) -> List[Ca
 
     if "grid" in p:  # a decomposed rel-pos workload (--workload sam): its own bias, never a dense --bias one
         return rel_pos_candidates(p, dtype, mode, device, backends)
+    if "rope_grid" in p:  # EVA-02's rotary attention (--workload eva)
+        return rope_candidates(p, dtype, mode, device, backends)
     B, H, N, D = p["B"], p["H"], p["N"], p["D"]
     grad = mode == "fwd+bwd"
 
@@ -356,6 +370,101 @@ def rel_pos_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
     return cands
 
 
+# EVA-02's attention with 2-D RoPE. Every candidate starts from the same (B, N, 3, H, D) qkv and timm's
+# RotaryEmbeddingCat table ((N - 1, 2D), [sin | cos], fp32 as timm keeps it): vitkernels rotates q and k inside
+# the kernels (flash_attention(rope=...)); timm's path (EvaAttention) rotates them with apply_rot_embed_cat after
+# the class token, concatenates, and calls SDPA (each backend forced), its eager math, or all of it compiled.
+
+
+def _rope_table(p, device):
+    from timm.layers import RotaryEmbeddingCat
+
+    return RotaryEmbeddingCat(p["D"], in_pixels=False).get_embed(p["rope_grid"]).to(device)
+
+
+def eva_vitkernels(q, k, v, emb, backend=None):
+    from vitkernels import Rope, flash_attention
+
+    sin, cos = emb.chunk(2, dim=-1)
+    return flash_attention(q, k, v, rope=Rope(cos, sin, prefix=1), backend=backend)
+
+
+def _timm_rotated(q, k, v, emb):
+    from timm.layers import apply_rot_embed_cat
+
+    q = torch.cat([q[:, :, :1], apply_rot_embed_cat(q[:, :, 1:], emb)], dim=2).type_as(v)
+    k = torch.cat([k[:, :, :1], apply_rot_embed_cat(k[:, :, 1:], emb)], dim=2).type_as(v)
+    return q, k
+
+
+def eva_timm_sdpa(q, k, v, emb, sdpa_backend=None):
+    """timm's EvaAttention (fused_attn): rotate q and k after the class token, then SDPA."""
+    q, k = _timm_rotated(q, k, v, emb)
+    if sdpa_backend is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel([sdpa_backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def eva_timm_eager(q, k, v, emb):
+    """timm's EvaAttention with fused_attn off: rotate, q * scale @ k^T, softmax, @ v."""
+    q, k = _timm_rotated(q, k, v, emb)
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+def rope_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
+    from torch.nn.attention import SDPBackend
+
+    from vitkernels.ops.attention.checks import Rope, check_attention_inputs
+
+    B, H, N, D = p["B"], p["H"], p["N"], p["D"]
+    grad = mode == "fwd+bwd"
+    missing = _timm_missing()
+
+    def runner(call):
+        def build():
+            torch.manual_seed(0)
+            base = torch.randn(B, N, 3, H, D, device=device, dtype=dtype, requires_grad=grad)
+            emb = _rope_table(p, device)
+            q, k, v = base.permute(2, 0, 3, 1, 4).unbind(0)  # views, as EvaAttention's qkv Linear leaves them
+            g = torch.randn(B, H, N, D, device=device, dtype=dtype)
+
+            def run():
+                out = call(q, k, v, emb)
+                if grad:
+                    out.backward(g)
+            return run
+        return build
+
+    dense_gb = _dense_bytes(p, torch.tensor([], dtype=dtype).element_size(), 3 if grad else 2) / 2 ** 30
+    too_dense = _dense_scores_refusal(device, dense_gb)
+    empty = torch.empty(1, 1, 1, D, device=device, dtype=dtype)
+    table = torch.empty(1, D, device=device).expand(N - 1, D)
+    probe = check_attention_inputs(empty.expand(B, H, N, D), empty.expand(B, H, N, D), empty.expand(B, H, N, D),
+                                   rope=Rope(table, table, prefix=1))
+
+    def too_big(name):
+        return [too_dense] if name == "reference" and too_dense else []
+
+    cands = []
+    for name, skip in _vitkernels_backends("flash_attention", probe, backends, device, too_big):
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", skip=skip or missing,
+                               build=runner(lambda *a, _n=name: eva_vitkernels(*a, backend=_n))))
+    for label, be in (("math", SDPBackend.MATH), ("flash", SDPBackend.FLASH_ATTENTION),
+                      ("efficient", SDPBackend.EFFICIENT_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        cands.append(Candidate(f"timm rope + sdpa:{label}", "peer", skip=missing or (too_dense if label == "math" else None),
+                               build=runner(lambda *a, _be=be: eva_timm_sdpa(*a, sdpa_backend=_be))))
+    cands.append(Candidate("timm rope + eager math", "peer", skip=missing or too_dense, build=runner(eva_timm_eager)))
+
+    def compiled_build():
+        return runner(torch.compile(eva_timm_sdpa, dynamic=False))()
+    cands.append(Candidate("timm rope + sdpa (compiled)", "peer", build=compiled_build,
+                           skip=missing or _compile_skip()))
+    return cands
+
+
 # ---------------------------------------------------------------------------------------------------- window
 # (name, map (T,)H,W, C, heads, window, shift)
 WINDOW = {
@@ -364,19 +473,24 @@ WINDOW = {
              ("Swin-B@384 s1", (96, 96), 128, 4, 12, 6), ("Swin-B@384 s3", (24, 24), 512, 16, 12, 6)],
     "video": [("VideoSwin-T s1", (8, 56, 56), 96, 3, (8, 7, 7), (4, 3, 3)),
               ("VideoSwin-T s3", (8, 14, 14), 384, 12, (8, 7, 7), (4, 3, 3))],
+    # Swin V2 (scaled cosine attention, the CPB-MLP table): swinv2_tiny_window8_256's stages 1 and 3
+    "swinv2": [("SwinV2-T/w8 s1", (64, 64), 96, 3, 8, 4), ("SwinV2-T/w8 s3", (16, 16), 384, 12, 8, 4)],
 }
 
 
 def window_workloads(kind: str, device, batch: Optional[int]) -> List[Workload]:
-    kinds = ["swin", "video"] if kind == "all" else [kind]
+    kinds = ["swin", "video", "swinv2"] if kind == "all" else [kind]
     out = []
     for k in kinds:
         for name, spatial, c, heads, w, s in WINDOW.get(k, []):
             b = batch or (64 if _gpu(device) else 1)
             if not _gpu(device) and len(spatial) == 3 and not batch:
                 b = 1
-            out.append(Workload(name, f"B={b} map={'x'.join(map(str, spatial))} C={c} heads={heads} w={w} s={s}",
-                                dict(B=b, spatial=spatial, C=c, heads=heads, window=w, shift=s)))
+            params = dict(B=b, spatial=spatial, C=c, heads=heads, window=w, shift=s)
+            if k == "swinv2":
+                params["cosine"] = True
+            out.append(Workload(name, f"B={b} map={'x'.join(map(str, spatial))} C={c} heads={heads} w={w} s={s}"
+                                + (" cosine" if k == "swinv2" else ""), params))
     return out
 
 
@@ -396,6 +510,9 @@ def window_cost(p, mode, dtype) -> Tuple[float, float]:
 def window_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
     from vitkernels import window_attention
     from vitkernels.ops.window_attention.checks import check_window_inputs
+
+    if p.get("cosine"):
+        return swinv2_candidates(p, dtype, mode, device, backends)
 
     B, spatial, C, heads = p["B"], p["spatial"], p["C"], p["heads"]
     nd = len(spatial)
@@ -454,6 +571,70 @@ def window_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
             x, lin, table = params()
             return with_backward(lambda: window_attention_reference(lin(x), heads, window, shift, table, lin.bias), x)
         cands.append(Candidate("eager roll/pad/partition", "peer", build=reference_build))
+    return cands
+
+
+def swinv2_candidates(p, dtype, mode, device, backends) -> List[Candidate]:
+    """Swin V2's block attention (before proj) on one timm SwinTransformerV2Block's parameters: vitkernels takes
+    the block's qkv weight, q/k/v biases, CPB-MLP table (16 * sigmoid, computed per call as timm does) and logit
+    scale into window_attention(cosine=True); timm runs the block's _attn, eager and compiled."""
+    from vitkernels import window_attention
+    from vitkernels.ops.window_attention.checks import check_window_inputs
+
+    B, spatial, C, heads, window, shift = p["B"], p["spatial"], p["C"], p["heads"], p["window"], p["shift"]
+    grad = mode == "fwd+bwd"
+    missing = None
+    try:
+        importlib.import_module("timm.models.swin_transformer_v2")
+    except ImportError as exc:
+        missing = f"timm unavailable ({exc})"
+
+    def block_and_input():
+        from timm.models.swin_transformer_v2 import SwinTransformerV2Block
+
+        torch.manual_seed(0)
+        blk = SwinTransformerV2Block(C, spatial, num_heads=heads, window_size=window, shift_size=shift,
+                                     device=device, dtype=dtype)
+        blk.attn.proj = torch.nn.Identity()  # the op stops before proj
+        x = torch.randn(B, *spatial, C, device=device, dtype=dtype, requires_grad=grad)
+        return blk, x
+
+    def timed(fn, x):
+        g = torch.randn(*x.shape[:-1], C, device=device, dtype=dtype)
+
+        def run():
+            out = fn()
+            if grad:
+                out.backward(g)
+        return run
+
+    def ours(blk, x, backend):
+        attn = blk.attn
+        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        table = 16 * torch.sigmoid(attn.cpb_mlp(attn.relative_coords_table).view(-1, heads))
+        return window_attention(F.linear(x, attn.qkv.weight, qkv_bias), num_heads=heads, window_size=blk.window_size,
+                                shift_size=blk.shift_size, rel_pos_bias=table, qkv_bias=qkv_bias, cosine=True,
+                                logit_scale=attn.logit_scale, backend=backend)
+
+    rows = math.prod(2 * w - 1 for w in (window,) * len(spatial))
+    probe = check_window_inputs(torch.empty(B, *spatial, 3 * C, device=device, dtype=dtype), heads, window, shift,
+                                torch.empty(rows, heads, device=device, dtype=dtype), None, None, True,
+                                torch.empty(heads, 1, 1, device=device, dtype=torch.float32))
+    cands = []
+    for name, skip in _vitkernels_backends("window_attention", probe, backends, device):
+        def build(_name=name):
+            blk, x = block_and_input()
+            return timed(lambda: ours(blk, x, _name), x)
+        cands.append(Candidate(f"vitkernels:{name}", "vitkernels", build=build, skip=skip or missing))
+
+    def timm_build(compiled):
+        def build():
+            blk, x = block_and_input()
+            fn = torch.compile(blk._attn) if compiled else blk._attn
+            return timed(lambda: fn(x), x)
+        return build
+    cands.append(Candidate("timm eager", "peer", build=timm_build(False), skip=missing))
+    cands.append(Candidate("timm eager (compiled)", "peer", build=timm_build(True), skip=missing or _compile_skip()))
     return cands
 
 
@@ -656,6 +837,6 @@ OPS: Dict[str, Tuple[Callable, Callable, Callable]] = {
     "patch": (patch_workloads, patch_candidates, patch_cost),
     "model": (model_workloads, model_candidates, model_cost),
 }
-WORKLOAD_KINDS = {"attention": ("vit", "long", "sam", "all"), "window": ("swin", "video", "all"),
+WORKLOAD_KINDS = {"attention": ("vit", "long", "sam", "eva", "all"), "window": ("swin", "video", "swinv2", "all"),
                   "patch": ("vit", "video", "all"), "model": ("vit", "swin", "all")}
 DEFAULT_WORKLOAD = {"attention": "vit", "window": "swin", "patch": "vit", "model": "all"}

@@ -52,6 +52,21 @@ def test_explain_checks_rel_pos_as_the_call_does():
         vitkernels.explain(vitkernels.flash_attention, q, q, q, rel_pos=bad)
 
 
+def test_explain_checks_rope_and_cosine_as_the_call_does():
+    q = torch.randn(1, 2, 21, 16)
+    tables = (torch.randn(20, 16), torch.randn(20, 16))
+    explanation = vitkernels.explain(vitkernels.flash_attention, q, q, q, rope=vitkernels.Rope(*tables, prefix=1))
+    assert "rope (interleaved, after 1 prefix tokens)" in str(explanation)
+    with pytest.raises(ValueError, match=r"rope.cos must be \(Nq - prefix, D\) = \(21, 16\)"):
+        vitkernels.explain(vitkernels.flash_attention, q, q, q, rope=tables)
+    qkv = torch.randn(1, 8, 8, 96)
+    explanation = vitkernels.explain("window_attention", qkv, num_heads=2, window_size=4, cosine=True,
+                                     logit_scale=torch.zeros(2, 1, 1))
+    assert "cosine attention" in str(explanation)
+    with pytest.raises(ValueError, match="cosine=True needs logit_scale"):
+        vitkernels.explain("window_attention", qkv, num_heads=2, window_size=4, cosine=True)
+
+
 def test_explain_follows_the_environment_variable(monkeypatch):
     monkeypatch.setenv(dispatch.ENV_VAR, "reference")
     x, w = torch.randn(2, 3, 32, 32), torch.randn(8, 3, 16, 16)

@@ -24,9 +24,10 @@ from vitkernels.ops.window_attention.checks import check_window_inputs
 _OPS: Dict[str, Tuple[Callable, Callable]] = {
     "flash_attention": (flash_attention, lambda a: check_attention_inputs(a["q"], a["k"], a["v"], a["bias"],
                                                                            a["scale"], a["dropout_p"],
-                                                                           a["rel_pos"])),
+                                                                           a["rel_pos"], a["rope"])),
     "window_attention": (window_attention, lambda a: check_window_inputs(
-        a["qkv"], a["num_heads"], a["window_size"], a["shift_size"], a["rel_pos_bias"], a["qkv_bias"], a["scale"])),
+        a["qkv"], a["num_heads"], a["window_size"], a["shift_size"], a["rel_pos_bias"], a["qkv_bias"], a["scale"],
+        a["cosine"], a["logit_scale"])),
     "patch_embed": (patch_embed, lambda a: check_patch_embed_inputs(a["x"], a["weight"], a["bias"], a["pos_embed"],
                                                                      a["prefix_tokens"])),
 }

@@ -81,13 +81,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward_cpu", &vitkernels::attention_forward_cpu,
         "flash attention forward on CPU -> (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("bias"),
         py::arg("scale"), py::arg("dropout_p"), py::arg("seed"), py::arg("offset"), py::arg("rel_h") = py::none(),
-        py::arg("rel_w") = py::none(), py::arg("rel_t") = py::none(), py::arg("rel_prefix") = 0);
+        py::arg("rel_w") = py::none(), py::arg("rel_t") = py::none(), py::arg("rel_prefix") = 0,
+        py::arg("cos") = py::none(), py::arg("sin") = py::none(), py::arg("rope_prefix") = 0,
+        py::arg("rotate_half") = false);
   m.def("attention_backward_cpu", &vitkernels::attention_backward_cpu,
-        "flash attention backward on CPU -> (dq, dk, dv, dbias, drel)", py::arg("dout"), py::arg("q"), py::arg("k"),
+        "flash attention backward on CPU -> (dq, dk, dv, dbias, drel, drope)", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("bias"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("dropout_p"),
         py::arg("seed"), py::arg("offset"), py::arg("bias_requires_grad"), py::arg("rel_h") = py::none(),
         py::arg("rel_w") = py::none(), py::arg("rel_t") = py::none(), py::arg("rel_prefix") = 0,
-        py::arg("rel_requires_grad") = false);
+        py::arg("rel_requires_grad") = false, py::arg("cos") = py::none(), py::arg("sin") = py::none(),
+        py::arg("rope_prefix") = 0, py::arg("rotate_half") = false, py::arg("rope_requires_grad") = false);
   m.def("attention_dropout_mask_cpu", &vitkernels::attention_dropout_mask_cpu,
         "the keep-mask of the CPU kernels' dropout on a (B, H, Nq, Nk) grid", py::arg("shape"), py::arg("dropout_p"),
         py::arg("seed"), py::arg("offset"));
@@ -96,30 +99,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       [](const at::Tensor& qkv, const c10::optional<at::Tensor>& table, const c10::optional<at::Tensor>& qkv_bias,
          const c10::optional<at::Tensor>& index, int64_t num_heads, const std::vector<int64_t>& spatial,
          const std::vector<int64_t>& window, const std::vector<int64_t>& shift, const std::vector<int64_t>& padded,
-         bool roll_after_pad, double scale) {
+         bool roll_after_pad, double scale, const c10::optional<at::Tensor>& logit_scale) {
         return vitkernels::window_forward_cpu(
             qkv, table, qkv_bias, index, num_heads,
-            vitkernels::window_geometry(spatial, window, shift, padded, roll_after_pad), scale);
+            vitkernels::window_geometry(spatial, window, shift, padded, roll_after_pad), scale, logit_scale);
       },
       "shifted-window attention forward on CPU -> (out, lse)", py::arg("qkv"), py::arg("table"), py::arg("qkv_bias"),
       py::arg("index"), py::arg("num_heads"), py::arg("spatial"), py::arg("window"), py::arg("shift"),
-      py::arg("padded"), py::arg("roll_after_pad"), py::arg("scale"));
+      py::arg("padded"), py::arg("roll_after_pad"), py::arg("scale"), py::arg("logit_scale") = py::none());
   m.def(
       "window_backward_cpu",
       [](const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
          const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index, const at::Tensor& out,
          const at::Tensor& lse, int64_t num_heads, const std::vector<int64_t>& spatial,
          const std::vector<int64_t>& window, const std::vector<int64_t>& shift, const std::vector<int64_t>& padded,
-         bool roll_after_pad, double scale, bool need_qkv, bool need_pairs, bool need_bias) {
+         bool roll_after_pad, double scale, bool need_qkv, bool need_pairs, bool need_bias,
+         const c10::optional<at::Tensor>& logit_scale, bool need_logit_scale) {
         return vitkernels::window_backward_cpu(
             dout, qkv, table, qkv_bias, index, out, lse, num_heads,
             vitkernels::window_geometry(spatial, window, shift, padded, roll_after_pad), scale, need_qkv, need_pairs,
-            need_bias);
+            need_bias, logit_scale, need_logit_scale);
       },
-      "shifted-window attention backward on CPU -> (dqkv, d(pairs), d(qkv_bias))", py::arg("dout"), py::arg("qkv"),
-      py::arg("table"), py::arg("qkv_bias"), py::arg("index"), py::arg("out"), py::arg("lse"), py::arg("num_heads"),
-      py::arg("spatial"), py::arg("window"), py::arg("shift"), py::arg("padded"), py::arg("roll_after_pad"),
-      py::arg("scale"), py::arg("need_qkv"), py::arg("need_pairs"), py::arg("need_bias"));
+      "shifted-window attention backward on CPU -> (dqkv, d(pairs), d(qkv_bias), d(logit_scale))", py::arg("dout"),
+      py::arg("qkv"), py::arg("table"), py::arg("qkv_bias"), py::arg("index"), py::arg("out"), py::arg("lse"),
+      py::arg("num_heads"), py::arg("spatial"), py::arg("window"), py::arg("shift"), py::arg("padded"),
+      py::arg("roll_after_pad"), py::arg("scale"), py::arg("need_qkv"), py::arg("need_pairs"), py::arg("need_bias"),
+      py::arg("logit_scale") = py::none(), py::arg("need_logit_scale") = false);
 #ifdef WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

@@ -1,7 +1,10 @@
 // C++ CPU flash attention: blocked online-softmax forward and FlashAttention-2 backward with an additive
 // bias (broadcast dims included) and its gradient, dropout, strided q/k/v read in place, and a decomposed
 // relative-position bias (per-axis terms read by their strides, added per key-grid row; their gradients
-// summed from dS inside each (batch, head) task).
+// summed from dS inside each (batch, head) task), and rotary position embedding (q and k rows rotated in
+// float as they are staged for the GEMMs, the tables read by their strides; the backward rotates dQ and dK
+// back, and sums the tables' gradients per (batch, head) task, then over their broadcast dims in a fixed
+// order).
 //
 // Forward: one task per (batch, head, block of kBlockQ query rows); keys in blocks of kBlockK, the row max
 // and sum carried across blocks, nothing Nq x Nk stored. Backward: one task per (batch, head), key blocks
@@ -139,6 +142,78 @@ struct RelPosView {
   }
 };
 
+// The rotary tables (checks.py Rope): cos and sin (1|B, 1|H, Nq - prefix, D), float32 or q's dtype, any strides
+// (the broadcast dims read with stride 0), read in place. Token n >= prefix of (b, h) is rotated by table row
+// n - prefix: x * cos + rot(x) * sin in float (rot: interleaved pairs or halves, cpu::rope_rotate_pairs).
+template <typename scalar_t>
+struct RopeView {
+  struct Table {
+    const void* data = nullptr;
+    int64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  };
+  Table cos, sin;
+  bool table_float = false, rotate_half = false;
+  int64_t prefix = 0, D = 0;
+
+  RopeView(const c10::optional<at::Tensor>& cos_t, const c10::optional<at::Tensor>& sin_t, int64_t rope_prefix,
+           bool half, const Shape& g) {
+    if (!cos_t.has_value()) return;
+    prefix = rope_prefix, rotate_half = half, D = g.D;
+    table_float = cos_t->scalar_type() == at::kFloat;
+    set(cos, *cos_t, g), set(sin, *sin_t, g);
+  }
+  void set(Table& t, const at::Tensor& x, const Shape& g) const {
+    const at::Tensor e = x.expand({g.B, g.H, g.Nq - prefix, g.D});  // a view: stride 0 on the broadcast dims
+    t.data = x.const_data_ptr();
+    t.s0 = e.stride(0), t.s1 = e.stride(1), t.s2 = e.stride(2), t.s3 = e.stride(3);
+  }
+
+  bool active() const { return cos.data != nullptr; }
+  // Scratch floats the row functions below need.
+  int64_t work_size() const { return 5 * D; }
+
+  void load(const Table& t, int64_t b, int64_t h, int64_t r, float* dst) const {
+    const int64_t off = b * t.s0 + h * t.s1 + r * t.s2;
+    if (table_float) {
+      cpu::load_strided(static_cast<const float*>(t.data) + off, t.s3, D, dst);
+    } else {
+      cpu::load_strided(static_cast<const scalar_t*>(t.data) + off, t.s3, D, dst);
+    }
+  }
+
+  // Rotates the float rows x (row stride ld) of tokens [n0, n0 + rows) of (b, h) in place; prefix rows stay.
+  void rotate_rows(float* x, int64_t ld, int64_t b, int64_t h, int64_t n0, int64_t rows, float* work) const {
+    float* c = work;
+    float* s = work + D;
+    for (int64_t r = std::max<int64_t>(0, prefix - n0); r < rows; ++r) {
+      load(cos, b, h, n0 + r - prefix, c);
+      load(sin, b, h, n0 + r - prefix, s);
+      cpu::rope_rotate(x + r * ld, c, s, D, rotate_half, work + 2 * D);
+    }
+  }
+
+  // The gradient rows g (row stride ld) of the rotated tokens [n0, n0 + rows) become those of the unrotated
+  // rows, in place. With dcos / dsin (this (b, h)'s (Nq - prefix, D) float slots), the tables' gradient of
+  // each row is added first, from the unrotated rows x (the input tensor's, row stride ldx).
+  void rotate_back_rows(float* g, int64_t ld, int64_t b, int64_t h, int64_t n0, int64_t rows, const scalar_t* x,
+                        int64_t ldx, float* dcos, float* dsin, float* work) const {
+    float* c = work;
+    float* s = work + D;
+    float* xr = work + 2 * D;
+    for (int64_t r = std::max<int64_t>(0, prefix - n0); r < rows; ++r) {
+      const int64_t row = n0 + r - prefix;
+      float* gr = g + r * ld;
+      if (dcos) {
+        cpu::load_strided(x + (n0 + r) * ldx, 1, D, xr);
+        cpu::rope_table_grad(gr, xr, dcos + row * D, dsin + row * D, D, rotate_half, work + 3 * D);
+      }
+      load(cos, b, h, row, c);
+      load(sin, b, h, row, s);
+      cpu::rope_rotate_back(gr, c, s, D, rotate_half, work + 3 * D);
+    }
+  }
+};
+
 // Rows [r0, r0 + rows) of one (b, h) slice as a float block: the tensor itself when it is float and its rows
 // do not overlap (the GEMMs read it in place with its row stride), else copied / widened into `buffer` (a
 // row stride below D: an expanded or overlapping view).
@@ -159,6 +234,18 @@ const float* float_rows(const scalar_t* base, int64_t ld, int64_t r0, int64_t ro
   }
 }
 
+// float_rows, rotated by the rope tables when there are some (then always a copy: the rows of (b, h) from r0).
+template <typename scalar_t>
+const float* staged_rows(const scalar_t* base, int64_t ld, int64_t r0, int64_t rows, int64_t D, Scratch& buffer,
+                         int64_t* ld_out, const RopeView<scalar_t>& rope, int64_t b, int64_t h, float* work) {
+  if (!rope.active()) return float_rows(base, ld, r0, rows, D, buffer, ld_out);
+  float* dst = buffer.get(rows * D);
+  cpu::load_rows(base + r0 * ld, ld, rows, D, dst);
+  rope.rotate_rows(dst, D, b, h, r0, rows, work);
+  *ld_out = D;
+  return dst;
+}
+
 template <typename scalar_t>
 const scalar_t* slice(const at::Tensor& t, int64_t b, int64_t h) {
   return t.const_data_ptr<scalar_t>() + b * t.stride(0) + h * t.stride(1);
@@ -166,8 +253,9 @@ const scalar_t* slice(const at::Tensor& t, int64_t b, int64_t h) {
 
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                    const c10::optional<at::Tensor>& bias, const RelPosView<scalar_t>& rel, float scale,
-                    const cpu::Dropout& drop, at::Tensor& out, at::Tensor& lse) {
+                    const c10::optional<at::Tensor>& bias, const RelPosView<scalar_t>& rel,
+                    const RopeView<scalar_t>& rope, float scale, const cpu::Dropout& drop, at::Tensor& out,
+                    at::Tensor& lse) {
   const Shape g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   const BiasView<scalar_t> bv(bias, g);
   const int64_t q_blocks = (g.Nq + kBlockQ - 1) / kBlockQ, D = g.D;
@@ -176,12 +264,13 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
   at::parallel_for(0, g.B * g.H * q_blocks, 1, [&](int64_t begin, int64_t end) {
     const cpu::OneBlasThread one_blas_thread;
-    Scratch q_buf, k_buf, v_buf, s_buf, o_buf, stats, row_buf, rel_buf;
+    Scratch q_buf, k_buf, v_buf, s_buf, o_buf, stats, row_buf, rel_buf, rope_buf;
+    float* work = rope_buf.get(rope.work_size());
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_blocks, b = bh / g.H, h = bh % g.H;
       const int64_t i0 = (task % q_blocks) * kBlockQ, rows = std::min(kBlockQ, g.Nq - i0);
       int64_t ldq, ldk, ldv;
-      const float* Q = float_rows(slice<scalar_t>(q, b, h), q.stride(2), i0, rows, D, q_buf, &ldq);
+      const float* Q = staged_rows(slice<scalar_t>(q, b, h), q.stride(2), i0, rows, D, q_buf, &ldq, rope, b, h, work);
       float* O = o_buf.get(rows * D);
       std::fill(O, O + rows * D, 0.0f);
       float* m = stats.get(2 * rows);  // running row max, then running row sum
@@ -198,7 +287,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       if (rel_rows) rel.load(b, h, rel_first - rel.prefix, rel_rows, rel_f);
       for (int64_t j0 = 0; j0 < g.Nk; j0 += kBlockK) {
         const int64_t cols = std::min(kBlockK, g.Nk - j0);
-        const float* K = float_rows(slice<scalar_t>(k, b, h), k.stride(2), j0, cols, D, k_buf, &ldk);
+        const float* K = staged_rows(slice<scalar_t>(k, b, h), k.stride(2), j0, cols, D, k_buf, &ldk, rope, b, h, work);
         const float* V = float_rows(slice<scalar_t>(v, b, h), v.stride(2), j0, cols, D, v_buf, &ldv);
         cpu::gemm(false, true, rows, cols, D, scale, Q, ldq, K, ldk, 0.0f, S, cols);  // S = scale Q K^T
         for (int64_t r = 0; r < rows; ++r) {
@@ -238,6 +327,14 @@ struct BiasGradSlots {
   float* slot(int64_t bh) const { return data + bh * nq * nk; }
 };
 
+// Where a (b, h) task sums the rope tables' gradient: (Nq - prefix, D) float slots for cos and for sin, then
+// summed over the tables' broadcast dims; null when not asked for.
+struct RopeGradSlots {
+  float* cos = nullptr;
+  float* sin = nullptr;
+  int64_t size = 0;  // (Nq - prefix) * D
+};
+
 // The rel terms' gradients, contiguous (B, H, Nq - prefix, K) in the terms' dtype; undefined when not asked for
 // (t also on a 2-D grid).
 struct RelGrads {
@@ -246,9 +343,10 @@ struct RelGrads {
 
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const c10::optional<at::Tensor>& bias, const RelPosView<scalar_t>& rel, const at::Tensor& out,
-                     const at::Tensor& lse, float scale, const cpu::Dropout& drop, at::Tensor& dq, at::Tensor& dk,
-                     at::Tensor& dv, const BiasGradSlots& dbias, RelGrads& drel) {
+                     const c10::optional<at::Tensor>& bias, const RelPosView<scalar_t>& rel,
+                     const RopeView<scalar_t>& rope, const at::Tensor& out, const at::Tensor& lse, float scale,
+                     const cpu::Dropout& drop, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                     const BiasGradSlots& dbias, RelGrads& drel, const RopeGradSlots& drope) {
   const Shape g{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   const BiasView<scalar_t> bv(bias, g);
   const int64_t D = g.D;
@@ -265,12 +363,13 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   at::parallel_for(0, g.B * g.H, 1, [&](int64_t begin, int64_t end) {
     const cpu::OneBlasThread one_blas_thread;
     Scratch q_buf, k_buf, v_buf, do_buf, o_row, dq_buf, dkv_buf, s_buf, p_buf, dp_buf, keep_buf, delta_buf, tmp_buf;
-    Scratch rel_buf, rel_slot_buf;
+    Scratch rel_buf, rel_slot_buf, rope_buf;
+    float* work = rope_buf.get(rope.work_size());
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / g.H, h = bh % g.H;
       int64_t ldq, lddo, ldk, ldv;
-      // whole-head Q and dO (float), delta_i = dO_i . O_i, the dQ accumulator
-      const float* Q = float_rows(slice<scalar_t>(q, b, h), q.stride(2), 0, g.Nq, D, q_buf, &ldq);
+      // whole-head Q (rotated) and dO (float), delta_i = dO_i . O_i, the dQ accumulator
+      const float* Q = staged_rows(slice<scalar_t>(q, b, h), q.stride(2), 0, g.Nq, D, q_buf, &ldq, rope, b, h, work);
       const float* dO = float_rows(slice<scalar_t>(dout, b, h), dout.stride(2), 0, g.Nq, D, do_buf, &lddo);
       float* delta = delta_buf.get(g.Nq);
       float* orow = o_row.get(D);
@@ -289,6 +388,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       if (rel_rows) rel.load(b, h, 0, rel_rows, rel_f);
       float* rel_slot = rel_grad ? rel_slot_buf.get(rel_rows * W) : nullptr;
       if (rel_slot) std::fill(rel_slot, rel_slot + rel_rows * W, 0.0f);
+      // this task's d(cos), d(sin) slots: dK's rows, key block by key block, then dQ's
+      float* dcos = drope.cos ? drope.cos + bh * drope.size : nullptr;
+      float* dsin = drope.cos ? drope.sin + bh * drope.size : nullptr;
+      if (dcos) std::fill(dcos, dcos + drope.size, 0.0f), std::fill(dsin, dsin + drope.size, 0.0f);
       const float* lse_row = lse_p + bh * g.Nq;
       const int64_t kblock = std::min(kBlockKBackward, g.Nk), qblock = std::min(kBlockQ, g.Nq);
       float* dKV = dkv_buf.get(2 * kblock * D);
@@ -299,7 +402,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
       float* tmp = tmp_buf.get(kblock);
       for (int64_t j0 = 0; j0 < g.Nk; j0 += kBlockKBackward) {
         const int64_t cols = std::min(kBlockKBackward, g.Nk - j0);
-        const float* K = float_rows(slice<scalar_t>(k, b, h), k.stride(2), j0, cols, D, k_buf, &ldk);
+        const float* K = staged_rows(slice<scalar_t>(k, b, h), k.stride(2), j0, cols, D, k_buf, &ldk, rope, b, h, work);
         const float* V = float_rows(slice<scalar_t>(v, b, h), v.stride(2), j0, cols, D, v_buf, &ldv);
         float* dK = dKV;
         float* dV = dKV + cols * D;
@@ -353,9 +456,13 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           cpu::gemm(true, false, cols, D, rows, scale, dP, cols, Qi, ldq, 1.0f, dK, D);          // dK += dS^T Q
         }
         const int64_t row0 = bh * g.Nk + j0;
+        if (rope.active())  // dK of the rotated keys -> of k (and the tables' share of these rows)
+          rope.rotate_back_rows(dK, D, b, h, j0, cols, slice<scalar_t>(k, b, h), k.stride(2), dcos, dsin, work);
         cpu::from_float(dK, dk_p + row0 * D, cols * D);
         cpu::from_float(dV, dv_p + row0 * D, cols * D);
       }
+      if (rope.active())
+        rope.rotate_back_rows(dQ, D, b, h, 0, g.Nq, slice<scalar_t>(q, b, h), q.stride(2), dcos, dsin, work);
       cpu::from_float(dQ, dq_p + bh * g.Nq * D, g.Nq * D);
       if (rel_slot) {  // [dt | dh | dw] rows -> the three contiguous gradients
         const int64_t offsets[3] = {0, rel.t.n, rel.t.n + rel.h.n}, widths[3] = {rel.t.n, rel.h.n, rel.w.n};
@@ -425,6 +532,46 @@ void check_rel_pos(const at::Tensor& q, const at::Tensor& k, const c10::optional
               Nk - prefix);
 }
 
+void check_rope(const at::Tensor& q, const at::Tensor& k, const c10::optional<at::Tensor>& cos,
+                const c10::optional<at::Tensor>& sin, int64_t prefix) {
+  if (!cos.has_value()) {
+    TORCH_CHECK(!sin.has_value(), "attention_cpu: rope sin without cos");
+    return;
+  }
+  TORCH_CHECK(sin.has_value(), "attention_cpu: rope cos without sin");
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  TORCH_CHECK(k.size(2) == Nq, "attention_cpu: rope needs Nq == Nk, got ", Nq, " and ", k.size(2));
+  TORCH_CHECK(prefix >= 0 && prefix <= Nq, "attention_cpu: rope prefix ", prefix, " must be in [0, Nq]");
+  TORCH_CHECK(D % 2 == 0, "attention_cpu: rope needs an even head dim, got ", D);
+  for (const at::Tensor* t : {&*cos, &*sin}) {
+    TORCH_CHECK(t->device().is_cpu() && (t->scalar_type() == q.scalar_type() || t->scalar_type() == at::kFloat) &&
+                    t->dim() == 4 && (t->size(0) == 1 || t->size(0) == B) && (t->size(1) == 1 || t->size(1) == H) &&
+                    t->size(2) == Nq - prefix && t->size(3) == D,
+                "attention_cpu: rope cos / sin must be (1|B, 1|H, Nq - prefix, D) CPU tensors of q's dtype or float32; "
+                "got ", t->sizes(), " ", t->scalar_type());
+  }
+  TORCH_CHECK(cos->sizes() == sin->sizes() && cos->scalar_type() == sin->scalar_type(),
+              "attention_cpu: rope cos and sin must share their shape and dtype");
+}
+
+// Per-(b, h) float slots (B, H, E), contiguous, summed over the broadcast batch / head dims of an operand
+// (Bb, Hb, E) in a fixed order: a (Bb, Hb, E) float tensor (the slots themselves when nothing broadcasts).
+at::Tensor sum_broadcast_slots(const at::Tensor& slots, int64_t B, int64_t H, int64_t Bb, int64_t Hb, int64_t E) {
+  const bool over_b = Bb == 1 && B > 1, over_h = Hb == 1 && H > 1;
+  if (!over_b && !over_h) return slots.view({Bb, Hb, E});
+  at::Tensor total = at::empty({Bb, Hb, E}, slots.options());
+  const float* s = slots.const_data_ptr<float>();
+  float* t = total.mutable_data_ptr<float>();
+  if (over_b && over_h) {
+    cpu::sum_slots(s, B * H, E, E, t);
+  } else if (over_b) {
+    cpu::sum_slots(s, B, H * E, H * E, t);
+  } else {
+    for (int64_t b = 0; b < B; ++b) cpu::sum_slots(s + b * H * E, H, E, E, t + b * E);
+  }
+  return total;
+}
+
 }  // namespace
 
 at::Tensor attention_dropout_mask_cpu(std::vector<int64_t> shape, double dropout_p, int64_t seed, int64_t offset) {
@@ -447,9 +594,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
                                                          double dropout_p, int64_t seed, int64_t offset,
                                                          const c10::optional<at::Tensor>& rel_h,
                                                          const c10::optional<at::Tensor>& rel_w,
-                                                         const c10::optional<at::Tensor>& rel_t, int64_t rel_prefix) {
+                                                         const c10::optional<at::Tensor>& rel_t, int64_t rel_prefix,
+                                                         const c10::optional<at::Tensor>& cos,
+                                                         const c10::optional<at::Tensor>& sin, int64_t rope_prefix,
+                                                         bool rotate_half) {
   check_operands(q, k, v, bias);
   check_rel_pos(q, k, rel_h, rel_w, rel_t, rel_prefix);
+  check_rope(q, k, cos, sin, rope_prefix);
+  const Shape shape{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
   auto out = at::empty(q.sizes(), q.options());  // B, H, Nq, D
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const auto drop = make_dropout(dropout_p, seed, offset);
@@ -457,19 +609,24 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& q, co
     TORCH_CHECK((!std::is_same<scalar_t, double>::value), "attention_cpu: fp64 runs on the reference backend");
     if constexpr (!std::is_same<scalar_t, double>::value)
       forward_kernel<scalar_t>(q, k, v, bias, RelPosView<scalar_t>(rel_h, rel_w, rel_t, rel_prefix),
-                               static_cast<float>(scale), drop, out, lse);
+                               RopeView<scalar_t>(cos, sin, rope_prefix, rotate_half, shape), static_cast<float>(scale),
+                               drop, out, lse);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<RelPosGrads>>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::optional<at::Tensor>, c10::optional<RelPosGrads>,
+           c10::optional<RopeGrads>>
 attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const c10::optional<at::Tensor>& bias, const at::Tensor& out, const at::Tensor& lse,
                        double scale, double dropout_p, int64_t seed, int64_t offset, bool bias_requires_grad,
                        const c10::optional<at::Tensor>& rel_h, const c10::optional<at::Tensor>& rel_w,
-                       const c10::optional<at::Tensor>& rel_t, int64_t rel_prefix, bool rel_requires_grad) {
+                       const c10::optional<at::Tensor>& rel_t, int64_t rel_prefix, bool rel_requires_grad,
+                       const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin, int64_t rope_prefix,
+                       bool rotate_half, bool rope_requires_grad) {
   check_operands(q, k, v, bias);
   check_rel_pos(q, k, rel_h, rel_w, rel_t, rel_prefix);
+  check_rope(q, k, cos, sin, rope_prefix);
   TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type() &&
                   (dout.size(3) <= 1 || dout.stride(3) == 1),
               "attention_cpu: dout must match q with a unit last stride");
@@ -502,33 +659,40 @@ attention_backward_cpu(const at::Tensor& dout, const at::Tensor& q, const at::Te
     drel.h = grad_like(*rel_h), drel.w = grad_like(*rel_w);
     if (rel_t.has_value()) drel.t = grad_like(*rel_t);
   }
+  // d(cos), d(sin): per (b, h) float slots, then summed over the tables' broadcast batch / head dims
+  RopeGradSlots rope_slots;
+  at::Tensor cos_slots, sin_slots;
+  const Shape shape{B, H, Nq, Nk, q.size(3)};
+  if (cos.has_value() && rope_requires_grad) {
+    rope_slots.size = (Nq - rope_prefix) * q.size(3);
+    cos_slots = at::empty({B, H, rope_slots.size}, q.options().dtype(at::kFloat));
+    sin_slots = at::empty({B, H, rope_slots.size}, q.options().dtype(at::kFloat));
+    rope_slots.cos = cos_slots.mutable_data_ptr<float>();
+    rope_slots.sin = sin_slots.mutable_data_ptr<float>();
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_backward_cpu", [&] {
     TORCH_CHECK((!std::is_same<scalar_t, double>::value), "attention_cpu: fp64 runs on the reference backend");
     if constexpr (!std::is_same<scalar_t, double>::value)
-      backward_kernel<scalar_t>(dout, q, k, v, bias, RelPosView<scalar_t>(rel_h, rel_w, rel_t, rel_prefix), out,
-                                lse, static_cast<float>(scale), drop, dq, dk, dv, slot_view, drel);
+      backward_kernel<scalar_t>(dout, q, k, v, bias, RelPosView<scalar_t>(rel_h, rel_w, rel_t, rel_prefix),
+                                RopeView<scalar_t>(cos, sin, rope_prefix, rotate_half, shape), out, lse,
+                                static_cast<float>(scale), drop, dq, dk, dv, slot_view, drel, rope_slots);
   });
   if (slot_view.data) {
-    const int64_t E = slot_view.nq * slot_view.nk;
-    at::Tensor total = at::empty({Bb, Hb, slot_view.nq, slot_view.nk}, slots.options());
-    const float* s = slots.const_data_ptr<float>();
-    float* t = total.mutable_data_ptr<float>();
-    const bool over_b = Bb == 1 && B > 1, over_h = Hb == 1 && H > 1;
-    if (over_b && over_h) {
-      cpu::sum_slots(s, B * H, E, E, t);
-    } else if (over_b) {
-      cpu::sum_slots(s, B, H * E, H * E, t);
-    } else if (over_h) {
-      for (int64_t b = 0; b < B; ++b) cpu::sum_slots(s + b * H * E, H, E, E, t + b * E);
-    } else {
-      total = slots.view({Bb, Hb, slot_view.nq, slot_view.nk});
-    }
+    const at::Tensor total = sum_broadcast_slots(slots, B, H, Bb, Hb, slot_view.nq * slot_view.nk);
     dbias = total.to(q.scalar_type()).view(bias->sizes());
+  }
+  c10::optional<RopeGrads> rope_grads;
+  if (rope_slots.cos) {
+    const int64_t Bc = cos->size(0), Hc = cos->size(1);
+    auto reduce = [&](const at::Tensor& slots_t) {
+      return sum_broadcast_slots(slots_t, B, H, Bc, Hc, rope_slots.size).to(cos->scalar_type()).view(cos->sizes());
+    };
+    rope_grads = RopeGrads{reduce(cos_slots), reduce(sin_slots)};
   }
   c10::optional<RelPosGrads> rel_grads;
   if (drel.h.defined())
     rel_grads = RelPosGrads{drel.h, drel.w, drel.t.defined() ? c10::optional<at::Tensor>(drel.t) : c10::nullopt};
-  return {dq, dk, dv, dbias, rel_grads};
+  return {dq, dk, dv, dbias, rel_grads, rope_grads};
 }
 
 }  // namespace vitkernels

@@ -181,6 +181,64 @@ VK_ISA_CLONES void softmax_grad_row(const float* p, float* dp, int64_t n, float 
   for (int64_t j = 0; j < n; ++j) dp[j] = p[j] * (dp[j] - delta);
 }
 
+// ---------------------------------------------------------------------------------------- rope, normalisation
+
+VK_ISA_CLONES void rope_rotate_pairs(const float* x, float* out, int64_t D, bool rotate_half) {
+  if (rotate_half) {
+    const int64_t h = D / 2;
+    for (int64_t j = 0; j < h; ++j) out[j] = -x[j + h];
+    for (int64_t j = 0; j < h; ++j) out[j + h] = x[j];
+  } else {
+    for (int64_t j = 0; j + 1 < D; j += 2) {
+      out[j] = -x[j + 1];
+      out[j + 1] = x[j];
+    }
+  }
+}
+
+VK_ISA_CLONES void rope_rotate(float* x, const float* c, const float* s, int64_t D, bool rotate_half, float* work) {
+  rope_rotate_pairs(x, work, D, rotate_half);
+  for (int64_t j = 0; j < D; ++j) x[j] = x[j] * c[j] + work[j] * s[j];
+}
+
+VK_ISA_CLONES void rope_rotate_back(float* g, const float* c, const float* s, int64_t D, bool rotate_half,
+                                    float* work) {
+  float* gs = work;
+  float* r = work + D;
+  for (int64_t j = 0; j < D; ++j) gs[j] = g[j] * s[j];
+  rope_rotate_pairs(gs, r, D, rotate_half);
+  for (int64_t j = 0; j < D; ++j) g[j] = g[j] * c[j] - r[j];
+}
+
+VK_ISA_CLONES void rope_table_grad(const float* g, const float* x, float* dc, float* ds, int64_t D, bool rotate_half,
+                                   float* work) {
+  rope_rotate_pairs(x, work, D, rotate_half);
+  for (int64_t j = 0; j < D; ++j) {
+    dc[j] += g[j] * x[j];
+    ds[j] += g[j] * work[j];
+  }
+}
+
+// In double: the cosine logits are these rows' dot products times up to 100, so their rounding shows.
+float normalize_row(float* x, int64_t n) {
+  double sq = 0.0;
+  for (int64_t j = 0; j < n; ++j) sq += static_cast<double>(x[j]) * x[j];
+  const double norm = std::sqrt(sq);
+  const double d = norm < static_cast<double>(kNormEps) ? static_cast<double>(kNormEps) : norm;  // NaN stays NaN
+  for (int64_t j = 0; j < n; ++j) x[j] = static_cast<float>(x[j] / d);
+  return static_cast<float>(norm);
+}
+
+void normalize_row_backward(float* g, const float* x_hat, float norm, int64_t n) {
+  if (norm <= kNormEps) {  // clamped, as F.normalize's clamp_min (a NaN norm goes on to give NaN)
+    for (int64_t j = 0; j < n; ++j) g[j] /= kNormEps;
+    return;
+  }
+  double proj = 0.0;
+  for (int64_t j = 0; j < n; ++j) proj += static_cast<double>(x_hat[j]) * g[j];
+  for (int64_t j = 0; j < n; ++j) g[j] = static_cast<float>((g[j] - x_hat[j] * proj) / norm);
+}
+
 // ---------------------------------------------------------------------------------------- dropout
 
 namespace {

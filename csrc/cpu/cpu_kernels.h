@@ -103,6 +103,27 @@ void multiply(float* y, const float* x, int64_t n);
 // ds[j] = p[j] * (dp[j] - delta).
 void softmax_grad_row(const float* p, float* dp, int64_t n, float delta);
 
+// ---- rotary position embedding (flash_attention's rope) and L2 normalisation (Swin V2 cosine attention)
+
+// rot(x) (D floats) into out: interleaved pairs [-x1, x0, -x3, x2, ...], or halves [-x[D/2:], x[:D/2]].
+// Its adjoint is -rot.
+void rope_rotate_pairs(const float* x, float* out, int64_t D, bool rotate_half);
+// x = x * c + rot(x) * s in place (one row of D floats); work: D floats.
+void rope_rotate(float* x, const float* c, const float* s, int64_t D, bool rotate_half, float* work);
+// g, the gradient of a rotated row, becomes that of the row before the rotation, in place:
+// g = g * c - rot(g * s) (the adjoint); work: 2 D floats.
+void rope_rotate_back(float* g, const float* c, const float* s, int64_t D, bool rotate_half, float* work);
+// The tables' gradient of one row: dc += g * x, ds += g * rot(x), g the gradient of the rotated row and x the
+// row before the rotation; work: D floats.
+void rope_table_grad(const float* g, const float* x, float* dc, float* ds, int64_t D, bool rotate_half, float* work);
+
+constexpr float kNormEps = 1e-12f;  // F.normalize's default
+// x = x / max(||x||, eps) in place; returns ||x|| (before).
+float normalize_row(float* x, int64_t n);
+// The adjoint of normalize_row at a row whose normalised value is x_hat and norm `norm`, in place on g:
+// (g - x_hat (x_hat . g)) / norm, or g / eps where the norm was clamped (norm <= eps).
+void normalize_row_backward(float* g, const float* x_hat, float norm, int64_t n);
+
 // ---- dropout: Philox4x32-10 keyed by the call's seed; element `index` of the (B, H, Nq, Nk) grid (rows
 // padded to a multiple of 4) is kept when its uniform is >= p. All four outputs of each draw are used.
 struct Dropout {

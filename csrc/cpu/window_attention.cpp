@@ -8,6 +8,12 @@
 // Backward: the same tasks, head-major; each chunk is one head's run of windows and sums that head's
 // d(pairs) (N x N) and its columns of d(qkv_bias); the chunks are fixed by the shape alone and summed in
 // order afterwards: bitwise the same at any thread count.
+//
+// Swin V2's cosine attention (a logit scale given): each gathered q and k row is L2-normalised (F.normalize, eps
+// 1e-12; norm and division in double, rounded to float once) and q times the head's exp(min(logit_scale, log 100)).
+// The backward recomputes P as the forward did and takes delta = rowsum(P dP) (logits reach ~100: the float lse and
+// O would cost ~4e-6 of every probability), takes dQ / dK through the normalisation per row, and sums
+// d(logit_scale) per chunk (double), the chunks of a head in order.
 #include "../window_attention.h"
 
 #include <ATen/Dispatch.h>
@@ -149,11 +155,49 @@ void head_scores(const float* block, int64_t hd, int64_t h, int64_t N, float sca
         if (region[i] != region[j]) S[i * N + j] = kNegInf;
 }
 
+// Cosine attention: the q and k rows of a gathered (N, 3 hd) block normalised in place, q then times the head's
+// factor (the reference's order: normalize(q) * factor, rounded, then the product with normalize(k)). For the
+// backward: the norms (before) into qnorm / knorm and the unscaled normalize(q) rows into q_hat (N, hd), when given.
+void normalize_qk(float* block, int64_t N, int64_t hd, float factor, float* qnorm, float* knorm, float* q_hat) {
+  for (int64_t i = 0; i < N; ++i) {
+    float* row = block + i * 3 * hd;
+    const float nq = cpu::normalize_row(row, hd), nk = cpu::normalize_row(row + hd, hd);
+    if (qnorm) {
+      qnorm[i] = nq, knorm[i] = nk;
+      std::copy(row, row + hd, q_hat + i * hd);
+    }
+    cpu::scale_row(row, hd, factor);
+  }
+}
+
+// Per head: exp(min(logit_scale, log 100)) and whether the clamp lets the gradient through (logit_scale <= log 100,
+// as torch.clamp's gradient); empty without a logit scale.
+struct LogitScale {
+  std::vector<float> factor;
+  std::vector<bool> open;
+  bool active() const { return !factor.empty(); }
+
+  LogitScale(const c10::optional<at::Tensor>& logit_scale, int64_t heads) {
+    if (!logit_scale.has_value()) return;
+    const at::Tensor& t = *logit_scale;
+    const int64_t stride = t.dim() ? t.stride(0) : 0;
+    const float max = static_cast<float>(std::log(100.0));  // the reference's clamp bound, in float
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "window_logit_scale", [&] {
+      const scalar_t* p = t.const_data_ptr<scalar_t>();
+      for (int64_t h = 0; h < heads; ++h) {
+        const float value = static_cast<float>(p[h * stride]);
+        factor.push_back(std::exp(value > max ? max : value));  // torch.clamp: NaN stays NaN
+        open.push_back(value <= max);
+      }
+    });
+  }
+};
+
 // Tasks are (batch, window, head): enough of them even for one window (Swin's last stage at batch 1).
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
                     const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
-                    const Layout& L, float scale, at::Tensor& out, at::Tensor& lse) {
+                    const Layout& L, float scale, const LogitScale& ls, at::Tensor& out, at::Tensor& lse) {
   const std::vector<float> bias = gather_bias<scalar_t>(table, index, L);
   const std::vector<float> pad = pad_value<scalar_t>(qkv_bias, L.C3);
   const scalar_t* x = qkv.const_data_ptr<scalar_t>();
@@ -175,6 +219,7 @@ void forward_kernel(const at::Tensor& qkv, const c10::optional<at::Tensor>& tabl
       const bool mixed = L.tokens(w, L.xs + 1, src.data(), region.data());
       L.tokens(w, os, dst.data(), region.data());
       gather_head(x + b * L.xs[0], src.data(), L, h, L.xs[4], pad.data(), block);
+      if (ls.active()) normalize_qk(block, N, hd, ls.factor[h], nullptr, nullptr, nullptr);
       head_scores(block, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed, S);
       float* lse_row = lse_p + task * N;  // (B * windows, heads, N)
       for (int64_t i = 0; i < N; ++i) {
@@ -195,8 +240,9 @@ void forward_kernel(const at::Tensor& qkv, const c10::optional<at::Tensor>& tabl
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
                      const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
-                     const at::Tensor& out, const at::Tensor& lse, const Layout& L, float scale, scalar_t* dqkv,
-                     float* dpairs_chunks, float* dbias_chunks, int64_t chunks_per_head) {
+                     const at::Tensor& out, const at::Tensor& lse, const Layout& L, float scale, const LogitScale& ls,
+                     scalar_t* dqkv, float* dpairs_chunks, float* dbias_chunks, double* dscale_chunks,
+                     int64_t chunks_per_head) {
   const std::vector<float> bias = gather_bias<scalar_t>(table, index, L);
   const std::vector<float> pad = pad_value<scalar_t>(qkv_bias, L.C3);
   const scalar_t* x = qkv.const_data_ptr<scalar_t>();
@@ -213,7 +259,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
     const cpu::OneBlasThread one_blas_thread;
     std::vector<int64_t> src(N), dsrc(N), osrc(N), gsrc(N);
     std::vector<int32_t> region(N);
-    Scratch block_buf, do_buf, o_buf, g_buf, s_buf, dp_buf, delta_buf;
+    Scratch block_buf, do_buf, o_buf, g_buf, s_buf, dp_buf, delta_buf, norm_buf, q_hat_buf;
     float* block = block_buf.get(N * 3 * hd);
     float* dO = do_buf.get(N * hd);
     float* O = o_buf.get(N * hd);
@@ -221,12 +267,16 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
     float* S = s_buf.get(N * N);
     float* dP = dp_buf.get(N * N);
     float* delta = delta_buf.get(N);
+    float* qnorm = norm_buf.get(2 * N);  // cosine: the q and k rows' norms
+    float* knorm = qnorm + N;
+    float* q_hat = q_hat_buf.get(ls.active() ? N * hd : 0);  // cosine: normalize(q) before the factor
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t h = chunk / chunks_per_head, first = (chunk % chunks_per_head) * per_chunk;
       float* dpairs = dpairs_chunks ? dpairs_chunks + chunk * N * N : nullptr;  // this head's N x N
       float* dbias = dbias_chunks ? dbias_chunks + chunk * L.C3 : nullptr;
       if (dpairs) std::fill(dpairs, dpairs + N * N, 0.0f);
       if (dbias) std::fill(dbias, dbias + L.C3, 0.0f);
+      double dscale = 0.0;  // this chunk's d(factor) of head h: sum over its windows of dQ_scaled . q_hat
       for (int64_t bw = first; bw < std::min(per_head, first + per_chunk); ++bw) {
         const int64_t task = bw * L.heads + h, b = bw / L.windows, w = bw % L.windows;  // lse's (bw, h) row
         const bool mixed = L.tokens(w, L.xs + 1, src.data(), region.data());
@@ -235,18 +285,45 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
         L.tokens(w, gs, gsrc.data(), region.data());
         gather_head(x + b * L.xs[0], src.data(), L, h, L.xs[4], pad.data(), block);
         gather_cols(go + b * dout.stride(0), dsrc.data(), N, h * hd, hd, dout.stride(4), dO);  // padded: dO 0
-        gather_cols(o + b * out.stride(0), osrc.data(), N, h * hd, hd, out.stride(4), O);
-        for (int64_t i = 0; i < N; ++i) delta[i] = cpu::dot(dO + i * hd, O + i * hd, hd);
+        if (!ls.active()) {  // (cosine: delta from P and dP below)
+          gather_cols(o + b * out.stride(0), osrc.data(), N, h * hd, hd, out.stride(4), O);
+          for (int64_t i = 0; i < N; ++i) delta[i] = cpu::dot(dO + i * hd, O + i * hd, hd);
+        }
+        if (ls.active()) normalize_qk(block, N, hd, ls.factor[h], qnorm, knorm, q_hat);
         head_scores(block, hd, h, N, scale, bias.empty() ? nullptr : bias.data(), region.data(), mixed, S);
         const float* lse_row = lse_p + task * N;
-        for (int64_t i = 0; i < N; ++i) cpu::exp_shift_sum(S + i * N, N, lse_row[i]);  // P, recomputed
+        if (ls.active()) {
+          // P recomputed as the forward did (bitwise its P): at logits ~100 the float lse is only good to ~4e-6,
+          // which exp(S - lse) would carry into every probability of the row
+          for (int64_t i = 0; i < N; ++i) {
+            float* srow = S + i * N;
+            const float l = cpu::exp_shift_sum(srow, N, cpu::row_max(srow, N));
+            cpu::scale_row(srow, N, l == 0.0f ? 0.0f : 1.0f / l);
+          }
+        } else {
+          for (int64_t i = 0; i < N; ++i) cpu::exp_shift_sum(S + i * N, N, lse_row[i]);  // P, recomputed
+        }
         const int64_t ld = 3 * hd;
         cpu::gemm(true, false, N, hd, N, 1.0f, S, N, dO, hd, 0.0f, G + 2 * hd, ld);         // dV = P^T dO
         cpu::gemm(false, true, N, N, hd, 1.0f, dO, hd, block + 2 * hd, ld, 0.0f, dP, N);    // dP = dO V^T
+        if (ls.active())  // delta = rowsum(P dP), consistent with P (dO . O would carry O's rounding)
+          for (int64_t i = 0; i < N; ++i) delta[i] = cpu::dot(S + i * N, dP + i * N, N);
         for (int64_t i = 0; i < N; ++i) cpu::softmax_grad_row(S + i * N, dP + i * N, N, delta[i]);  // dS
         if (dpairs) cpu::add_strided(dpairs, dP, 1, N * N);
+        // cosine: the block holds factor q_hat and k_hat, so dQ is w.r.t. factor q_hat (the reference's
+        // dq_scaled) and dK w.r.t. k_hat
         cpu::gemm(false, false, N, hd, N, scale, dP, N, block + hd, ld, 0.0f, G, ld);      // dQ = dS K
         cpu::gemm(true, false, N, hd, N, scale, dP, N, block, ld, 0.0f, G + hd, ld);       // dK = dS^T Q
+        if (ls.active()) {  // through the logit scale and the normalisation, row by row
+          const float f = ls.factor[h];
+          for (int64_t i = 0; i < N; ++i) {
+            float* gq = G + i * ld;
+            if (dscale_chunks) dscale += static_cast<double>(cpu::dot(gq, q_hat + i * hd, hd));
+            cpu::scale_row(gq, hd, f);  // d(q_hat) = factor * d(factor q_hat)
+            cpu::normalize_row_backward(gq, q_hat + i * hd, qnorm[i], hd);
+            cpu::normalize_row_backward(gq + hd, block + i * ld + hd, knorm[i], hd);
+          }
+        }
         scalar_t* gb = dqkv ? dqkv + b * L.spatial[0] * gs[0] : nullptr;
         for (int64_t i = 0; i < N; ++i)
           for (int64_t part = 0; part < 3; ++part) {
@@ -258,6 +335,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& qkv, const c10::o
             }
           }
       }
+      if (dscale_chunks) dscale_chunks[chunk] = dscale;
     }
   });
 }
@@ -290,31 +368,49 @@ void check_window_operands(const at::Tensor& qkv, const c10::optional<at::Tensor
                 "window_cpu: qkv_bias must be (3C,) in qkv's dtype");
 }
 
+void check_logit_scale(const at::Tensor& qkv, const c10::optional<at::Tensor>& logit_scale, int64_t num_heads) {
+  if (!logit_scale.has_value()) return;
+  const at::Tensor& t = *logit_scale;
+  bool shape_ok = t.dim() >= 1 && t.size(0) == num_heads;
+  for (int64_t d = 1; d < t.dim(); ++d) shape_ok = shape_ok && t.size(d) == 1;
+  const bool dtype_ok = t.scalar_type() == qkv.scalar_type() || t.scalar_type() == at::kFloat;
+  TORCH_CHECK(shape_ok && dtype_ok && t.device().is_cpu(),
+              "window_cpu: logit_scale must be (num_heads,) or (num_heads, 1, ..., 1) on CPU, float32 or qkv's dtype; "
+              "got ", t.sizes(), " ", t.scalar_type());
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> window_forward_cpu(const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
                                                       const c10::optional<at::Tensor>& qkv_bias,
                                                       const c10::optional<at::Tensor>& index, int64_t num_heads,
-                                                      const WindowGeometry& geo, double scale) {
+                                                      const WindowGeometry& geo, double scale,
+                                                      const c10::optional<at::Tensor>& logit_scale) {
   check_window_operands(qkv, table, qkv_bias, index, num_heads, geo);
+  check_logit_scale(qkv, logit_scale, num_heads);
   const Layout L(qkv, num_heads, geo);
+  const LogitScale ls(logit_scale, num_heads);
   auto out = at::empty({L.B, geo.spatial[0], geo.spatial[1], geo.spatial[2], L.C}, qkv.options());
   auto lse = at::empty({L.B * L.windows, L.heads, L.N}, qkv.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_forward_cpu", [&] {
     TORCH_CHECK((!std::is_same<scalar_t, double>::value), "window_cpu: fp64 runs on the reference backend");
     if constexpr (!std::is_same<scalar_t, double>::value)
-      forward_kernel<scalar_t>(qkv, table, qkv_bias, index, L, static_cast<float>(scale), out, lse);
+      forward_kernel<scalar_t>(qkv, table, qkv_bias, index, L, static_cast<float>(scale), ls, out, lse);
   });
   return {out, lse};
 }
 
-std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>> window_backward_cpu(
-    const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
-    const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index, const at::Tensor& out,
-    const at::Tensor& lse, int64_t num_heads, const WindowGeometry& geo, double scale, bool need_qkv, bool need_pairs,
-    bool need_bias) {
+std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
+window_backward_cpu(const at::Tensor& dout, const at::Tensor& qkv, const c10::optional<at::Tensor>& table,
+                    const c10::optional<at::Tensor>& qkv_bias, const c10::optional<at::Tensor>& index,
+                    const at::Tensor& out, const at::Tensor& lse, int64_t num_heads, const WindowGeometry& geo,
+                    double scale, bool need_qkv, bool need_pairs, bool need_bias,
+                    const c10::optional<at::Tensor>& logit_scale, bool need_logit_scale) {
   check_window_operands(qkv, table, qkv_bias, index, num_heads, geo);
+  check_logit_scale(qkv, logit_scale, num_heads);
   const Layout L(qkv, num_heads, geo);
+  const LogitScale ls(logit_scale, num_heads);
+  need_logit_scale = need_logit_scale && ls.active();
   const std::vector<int64_t> out_shape = {L.B, geo.spatial[0], geo.spatial[1], geo.spatial[2], L.C};
   for (const at::Tensor* t : {&dout, &out})
     TORCH_CHECK(t->sizes() == at::IntArrayRef(out_shape) && t->scalar_type() == qkv.scalar_type(),
@@ -329,8 +425,9 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   const int64_t chunks_per_head = std::max<int64_t>(
       1, std::min<int64_t>({per_head, (64 + L.heads - 1) / L.heads, (32LL << 20) / (pair_bytes * L.heads)}));
   const int64_t chunks = L.heads * chunks_per_head;
-  c10::optional<at::Tensor> dqkv, dpairs, dbias;
+  c10::optional<at::Tensor> dqkv, dpairs, dbias, dlogit_scale;
   at::Tensor pair_chunks, bias_chunks;
+  std::vector<double> scale_chunks(need_logit_scale ? chunks : 0);
   auto fopts = qkv.options().dtype(at::kFloat);
   if (need_qkv) dqkv = at::empty(qkv.sizes(), qkv.options());
   if (need_pairs) pair_chunks = at::empty({chunks, L.N * L.N}, fopts);
@@ -338,10 +435,11 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qkv.scalar_type(), "window_backward_cpu", [&] {
     TORCH_CHECK((!std::is_same<scalar_t, double>::value), "window_cpu: fp64 runs on the reference backend");
     if constexpr (!std::is_same<scalar_t, double>::value)
-      backward_kernel<scalar_t>(dout, qkv, table, qkv_bias, index, out, lse, L, static_cast<float>(scale),
+      backward_kernel<scalar_t>(dout, qkv, table, qkv_bias, index, out, lse, L, static_cast<float>(scale), ls,
                                 need_qkv ? dqkv->mutable_data_ptr<scalar_t>() : nullptr,
                                 need_pairs ? pair_chunks.mutable_data_ptr<float>() : nullptr,
-                                need_bias ? bias_chunks.mutable_data_ptr<float>() : nullptr, chunks_per_head);
+                                need_bias ? bias_chunks.mutable_data_ptr<float>() : nullptr,
+                                need_logit_scale ? scale_chunks.data() : nullptr, chunks_per_head);
   });
   if (need_pairs) {
     dpairs = at::empty({L.heads, L.N, L.N}, fopts);
@@ -354,7 +452,16 @@ std::tuple<c10::optional<at::Tensor>, c10::optional<at::Tensor>, c10::optional<a
     dbias = at::empty({L.C3}, fopts);
     cpu::sum_slots(bias_chunks.const_data_ptr<float>(), chunks, L.C3, L.C3, dbias->mutable_data_ptr<float>());
   }
-  return {dqkv, dpairs, dbias};
+  if (need_logit_scale) {  // per head: its chunks in order, then d(factor) * factor where the clamp is open
+    dlogit_scale = at::empty({L.heads}, fopts);
+    float* d = dlogit_scale->mutable_data_ptr<float>();
+    for (int64_t h = 0; h < L.heads; ++h) {
+      double total = 0.0;
+      for (int64_t c = 0; c < chunks_per_head; ++c) total += scale_chunks[h * chunks_per_head + c];
+      d[h] = ls.open[h] ? static_cast<float>(total) * ls.factor[h] : 0.0f;
+    }
+  }
+  return {dqkv, dpairs, dbias, dlogit_scale};
 }
 
 }  // namespace vitkernels

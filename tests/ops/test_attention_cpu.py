@@ -11,11 +11,13 @@ import vitkernels
 from vitkernels import BackendUnavailableError, _ext, dispatch
 from vitkernels.ops.attention.reference import attention_reference
 
-from tests.ops.backend_checks import (attention_backward_is_bitwise_deterministic, attention_nan_stays_in_its_row,
-                                      attention_vs_reference, rel_pos_backward_is_bitwise_deterministic,
+from tests.ops.backend_checks import (FLOOR, attention_backward_is_bitwise_deterministic,
+                                      attention_nan_stays_in_its_row, attention_vs_reference,
+                                      rel_pos_backward_is_bitwise_deterministic,
                                       rel_pos_dropout_matches_the_reference_with_the_kernels_mask, rel_pos_leaves,
-                                      rel_pos_vs_reference)
-from tests.utils import qkv_views
+                                      rel_pos_vs_reference, rope_backward_is_bitwise_deterministic, rope_leaves,
+                                      rope_vs_reference)
+from tests.utils import assert_close_2x, qkv_views
 
 EXT_REQUIRED = os.environ.get("VITKERNELS_REQUIRE_EXT") == "1"
 pytestmark = [pytest.mark.ext, pytest.mark.skipif(
@@ -384,3 +386,258 @@ def test_rel_pos_kernels_check_their_terms():
         vitkernels.flash_attention(q64, q64, q64, rel_pos=rel, backend="cpu")
     with pytest.raises(RuntimeError, match="fp64 runs on the reference backend"):
         _ext.extension().attention_forward_cpu(q64, q64, q64, None, 1.0, 0.0, 0, 0, rel.rel_h, rel.rel_w, None, 1)
+
+
+# ---- rotary position (flash_attention(rope=...)) -----------------------------------------------------------
+
+
+def rope_check(leaves, prefix=0, rotate_half=False, **kw):
+    return rope_vs_reference("cpu", leaves, prefix=prefix, rotate_half=rotate_half, **kw)
+
+
+ROPE_SHAPES = [(1, 32, 0), (49, 32, 1), (49, 40, 0), (197, 64, 1), (197, 80, 0), (197, 96, 1), (577, 64, 1),
+               (577, 96, 0)]
+
+
+@pytest.mark.parametrize("rotate_half", [False, True], ids=["interleaved", "half"])
+@pytest.mark.parametrize("n,d,prefix", ROPE_SHAPES, ids=[f"N{n}-D{d}-p{p}" for n, d, p in ROPE_SHAPES])
+def test_rope_matches_reference_fp32(n, d, prefix, rotate_half):
+    # EVA-02 / DINOv3: a class token (prefix 1) left unrotated, or none; with a learnable bias
+    B, H = (1, 2) if n == 577 else (2, 3)
+    leaves = rope_leaves(B, H, n, d, prefix=prefix, with_bias=True, seed=n + d)
+    rope_check(leaves, prefix, rotate_half)
+
+
+@pytest.mark.parametrize("rotate_half", [False, True], ids=["interleaved", "half"])
+@pytest.mark.parametrize("table_shape", ["N", "B1", "1H", "BH", "H", "11"])
+def test_rope_learnable_tables_of_every_broadcast_shape(table_shape, rotate_half):
+    # d cos, d sin summed over the dims the tables broadcast: (N, D), (B, 1, N, D), (1, H, N, D), (B, H, N, D),
+    # (H, N, D), (1, 1, N, D)
+    B, H, N, D, prefix = 2, 3, 50, 40, 1
+    R = N - prefix
+    shape = {"N": (R, D), "B1": (B, 1, R, D), "1H": (1, H, R, D), "BH": (B, H, R, D), "H": (H, R, D),
+             "11": (1, 1, R, D)}[table_shape]
+    leaves = rope_leaves(B, H, N, D, prefix=prefix, table_shape=shape, with_bias=True)
+    rope_check(leaves, prefix, rotate_half, tables_grad=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("table_dtype", [None, torch.float32], ids=["tables-same-dtype", "tables-fp32"])
+@pytest.mark.parametrize("rotate_half", [False, True], ids=["interleaved", "half"])
+@pytest.mark.parametrize("tables_grad", [False, True], ids=["frozen", "learnable"])
+def test_rope_matches_reference_per_dtype(dtype, table_dtype, rotate_half, tables_grad):
+    # fp16/bf16 q with float32 tables is timm's usual mix (the kernels rotate in float either way)
+    leaves = rope_leaves(2, 2, 65, 64, prefix=1, with_bias=True, seed=3)
+    rope_check(leaves, 1, rotate_half, dtype=dtype, table_dtype=table_dtype, tables_grad=tables_grad)
+
+
+def test_rope_tables_that_do_not_require_grad_get_none_and_one_learnable_table_gets_its_grad():
+    leaves = rope_leaves(2, 2, 33, 32, prefix=1)
+    g = torch.randn(2, 2, 33, 32)
+    grads = {}
+    for name, cast, backend in (("ref", torch.float64, "reference"), ("run", torch.float32, "cpu")):
+        ts = {n: t.detach().to(cast).requires_grad_(n != "cos") for n, t in leaves.items()}
+        out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], rope=vitkernels.Rope(ts["cos"], ts["sin"], 1),
+                                         backend=backend)
+        out.backward(g.to(cast))
+        grads[name] = {n: t.grad for n, t in ts.items()}
+    assert grads["run"]["cos"] is None
+    for n in ("q", "k", "v", "sin"):
+        torch.testing.assert_close(grads["run"][n].double(), grads["ref"][n], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m: f"d{n}: {m}")
+
+
+def _rope_rel_call(ts, rope_prefix, rotate_half, backend, dropout_p=0.0):
+    rel = vitkernels.RelPos(ts["rel_h"], ts["rel_w"], None, 1)
+    rope = vitkernels.Rope(ts["cos"], ts["sin"], rope_prefix, rotate_half)
+    return vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts.get("bias"), rel_pos=rel, rope=rope,
+                                      dropout_p=dropout_p, backend=backend)
+
+
+def _rope_rel_leaves(rope_prefix, grid=(7, 9), D=40, seed=0):
+    leaves = rel_pos_leaves(2, 2, D, grid, grid, prefix=1, with_bias=True, seed=seed)
+    tables = rope_leaves(2, 2, 1 + grid[0] * grid[1], D, prefix=rope_prefix, table_shape=None, seed=seed + 1)
+    leaves["cos"], leaves["sin"] = tables["cos"], tables["sin"]
+    return leaves
+
+
+@pytest.mark.parametrize("rope_prefix", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rope_with_rel_pos_and_a_learnable_bias(rope_prefix, dtype):
+    # rotated q, k with decomposed rel_pos terms and a bias, every gradient (the tables' included)
+    leaves = _rope_rel_leaves(rope_prefix)
+    results = {}
+    for name, cast, be in (("ref", torch.float64, "reference"), ("pt", dtype, "reference"), ("run", dtype, "cpu")):
+        ts = {n: t.detach().to(cast).requires_grad_() for n, t in leaves.items()}
+        out = _rope_rel_call(ts, rope_prefix, False, be)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(cast))
+        results[name] = (out, {n: t.grad for n, t in ts.items()})
+    fl = FLOOR[dtype]
+    assert_close_2x(results["run"][0], results["pt"][0], results["ref"][0], floor=fl, name="out")
+    for n in leaves:
+        assert_close_2x(results["run"][1][n], results["pt"][1][n], results["ref"][1][n], factor=3.0, floor=fl * 10,
+                        name=f"d{n}")
+
+
+@pytest.mark.parametrize("rotate_half", [False, True], ids=["interleaved", "half"])
+def test_rope_dropout_matches_the_reference_with_the_kernels_mask(rotate_half):
+    # with dropout, rel_pos, a bias and learnable tables: the reference given the keep-mask the kernels drew
+    from vitkernels.ops.attention.cpu import CpuAttentionKernels, dropout_keep_mask
+    from vitkernels.ops.attention.function import AttentionFunction
+    from vitkernels.ops.attention.reference import rel_pos_dense
+    from vitkernels.ops.attention.rope import apply_rope
+
+    p, D = 0.3, 32
+    leaves = _rope_rel_leaves(1, grid=(6, 6), D=D)
+    seen = {}
+
+    class Recording:
+        @staticmethod
+        def forward(*args):
+            out = CpuAttentionKernels.forward(*args)
+            seen["rng"] = out[2]
+            return out
+
+        backward = staticmethod(CpuAttentionKernels.backward)
+
+    ts = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    out = AttentionFunction.apply(Recording, ts["q"], ts["k"], ts["v"], ts["bias"], D ** -0.5, p, ts["rel_h"],
+                                  ts["rel_w"], None, 1, ts["cos"][None, None], ts["sin"][None, None], 1, rotate_half)
+    g = torch.randn_like(out)
+    out.backward(g)
+    n_q = out.shape[2]
+    mask = dropout_keep_mask(seen["rng"], (2, 2, n_q, n_q), p)
+    assert 0 < mask.float().mean() < 1
+    rs = {n: t.detach().double().requires_grad_() for n, t in leaves.items()}
+    rope = vitkernels.Rope(rs["cos"], rs["sin"], 1, rotate_half)
+    bias = rs["bias"] + rel_pos_dense(vitkernels.RelPos(rs["rel_h"], rs["rel_w"], None, 1), n_q, n_q)
+    ref = attention_reference(apply_rope(rs["q"], rope), apply_rope(rs["k"], rope), rs["v"], bias, D ** -0.5, p,
+                              dropout_mask=mask)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for n in ts:
+        torch.testing.assert_close(ts[n].grad.double(), rs[n].grad, rtol=1e-4, atol=1e-4, msg=lambda m: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("tables_grad", [False, True], ids=["frozen", "learnable"])
+def test_rope_backward_is_deterministic_bitwise(tables_grad):
+    rope_backward_is_bitwise_deterministic("cpu", "cpu", tables_grad=tables_grad)
+
+
+@pytest.mark.parametrize("table_shape", ["N", "1H"])
+def test_rope_results_do_not_depend_on_the_thread_count(table_shape):
+    # with dropout (the same seed), a bias and learnable tables, both layouts
+    B, H, N, D = 3, 3, 81, 40
+    shape = (N - 1, D) if table_shape == "N" else (1, H, N - 1, D)
+    leaves = rope_leaves(B, H, N, D, prefix=1, table_shape=shape, with_bias=True)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            for rotate_half in (False, True):
+                ts = {name: t.clone().requires_grad_() for name, t in leaves.items()}
+                rope = vitkernels.Rope(ts["cos"], ts["sin"], 1, rotate_half)
+                torch.manual_seed(0)  # the same dropout seed in every run
+                out = vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts["bias"], rope=rope,
+                                                 dropout_p=0.1, backend="cpu")
+                out.backward(torch.ones_like(out))
+                runs.append([out] + [ts[name].grad for name in sorted(ts)])
+    finally:
+        torch.set_num_threads(threads)
+    half = len(runs) // 2
+    for one, several in zip(runs[:half], runs[half:]):
+        for a, b in zip(one, several):
+            assert torch.equal(a, b)
+
+
+def _strided_tables(cos, sin):
+    """cos and sin as views that are not contiguous, every byte around them NaN (a read outside shows): cos a
+    transposed view (last stride Nq - prefix), sin every other column of a wider buffer (last stride 2)."""
+    nan = float("nan")
+    buf = torch.full((cos.shape[-1] + 1, cos.shape[-2]), nan, dtype=cos.dtype)
+    buf[:-1] = cos.transpose(-2, -1)
+    cos_v = buf[:-1].transpose(-2, -1)
+    buf = torch.full((sin.shape[-2], 2 * sin.shape[-1]), nan, dtype=sin.dtype)
+    buf[:, ::2] = sin
+    sin_v = buf[:, ::2]
+    assert not cos_v.is_contiguous() and not sin_v.is_contiguous() and cos_v.stride(-1) != 1
+    assert torch.equal(cos_v, cos) and torch.equal(sin_v, sin)
+    return cos_v, sin_v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rope_strided_tables_are_read_in_place(dtype):
+    from torch.profiler import ProfilerActivity, profile
+
+    from vitkernels.ops.attention.checks import check_rope
+    from vitkernels.ops.attention.cpu import CpuAttentionKernels
+
+    leaves = {n: t.to(dtype) for n, t in rope_leaves(2, 3, 50, 32, prefix=1, with_bias=True).items()}
+    cos_v, sin_v = _strided_tables(leaves["cos"], leaves["sin"])
+    rope_check(dict(leaves, cos=cos_v, sin=sin_v), 1, dtype=dtype, tables_grad=True)  # NaN read anywhere fails it
+    q, k, v, bias = (leaves[n] for n in ("q", "k", "v", "bias"))
+    q, k, v = torch.stack([q, k, v], dim=2).unbind(2)  # strided views of one tensor (the copy: before profiling)
+    assert not q.is_contiguous()
+    scale = 32 ** -0.5
+    rope = check_rope(vitkernels.Rope(cos_v, sin_v, 1), q, k)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out, lse, rng = CpuAttentionKernels.forward(q, k, v, bias, scale, 0.0, None, rope)
+        grads = CpuAttentionKernels.backward(torch.ones_like(out), q, k, v, bias, out, lse, rng, scale, 0.0, True,
+                                             None, False, rope, True)
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+    if dtype == torch.float32:
+        assert not copies, copies
+    # bitwise the contiguous tables' results
+    dense = check_rope(vitkernels.Rope(leaves["cos"], leaves["sin"], 1), q, k)
+    out_c, lse_c, _ = CpuAttentionKernels.forward(q, k, v, bias, scale, 0.0, None, dense)
+    grads_c = CpuAttentionKernels.backward(torch.ones_like(out), q, k, v, bias, out_c, lse_c, rng, scale, 0.0, True,
+                                           None, False, dense, True)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    for a, b in zip(grads[:4] + tuple(grads[5]), grads_c[:4] + tuple(grads_c[5])):
+        assert torch.equal(a, b)
+    for grad, table in zip(grads[5], rope[:2]):
+        assert grad.shape == table.shape and grad.dtype == table.dtype
+
+
+def test_rope_expanded_tables_with_a_zero_stride():
+    # a (N, D) table expanded to (B, H, N, D): every (b, h) reads the same rows through stride 0
+    leaves = rope_leaves(2, 2, 37, 48, prefix=1)
+    for n in ("cos", "sin"):
+        leaves[n] = leaves[n].expand(2, 2, 36, 48)
+        assert leaves[n].stride(0) == 0
+    rope_check(leaves, 1, tables_grad=True)
+
+
+def test_rope_prefix_rows_are_not_rotated():
+    # identity tables rotate nothing: the result equals plain attention bitwise; prefix = Nq - 1 rotates one row
+    q, k, v = (torch.randn(2, 2, 20, 32) for _ in range(3))
+    plain = vitkernels.flash_attention(q, k, v, backend="cpu")
+    ones, zeros = torch.ones(20, 32), torch.zeros(20, 32)
+    assert torch.equal(vitkernels.flash_attention(q, k, v, rope=(ones, zeros), backend="cpu"), plain)
+    leaves = rope_leaves(2, 2, 20, 32, prefix=19, with_bias=True)
+    rope_check(leaves, 19, tables_grad=True)
+
+
+def test_dispatch_picks_cpu_for_rope():
+    q = torch.randn(1, 2, 9, 16)
+    t = torch.randn(9, 16)
+    inputs = vitkernels.ops.attention.check_attention_inputs(q, q, q, rope=(t, t))
+    assert dispatch.select("flash_attention", inputs).name == "cpu"
+
+
+def test_rope_kernels_check_their_tables():
+    q = torch.randn(1, 2, 17, 32)
+    ext = _ext.extension()
+    ok = torch.randn(1, 1, 16, 32)
+    with pytest.raises(RuntimeError, match="rope cos / sin must be"):
+        ext.attention_forward_cpu(q, q, q, None, 1.0, 0.0, 0, 0, cos=ok[:, :, 1:], sin=ok[:, :, 1:], rope_prefix=1)
+    with pytest.raises(RuntimeError, match="rope cos / sin must be"):
+        ext.attention_forward_cpu(q, q, q, None, 1.0, 0.0, 0, 0, cos=ok.double(), sin=ok.double(), rope_prefix=1)
+    with pytest.raises(RuntimeError, match="rope needs Nq == Nk"):
+        k = torch.randn(1, 2, 18, 32)
+        ext.attention_forward_cpu(q, k, k, None, 1.0, 0.0, 0, 0, cos=ok, sin=ok, rope_prefix=1)
+    with pytest.raises(RuntimeError, match="rope cos without sin"):
+        ext.attention_forward_cpu(q, q, q, None, 1.0, 0.0, 0, 0, cos=ok, rope_prefix=1)
+    with pytest.raises(RuntimeError, match="share their shape and dtype"):
+        ext.attention_forward_cpu(q, q, q, None, 1.0, 0.0, 0, 0, cos=ok, sin=ok.expand(1, 2, 16, 32), rope_prefix=1)

@@ -1,7 +1,9 @@
 """window_attention's C++ CPU kernels (``vitkernels._C``, csrc/cpu/window_attention.cpp) in the kernels'
 contract (``function.WindowAttentionFunction``): shift, padding, partition, relative-position bias, shift
 mask and reverse by index arithmetic on the unpadded map (nothing partitioned is materialised), every head
-of a window on one gathered block, gradients summed in a fixed order."""
+of a window on one gathered block, gradients summed in a fixed order. Cosine attention (Swin V2): the kernels
+normalise each gathered q and k row and scale the logits per head; d(logit_scale) is summed per chunk of
+windows, the chunks in order."""
 from __future__ import annotations
 
 import functools
@@ -33,6 +35,11 @@ def _as_3d(inputs):
                              shift=list(shift), padded=list(padded), roll_after_pad=nd == 3, scale=inputs.scale)
 
 
+def _logit_scale(inputs):
+    """The logit scale the kernels take (cosine attention), read in place; None for dot-product attention."""
+    return inputs.logit_scale if inputs.cosine else None
+
+
 def _5d(t: torch.Tensor, nd: int) -> torch.Tensor:
     return t.unsqueeze(1) if nd == 2 else t
 
@@ -41,25 +48,30 @@ class CpuWindowKernels:
     @staticmethod
     def forward(inputs):
         qkv5, index, geo = _as_3d(inputs)
-        out5, lse = _ext.extension().window_forward_cpu(qkv5, inputs.rel_pos_bias, inputs.qkv_bias, index, **geo)
+        out5, lse = _ext.extension().window_forward_cpu(qkv5, inputs.rel_pos_bias, inputs.qkv_bias, index, **geo,
+                                                        logit_scale=_logit_scale(inputs))
         out = out5.view(inputs.qkv.shape[:-1] + (out5.shape[-1],))
         return out, lse, None
 
     @staticmethod
     def backward(dout, inputs, out, lse, needs, cache=None):
-        need_qkv, need_table, need_bias = needs[:3]
+        need_qkv, need_table, need_bias, need_scale = (tuple(needs) + (False,))[:4]
         table, qkv_bias, nd = inputs.rel_pos_bias, inputs.qkv_bias, len(inputs.window)
+        logit_scale = _logit_scale(inputs)
         need_table = need_table and table is not None
         need_bias = need_bias and qkv_bias is not None
+        need_scale = bool(need_scale) and logit_scale is not None
         qkv5, index, geo = _as_3d(inputs)
-        dqkv, dpairs, dbias = _ext.extension().window_backward_cpu(
+        dqkv, dpairs, dbias, dscale = _ext.extension().window_backward_cpu(
             _5d(dout, nd), qkv5, table, qkv_bias, index, _5d(out, nd), lse, **geo, need_qkv=need_qkv,
-            need_pairs=need_table, need_bias=need_bias)
-        dtable = dqkv_bias = None
+            need_pairs=need_table, need_bias=need_bias, logit_scale=logit_scale, need_logit_scale=need_scale)
+        dtable = dqkv_bias = dlogit_scale = None
+        if need_scale:
+            dlogit_scale = dscale.reshape(logit_scale.shape).to(logit_scale.dtype)
         if need_table:
             dtable = geometry.sum_by_table_row(dpairs, inputs.window, inputs.table_window).to(table.dtype)
         if need_bias:
             dqkv_bias = dbias.to(qkv_bias.dtype)
         if need_qkv:
             dqkv = dqkv.view(inputs.qkv.shape)
-        return dqkv, dtable, dqkv_bias, None
+        return dqkv, dtable, dqkv_bias, dlogit_scale

@@ -96,14 +96,8 @@ def test_swin_t_at_224_matches_unpatched_in_fp32(op_calls):
     assert op_calls["window_attention"] == 12
 
 
-def test_swin_v2_and_attention_dropout_in_training_keep_torchvisions_code(op_calls):
-    reference, model = _pair(torchvision.models.swin_v2_t)
-    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-    assert op_calls["window_attention"] == 0
-    block = model.features[1][0]
-    assert not isinstance(block.attn, torchvision_layers.FusedShiftedWindowAttentionMixin)  # V2: cosine attention
+def test_attention_dropout_in_training_keeps_torchvisions_code(op_calls):
+    # (Swin V2, fused with window_attention(cosine=True): tests/nn/test_rope_cosine_dropins.py)
     reference, model = _pair(lambda: torchvision.models.swin_t(attention_dropout=0.1))
     model.train()
     model(torch.randn(1, 3, 112, 112, dtype=torch.float64))

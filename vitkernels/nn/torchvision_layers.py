@@ -13,8 +13,13 @@ What is fused (torchvision's own code runs wherever the fused path would not giv
   partition, relative-position bias, shift mask, reverse inside) -> proj. A map that is not a multiple of
   the window runs torchvision's order (pad, then shift) as a one-frame 3-D map. torchvision's code for a
   map smaller than the window (torchvision pads it up to the window; window_attention clips the window to
-  the map, as timm and Video Swin do), attention dropout in training, and Swin V2's attention
-  (``ShiftedWindowAttentionV2``: cosine attention).
+  the map, as timm and Video Swin do), attention dropout in training.
+- ``swin_v2_t/s/b`` (``ShiftedWindowAttentionV2``): the same, with ``window_attention(cosine=True)``: scaled
+  cosine attention with ``logit_scale``, the ``16 * sigmoid(cpb_mlp(relative_coords_table))`` table, and the
+  qkv bias with its k part zeroed in a clone (torchvision's own lines: the k bias gets no gradient). The shift
+  mask is exactly -inf where torchvision adds -100 (cosine logits are bounded by the head's scale s <= 100:
+  the masked weights are below N e^-(84 - 2s), e^-64 at the initial s = 10). torchvision's code for the
+  cases above and a ``logit_scale`` of another dtype than the op takes.
 - ``swin3d_t/s/b`` (``ShiftedWindowAttention3d``, ``PatchEmbed3d``): ``window_attention`` on the 3-D map
   (padding, clipping of windows larger than the map and the shift mask as torchvision does them), and the
   tubelet projection as one ``patch_embed`` call when no padding is needed.
@@ -67,6 +72,7 @@ def _torchvision():
     return dict(VisionTransformer=vit.VisionTransformer, Encoder=vit.Encoder, EncoderBlock=vit.EncoderBlock,
                 SwinTransformer=swin2d.SwinTransformer, SwinTransformerBlock=swin2d.SwinTransformerBlock,
                 ShiftedWindowAttention=swin2d.ShiftedWindowAttention,
+                ShiftedWindowAttentionV2=swin2d.ShiftedWindowAttentionV2,
                 SwinTransformer3d=swin3d.SwinTransformer3d, ShiftedWindowAttention3d=swin3d.ShiftedWindowAttention3d,
                 PatchEmbed3d=swin3d.PatchEmbed3d, MultiscaleAttention=mvit.MultiscaleAttention, Pool=mvit.Pool)
 
@@ -195,18 +201,25 @@ class FusedShiftedWindowAttentionMixin(_TorchvisionDropIn):
             return False
         if spatial_dims == 2 and any(r < w for r, w in zip(x.shape[1:3], window)):
             return False  # torchvision pads a map smaller than the window up to it (window_attention clips)
+        return self._table_ok() and _same_device_and_dtype(x, self.qkv.weight)
+
+    def _table_ok(self) -> bool:
         rows = 1
-        for w in window:
+        for w in self.window_size:
             rows *= 2 * w - 1
-        if tuple(self.relative_position_bias_table.shape) != (rows, self.num_heads):
-            return False
-        return _same_device_and_dtype(x, self.qkv.weight)
+        return tuple(self.relative_position_bias_table.shape) == (rows, self.num_heads)
+
+    def _attention_args(self):
+        """(the qkv bias, window_attention's table / scale arguments) for a map of head dim ``head_dim``."""
+        head_dim = self.qkv.in_features // self.num_heads
+        return self.qkv.bias, dict(rel_pos_bias=self.relative_position_bias_table, scale=head_dim ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self._fused_call(x):
             return super().forward(x)
+        qkv_bias, table_args = self._attention_args()
         # torchvision applies qkv to the zero-padded map: padded tokens are qkv.bias, as window_attention takes them
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
         window, shift = tuple(self.window_size), tuple(self.shift_size)
         pad_then_shift = len(window) == 2 and any(r % w for r, w in zip(x.shape[1:3], window))
         if pad_then_shift:
@@ -214,10 +227,44 @@ class FusedShiftedWindowAttentionMixin(_TorchvisionDropIn):
             # the 2-D table is the 3-D table of that window (the frame term has one row)
             qkv, window, shift = qkv.unsqueeze(1), (1, *window), (0, *shift)
         out = window_attention(qkv, num_heads=self.num_heads, window_size=window, shift_size=shift,
-                               rel_pos_bias=self.relative_position_bias_table, qkv_bias=self.qkv.bias,
-                               scale=(x.shape[-1] // self.num_heads) ** -0.5)
+                               qkv_bias=qkv_bias, **table_args)
         out = F.linear(out.squeeze(1) if pad_then_shift else out, self.proj.weight, self.proj.bias)
         return F.dropout(out, p=self.dropout, training=self.training)
+
+
+class FusedShiftedWindowAttentionV2Mixin(FusedShiftedWindowAttentionMixin):
+    """torchvision Swin V2 ``ShiftedWindowAttentionV2`` (``swin_v2_t/s/b``) on ``window_attention(cosine=True)``:
+    the qkv bias with its k part zeroed (in a clone, as torchvision does it: the k bias gets no gradient), the
+    ``16 * sigmoid(cpb_mlp(relative_coords_table))`` table and ``logit_scale`` as they are; padding, shift,
+    clipping and the relative-position index checks as for ``ShiftedWindowAttention``."""
+
+    def _table_ok(self) -> bool:
+        wh, ww = self.window_size
+        coords, scale, H = self.relative_coords_table, self.logit_scale, self.num_heads
+        if not isinstance(coords, torch.Tensor) or tuple(coords.shape) != (1, 2 * wh - 1, 2 * ww - 1, 2):
+            return False
+        if (not isinstance(scale, torch.Tensor) or scale.numel() != H
+                or tuple(scale.shape[1:]) != (1,) * (scale.dim() - 1)):
+            return False
+        weight = self.qkv.weight
+        return scale.device == weight.device and scale.dtype in (weight.dtype, torch.float32)
+
+    def _fused_call(self, x) -> bool:
+        if not super()._fused_call(x):
+            return False
+        # logit_scale: the op takes fp32 (fp16 / bf16 maps, autocast) or the map's dtype
+        scale = self.logit_scale
+        return (scale.dtype == x.dtype or (scale.dtype == torch.float32 and (
+            x.dtype in (torch.float16, torch.bfloat16) or _dropin.autocast_on(x.device.type))))
+
+    def _attention_args(self):
+        table = 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads))
+        qkv_bias = self.qkv.bias
+        if qkv_bias is not None:  # torchvision's own lines
+            qkv_bias = qkv_bias.clone()
+            length = qkv_bias.numel() // 3
+            qkv_bias[length: 2 * length].zero_()
+        return qkv_bias, dict(rel_pos_bias=table, cosine=True, logit_scale=self.logit_scale)
 
 
 class FusedPatchEmbed3dMixin(_TorchvisionDropIn):
@@ -334,6 +381,9 @@ _MIXINS = (
     (GradCheckpointModelMixin, ("SwinTransformer3d",), ()),
     (GradCheckpointBlockMixin, ("EncoderBlock",), ()),
     (GradCheckpointBlockMixin, ("SwinTransformerBlock",), ()),
+    # Swin V2 first: a ShiftedWindowAttention subclass (with another forward), the V2 entry is the one for it
+    (FusedShiftedWindowAttentionV2Mixin, ("ShiftedWindowAttentionV2",),
+     ("forward", "get_relative_position_bias", "define_relative_position_index")),
     (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention",),
      ("forward", "get_relative_position_bias", "define_relative_position_index")),
     (FusedShiftedWindowAttentionMixin, ("ShiftedWindowAttention3d",),
@@ -353,9 +403,9 @@ def fused_class(base: type) -> type:
     mixin = _mixin_for(base)
     if mixin is None:
         raise TypeError(f"no vitkernels drop-in for {base.__module__}.{base.__qualname__} (torchvision's "
-                        "VisionTransformer, EncoderBlock, SwinTransformer(3d), SwinTransformerBlock, "
-                        "ShiftedWindowAttention(3d), PatchEmbed3d, MultiscaleAttention, or a subclass that keeps "
-                        "their forward code)")
+                        "VisionTransformer, EncoderBlock, SwinTransformer(3d), SwinTransformerBlock(V2), "
+                        "ShiftedWindowAttention(3d), ShiftedWindowAttentionV2, PatchEmbed3d, MultiscaleAttention, "
+                        "or a subclass that keeps their forward code)")
     return _dropin.extend_class(base, mixin, __name__)
 
 

@@ -1,7 +1,8 @@
 """Drop-in modules: ``MultiheadAttention`` / ``replace_mha`` (undone by ``restore_mha``) for torch's, and
-timm's ``Attention``, ``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock`` and SAM / ViTDet's
-``Attention`` with ``patch_timm`` (undone by ``unpatch_timm``; these need timm), torchvision's ViT, Swin,
-Video Swin and MViT modules with ``patch_torchvision`` (undone by ``unpatch_torchvision``; these need
+timm's ``Attention``, ``PatchEmbed``, ``WindowAttention``, ``SwinTransformerBlock``, SAM / ViTDet's
+``Attention``, EVA's ``EvaAttention`` / ``AttentionRope`` (RoPE) and Swin V2's block and ``WindowAttention``
+with ``patch_timm`` (undone by ``unpatch_timm``; these need timm), torchvision's ViT, Swin, Swin V2, Video
+Swin and MViT modules with ``patch_torchvision`` (undone by ``unpatch_torchvision``; these need
 torchvision)."""
 from vitkernels.nn.multihead_attention import MultiheadAttention, replace_mha, restore_mha
 from vitkernels.nn.timm_layers import patch_timm, unpatch_timm

@@ -88,7 +88,9 @@ class BenchCase:
 VIT_B = dict(B=64, H=12, N=197, D=64)
 LONG = dict(B=4, H=12, N=4096, D=64)
 SAM_B_GLOBAL = dict(B=4, H=12, N=4096, D=64, grid=(64, 64))  # SAM ViT-B's global block, decomposed rel-pos
+EVA_B_ROPE = dict(B=64, H=12, N=257, D=64, rope_grid=(16, 16))  # EVA-02-B/14's attention with 2-D RoPE
 SWIN_T_S1 = dict(B=64, spatial=(56, 56), C=96, heads=3, window=7, shift=3)
+SWINV2_T_S1 = dict(B=64, spatial=(64, 64), C=96, heads=3, window=8, shift=4, cosine=True)  # swinv2_tiny_window8
 VIT_B_PATCH = dict(B=128, chw=(3, 224, 224), patch=(16, 16), E=768, P=1)
 
 
@@ -102,8 +104,12 @@ def bench_cases(quick: bool) -> List[BenchCase]:
         BenchCase("attention", "attention N=4096 D=64", LONG, "fwd+bwd", quick=True),
         BenchCase("attention", "attention SAM ViT-B global rel-pos", SAM_B_GLOBAL, "fwd", quick=False),
         BenchCase("attention", "attention SAM ViT-B global rel-pos", SAM_B_GLOBAL, "fwd+bwd", quick=True),
+        BenchCase("attention", "attention EVA-02-B rope", EVA_B_ROPE, "fwd", quick=False),
+        BenchCase("attention", "attention EVA-02-B rope", EVA_B_ROPE, "fwd+bwd", quick=True),
         BenchCase("window", "window Swin-T stage 1", SWIN_T_S1, "fwd", quick=False),
         BenchCase("window", "window Swin-T stage 1", SWIN_T_S1, "fwd+bwd", quick=True),
+        BenchCase("window", "window Swin V2-T stage 1 cosine", SWINV2_T_S1, "fwd", quick=False),
+        BenchCase("window", "window Swin V2-T stage 1 cosine", SWINV2_T_S1, "fwd+bwd", quick=True),
         BenchCase("patch", "patch embed ViT-B/16", VIT_B_PATCH, "fwd", quick=True),
         BenchCase("patch", "patch embed ViT-B/16", VIT_B_PATCH, "fwd+bwd", quick=False),
         BenchCase("model", "train step vit_base_patch16_224", dict(B=64, name="vit_base_patch16_224"), "fwd+bwd",

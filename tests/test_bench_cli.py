@@ -328,7 +328,8 @@ def test_sam_workloads_sizes():
     assert [w.params["B"] for w in workloads.attention_workloads("sam", cpu, 8)] == [8]
     every = workloads.attention_workloads("all", cpu, None)
     others = workloads.attention_workloads("vit", cpu, None) + workloads.attention_workloads("long", cpu, None)
-    assert [w.name for w in every] == [w.name for w in others] + ["SAM ViT-B global rel-pos B=1"]
+    assert [w.name for w in every] == [w.name for w in others] + ["SAM ViT-B global rel-pos B=1"] + [
+        w.name for w in workloads.attention_workloads("eva", cpu, None)]
     flops, io_bytes = workloads.attention_cost(w.params, "fwd", torch.float32, False)
     assert flops > 4.0 * 12 * 4096 ** 2 * 64 and io_bytes > 0
 

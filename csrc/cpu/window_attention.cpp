@@ -187,7 +187,8 @@ struct LogitScale {
       for (int64_t h = 0; h < heads; ++h) {
         const float value = static_cast<float>(p[h * stride]);
         factor.push_back(std::exp(value > max ? max : value));  // torch.clamp: NaN stays NaN
-        open.push_back(value <= max);
+        // torch.clamp's gradient compares with the double bound: float32(log 100) is past it (gradient 0)
+        open.push_back(static_cast<double>(value) <= std::log(100.0));
       }
     });
   }

@@ -518,14 +518,18 @@ def test_rope_reference_is_timms_rotation_then_sdpa(rotate_half, prefix, table_l
 
 
 def test_rope_with_fp32_tables_rotates_in_fp32_and_rounds_once():
-    """bf16 q with fp32 tables: the rotation is timm's (fp32 products, one rounding to bf16)."""
+    """bf16 q with fp32 tables: the rotation is timm's, bit for bit (fp32 products, one rounding to bf16), not
+    the bf16 tables' rotation (which differs); the attention then runs on the rotated q and k."""
     timm_rope = pytest.importorskip("timm.layers.pos_embed_sincos")
+    from vitkernels.ops.attention.rope import apply_rope
+
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.bfloat16) for _ in range(3))
-    emb = torch.randn(9, 32)
+    emb = torch.randn(9, 32) * 3
     sin, cos = emb.chunk(2, dim=-1)
+    rotated = apply_rope(q, vitkernels.Rope(cos[None, None], sin[None, None]))
+    assert torch.equal(rotated, timm_rope.apply_rot_embed_cat(q, emb))
+    assert not torch.equal(rotated, timm_rope.apply_rot_embed_cat(q, emb.bfloat16()))  # the case tells them apart
     out = flash_attention(q, k, v, rope=(cos, sin), backend="reference")
-    expected = F.scaled_dot_product_attention(timm_rope.apply_rot_embed_cat(q, emb), timm_rope.apply_rot_embed_cat(k, emb),
-                                              v)
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    expected = attention_reference(rotated, timm_rope.apply_rot_embed_cat(k, emb), v)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected)

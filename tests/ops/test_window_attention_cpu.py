@@ -197,6 +197,27 @@ def test_cosine_logit_scale_past_the_clamp_has_a_zero_gradient():
     assert ls.grad[0].item() == 0.0 and ls.grad[1].item() != 0.0
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference", "compiled reference"])
+def test_cosine_logit_scale_at_exactly_float32_log_100_gets_torch_clamps_gradient(backend):
+    """float32(log 100) lies above the double bound torch.clamp's backward compares with: its gradient is 0
+    there, as timm's and torchvision's; every path agrees."""
+    ls = torch.tensor([math.log(100.0), math.log(10.0)]).reshape(2, 1, 1)
+    x = ls.clone().requires_grad_()
+    torch.clamp(x, max=math.log(100.0)).exp().sum().backward()
+    assert x.grad.view(-1).tolist() == [0.0, 10.0]  # what torch does
+
+    ls.requires_grad_()
+    qkv = torch.randn(1, 14, 14, 3 * 64, requires_grad=True)
+
+    def call(qkv, ls):
+        return vitkernels.window_attention(qkv, num_heads=2, window_size=7, shift_size=3, cosine=True,
+                                          logit_scale=ls, backend=backend.split()[-1])
+    fn = torch.compile(call, backend="aot_eager", fullgraph=True) if backend.startswith("compiled") else call
+    out = fn(qkv, ls)
+    out.backward(torch.randn_like(out))
+    assert ls.grad.view(-1)[0].item() == 0.0 and ls.grad.view(-1)[1].item() != 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("scale_dtype", [None, torch.float32], ids=["scale-same-dtype", "scale-fp32"])
 def test_cosine_low_precision(dtype, scale_dtype):

@@ -59,6 +59,7 @@ def cosine_qk_backward(dq_scaled: torch.Tensor, dk_hat: torch.Tensor, q: torch.T
     dscale = None
     if need_logit_scale:
         per_head = (dq_scaled.to(acc) * q_hat).transpose(0, -3).reshape(heads, -1).sum(dim=1)  # d factor
-        open_clamp = logit_scale.reshape(heads).to(acc) <= LOGIT_SCALE_MAX
+        # torch.clamp's gradient compares with the double bound: float32(log 100) is past it (gradient 0)
+        open_clamp = logit_scale.detach().reshape(heads).double() <= LOGIT_SCALE_MAX
         dscale = (per_head * factor.view(heads) * open_clamp).reshape(logit_scale.shape).to(logit_scale.dtype)
     return dq, dk, dscale

@@ -554,3 +554,48 @@ def test_logit_scale_clamp_matches_at_and_past_log_100(op_calls):
             m.features[1][0].attn.logit_scale[:, 0, 0] = torch.tensor([math.log(100.0) + 0.5, 1.0])
     _assert_same_outputs_and_grads(reference, model, torch.randn(1, 3, 32, 32, dtype=torch.float64))
     assert model.features[1][0].attn.logit_scale.grad[0].item() == 0
+
+
+def _backend_spy(monkeypatch):
+    """The backends dispatch picks, per op (call memos cleared, so every distinct call selects)."""
+    from vitkernels import dispatch
+
+    picked = {}
+    select = dispatch.select
+
+    def recording(op, inputs, backend=None):
+        impl = select(op, inputs, backend)
+        picked.setdefault(op, set()).add(impl.name)
+        return impl
+    dispatch.clear_call_memos()
+    monkeypatch.setattr(dispatch, "select", recording)
+    return picked
+
+
+@pytest.mark.ext
+def test_fp32_models_run_the_cpu_kernels(monkeypatch):
+    """On CPU in fp32, dispatch takes the C++ kernels for the rope and cosine calls (not the reference)."""
+    if not vitkernels.dispatch.backend_environment("cpu")[0]:
+        pytest.skip(vitkernels.dispatch.backend_environment("cpu")[1])
+    ran = _backend_spy(monkeypatch)
+    torch.manual_seed(0)
+    eva = vitkernels.patch_timm(timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=2))
+    swin = vitkernels.patch_timm(timm.create_model("swinv2_tiny_window8_256", pretrained=False, img_size=64,
+                                                   depths=(1, 1, 1, 1)))
+    tv = vitkernels.patch_torchvision(torchvision.models.swin_v2_t())
+    eva(torch.randn(1, 3, 56, 56)).sum().backward()
+    swin(torch.randn(1, 3, 64, 64)).sum().backward()
+    tv(torch.randn(1, 3, 64, 64)).sum().backward()
+    assert ran == {"patch_embed": {"cpu"}, "flash_attention": {"cpu"}, "window_attention": {"cpu"}}, ran
+
+
+def test_logit_scale_at_exactly_float32_log_100_in_fp32(op_calls):
+    """float32(log 100) is past the double bound torch.clamp's gradient uses: 0 there, fused as unpatched."""
+    reference, model = _tv_pair(_tv_swin_v2(), torch.float32)
+    for m in (reference, model):
+        with torch.no_grad():
+            m.features[1][0].attn.logit_scale[:, 0, 0] = torch.tensor([math.log(100.0), 1.0])
+    _assert_same_outputs_and_grads(reference, model, torch.randn(1, 3, 32, 32), 1e-4, 1e-5, grad_rtol=1e-3,
+                                   grad_atol=1e-5)
+    assert model.features[1][0].attn.logit_scale.grad[0].item() == 0
+    assert reference.features[1][0].attn.logit_scale.grad[0].item() == 0

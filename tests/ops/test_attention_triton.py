@@ -15,8 +15,9 @@ from vitkernels.ops.attention.reference import attention_reference
 from tests.ops.backend_checks import (FLOOR, attention_backward_is_bitwise_deterministic, attention_nan_stays_in_its_row,
                                       attention_vs_reference, rel_pos_backward_is_bitwise_deterministic,
                                       rel_pos_dropout_matches_the_reference_with_the_kernels_mask, rel_pos_leaves,
-                                      rel_pos_vs_reference)
-from tests.utils import qkv_views
+                                      rel_pos_vs_reference, rope_backward_is_bitwise_deterministic, rope_leaves,
+                                      rope_vs_reference)
+from tests.utils import assert_close_2x, qkv_views
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.triton  # compiled on a GPU in make test's GPU step
@@ -343,6 +344,177 @@ def test_rel_pos_grid_axes_past_the_triton_limit_are_refused_with_the_reason_whe
         vitkernels.flash_attention(q, q, q, rel_pos=rel, backend="triton")
 
 
+# ---- rotary position embedding (rope) --------------------------------------------------------------------
+
+
+LAYOUTS = [pytest.param(False, id="pairs"), pytest.param(True, id="half")]
+
+
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+@pytest.mark.parametrize("d", [32, 40, 64, 80])
+def test_rope_matches_the_reference_fp32(rotate_half, d):
+    # EVA-02 (pairs) / DINOv3 (halves) with a class token and a learnable bias; D = 40, 80: a padded block,
+    # where the half layout holds each half in its own half block
+    leaves = rope_leaves(1, 2, 49, d, prefix=1, device=DEVICE, with_bias=True)
+    rope_vs_reference("triton", leaves, prefix=1, rotate_half=rotate_half)
+
+
+TABLE_SHAPES = {"ND": lambda B, H, n, d: (n, d), "B1ND": lambda B, H, n, d: (B, 1, n, d),
+                "1HND": lambda B, H, n, d: (1, H, n, d)}
+
+
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+@pytest.mark.parametrize("prefix", [0, 1])
+@pytest.mark.parametrize("table", sorted(TABLE_SHAPES))
+def test_rope_learnable_tables_broadcast_over_batch_or_heads(rotate_half, prefix, table):
+    # the tables' gradients summed over the dims they broadcast; prefix rows unrotated
+    B, H, n, d = 2, 2, 17, 32
+    leaves = rope_leaves(B, H, n, d, prefix=prefix, table_shape=TABLE_SHAPES[table](B, H, n - prefix, d),
+                         device=DEVICE)
+    rope_vs_reference("triton", leaves, prefix=prefix, rotate_half=rotate_half, tables_grad=True)
+
+
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+@pytest.mark.parametrize("n,prefix", [(1, 0), (2, 1), (197, 1)], ids=["N1", "N2-prefix1", "N197-prefix1"])
+def test_rope_sequence_lengths(rotate_half, n, prefix):
+    # one token, a class token and one patch, ViT-B/16's 197 tokens after its class token
+    d = 64 if n == 197 else 16
+    leaves = rope_leaves(1, 1 if n == 197 else 2, n, d, prefix=prefix, device=DEVICE)
+    rope_vs_reference("triton", leaves, prefix=prefix, rotate_half=rotate_half, tables_grad=n < 197)
+
+
+@pytest.mark.parametrize("dtype", dtype_params((torch.float16, torch.bfloat16)))
+@pytest.mark.parametrize("tables", ["q-dtype", "fp32"])
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+@pytest.mark.parametrize("d", [64, 80])
+def test_rope_per_dtype(dtype, tables, rotate_half, d):
+    # fp16 / bf16 q with tables in its dtype, or timm's float32 tables (rotated in fp32, rounded once)
+    leaves = rope_leaves(2, 2, 33, d, prefix=1, device=DEVICE)
+    rope_vs_reference("triton", leaves, prefix=1, rotate_half=rotate_half, dtype=dtype,
+                      table_dtype=torch.float32 if tables == "fp32" else None, tables_grad=d == 80)
+
+
+def rope_rel_pos_leaves(prefix=1, seed=0):
+    """q, k, v on a 5 x 6 grid after ``prefix`` class tokens, rope tables, rel_pos terms and a bias."""
+    leaves = rope_leaves(2, 2, prefix + 30, 32, prefix=prefix, device=DEVICE, with_bias=True, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    leaves["rel_h"] = torch.randn(2, 2, 30, 5, generator=g).to(DEVICE)
+    leaves["rel_w"] = torch.randn(2, 2, 30, 6, generator=g).to(DEVICE)
+    return leaves
+
+
+def _rope_rel_call(ts, prefix, rotate_half, backend, dropout_p=0.0):
+    rope = vitkernels.Rope(ts["cos"], ts["sin"], prefix, rotate_half)
+    rel = vitkernels.RelPos(ts["rel_h"], ts["rel_w"], None, prefix)
+    return vitkernels.flash_attention(ts["q"], ts["k"], ts["v"], bias=ts["bias"], rel_pos=rel, rope=rope,
+                                      dropout_p=dropout_p, backend=backend)
+
+
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+def test_rope_with_rel_pos_and_a_learnable_bias(rotate_half):
+    # every gradient (q, k, v, bias, the rel_pos terms, the tables) against the fp64 reference
+    leaves = rope_rel_pos_leaves()
+    results = {}
+    for name, cast, be in (("ref", torch.float64, "reference"), ("pt", torch.float32, "reference"),
+                           ("run", torch.float32, "triton")):
+        ts = {n: t.detach().to(cast).requires_grad_() for n, t in leaves.items()}
+        out = _rope_rel_call(ts, 1, rotate_half, be)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device, cast))
+        results[name] = (out, {n: t.grad for n, t in ts.items()})
+    fl = FLOOR[torch.float32]
+    assert_close_2x(results["run"][0], results["pt"][0], results["ref"][0], floor=fl, name="out")
+    for n in leaves:
+        assert_close_2x(results["run"][1][n], results["pt"][1][n], results["ref"][1][n], factor=3.0, floor=fl * 10,
+                        name=f"d{n}")
+
+
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+def test_rope_with_dropout_matches_the_reference_given_the_kernels_mask(rotate_half):
+    # the kernels' own keep-mask replayed in the fp64 reference: rope, rel_pos, a bias and dropout combine,
+    # learnable tables included
+    from vitkernels.ops.attention.function import AttentionFunction
+    from vitkernels.ops.attention.reference import rel_pos_dense
+    from vitkernels.ops.attention.rope import apply_rope
+    from vitkernels.ops.attention.triton import TritonAttentionKernels, dropout_mask_triton
+
+    p, prefix = 0.3, 1
+    leaves = rope_rel_pos_leaves(prefix)
+    seen = {}
+
+    class Recording:
+        @staticmethod
+        def forward(*args):
+            out = TritonAttentionKernels.forward(*args)
+            seen["rng"] = out[2]
+            return out
+
+        backward = staticmethod(TritonAttentionKernels.backward)
+
+    ts = {n: t.detach().clone().requires_grad_() for n, t in leaves.items()}
+    out = AttentionFunction.apply(Recording, ts["q"], ts["k"], ts["v"], ts["bias"], 32 ** -0.5, p,
+                                  ts["rel_h"], ts["rel_w"], None, prefix, ts["cos"][None, None], ts["sin"][None, None],
+                                  prefix, rotate_half)
+    g = torch.randn_like(out)
+    out.backward(g)
+    B, H, n = out.shape[:3]
+    mask = dropout_mask_triton(seen["rng"], B, H, n, n, p)
+    assert 0.5 < mask.float().mean().item() < 0.9
+    rs = {n_: t.detach().double().requires_grad_() for n_, t in leaves.items()}
+    rope = vitkernels.Rope(rs["cos"], rs["sin"], prefix, rotate_half)
+    dense = rel_pos_dense(vitkernels.RelPos(rs["rel_h"], rs["rel_w"], None, prefix), n, n)
+    ref = attention_reference(apply_rope(rs["q"], rope), apply_rope(rs["k"], rope), rs["v"], rs["bias"] + dense,
+                              32 ** -0.5, p, dropout_mask=mask)
+    ref.backward(g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    for name in ts:
+        torch.testing.assert_close(ts[name].grad.double(), rs[name].grad, rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("tables_grad", [False, True], ids=["frozen-tables", "learnable-tables"])
+def test_rope_backward_is_deterministic_bitwise(tables_grad):
+    rope_backward_is_bitwise_deterministic("triton", DEVICE, tables_grad=tables_grad)
+
+
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+def test_rope_tables_and_qkv_are_read_in_place_from_any_strides(monkeypatch, rotate_half):
+    # timm's RotaryEmbeddingCat gives [sin | cos]: the tables are strided halves of one tensor, here inside a
+    # NaN-padded buffer and broadcast over the batch with expand (stride 0); q, k, v strided views of one qkv.
+    # Any read outside them, or a copy, would show.
+    from vitkernels.ops import tuning
+
+    B, H, n, d, prefix = 2, 2, 37, 40, 1
+    q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)
+    leaves = rope_leaves(1, 1, n, d, prefix=prefix, device=DEVICE)
+    buf = torch.full((n - prefix, 2 * d + 8), float("nan"), device=DEVICE)
+    buf[:, 4:4 + 2 * d] = torch.cat([leaves["sin"], leaves["cos"]], dim=-1)
+    sin, cos = buf[:, 4:4 + 2 * d].chunk(2, dim=-1)
+    cos4, sin4 = cos.expand(B, 1, n - prefix, d), sin.expand(B, 1, n - prefix, d)
+    seen = []
+    original = tuning.launch
+
+    def spy(spec, kernel, grid, args, constexprs, key, device):
+        if spec.name == "flash_attn_fwd":
+            seen.append({a.data_ptr() for a in args if isinstance(a, torch.Tensor)})
+        return original(spec, kernel, grid, args, constexprs, key, device)
+    monkeypatch.setattr(tuning, "launch", spy)
+    out = vitkernels.flash_attention(q, k, v, rope=vitkernels.Rope(cos4, sin4, prefix, rotate_half), backend="triton")
+    assert {q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr()} <= seen[-1]
+    rope64 = vitkernels.Rope(cos.double(), sin.double(), prefix, rotate_half)
+    ref = vitkernels.flash_attention(*(t.double() for t in (q, k, v)), rope=rope64, backend="reference")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_runs_on_triton_without_a_refusal():
+    from vitkernels.ops.attention import _triton_shape_reasons
+    from vitkernels.ops.attention.checks import check_attention_inputs
+
+    q = torch.randn(1, 2, 5, 16, device=DEVICE)
+    cos, sin = torch.ones(4, 16, device=DEVICE), torch.zeros(4, 16, device=DEVICE)
+    for half in (False, True):
+        assert _triton_shape_reasons(check_attention_inputs(q, q, q, rope=vitkernels.Rope(cos, sin, 1, half))) == []
+
+
 # ---- full-size checks, GPU only --------------------------------------------------------------------
 
 
@@ -425,3 +597,26 @@ def test_gpu_rel_pos_mvit_stage1(dtype):
     """mvit_v2_s stage 1 at 8 x 56 x 56 queries against 8 x 7 x 7 pooled keys, class token, 3-D terms."""
     leaves = rel_pos_leaves(1, 1, 96, (8, 56, 56), (8, 7, 7), prefix=1, device="cuda")
     rel_pos_vs_reference("triton", leaves, prefix=1, dtype=dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", dtype_params((torch.float16, torch.bfloat16, torch.float32)))
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+@pytest.mark.parametrize("n,d,table", [(197, 64, "ND"), (577, 64, "1HND"), (1025, 80, "ND")],
+                         ids=["N197-D64", "N577-D64-1H", "N1025-D80"])
+def test_gpu_rope_vit_shapes(dtype, rotate_half, n, d, table):
+    """EVA-02 / DINOv3-size attention with rope after a class token, timm's float32 tables (learnable) and a
+    learnable bias: every gradient against the fp64 reference."""
+    B, H = 4, 6
+    leaves = rope_leaves(B, H, n, d, prefix=1, table_shape=TABLE_SHAPES[table](B, H, n - 1, d), device="cuda",
+                         with_bias=True)
+    rope_vs_reference("triton", leaves, prefix=1, rotate_half=rotate_half, dtype=dtype,
+                      table_dtype=torch.float32, tables_grad=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", dtype_params((torch.float16, torch.bfloat16)))
+@pytest.mark.parametrize("rotate_half", LAYOUTS)
+def test_gpu_rope_frozen_tables_in_the_inputs_dtype(dtype, rotate_half):
+    leaves = rope_leaves(2, 4, 257, 64, prefix=1, device="cuda")
+    rope_vs_reference("triton", leaves, prefix=1, rotate_half=rotate_half, dtype=dtype)

@@ -169,8 +169,6 @@ def _triton_reasons(inputs: AttentionInputs) -> List[str]:
 
 def _triton_shape_reasons(inputs: AttentionInputs) -> List[str]:
     rel = inputs.rel_pos
-    if inputs.rope is not None:
-        return ["rope: not on triton yet"]  # TODO(rope-triton): remove when the kernels rotate
     if rel is None:
         return []
     from vitkernels.ops.attention.triton_configs import REL_AXIS_MAX
@@ -216,8 +214,6 @@ dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run
 dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernels=_triton_kernels)
 def _cpu_reasons(inputs: AttentionInputs) -> List[str]:
     reasons = cpu_reasons(inputs.device, inputs.dtype)
-    if inputs.rope is not None:
-        reasons.append("rope: not on cpu yet")  # TODO(rope-cpu): remove when the C++ kernels rotate
     return reasons
 
 

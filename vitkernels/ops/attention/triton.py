@@ -1,4 +1,5 @@
-"""Triton flash attention (FlashAttention-2 scheme) with a learnable broadcast bias and Philox dropout.
+"""Triton flash attention (FlashAttention-2 scheme) with a learnable broadcast bias, decomposed relative
+position, rotary position embedding and Philox dropout.
 
 Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias a broadcast view of
 (B, H, Nq, Nk) read by strides (stride 0 on broadcast dims), lse (B, H, Nq) float32.
@@ -14,6 +15,13 @@ Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias 
   offset live in a device tensor drawn from torch's generator of q's device, so the backward
   regenerates exactly the forward's mask without storing it, no host sync happens, and each replay of a
   captured CUDA graph draws a new mask.
+- Rope (rotary position embedding): q and k tiles are rotated in float32 as they are loaded (cos and sin
+  read by strides, stride 0 on broadcast dims; prefix rows unrotated) and rounded to the input dtype
+  before the dots, never written back; the backward forms S and the dot products from the rotated tiles
+  and rotates the dQ / dK accumulators back in its epilogues. Interleaved pairs swap in registers; the
+  half layout reads the partner half from memory (columns remapped when D is padded, see
+  ``_qk_channels``). Learnable tables: the kernels hand back the gradients of the rotated q and k and
+  ``rope.qk_rope_backward`` finishes in PyTorch.
 - Launch configs: ``triton_configs`` (heuristic candidates, tune keys), selected by ``ops/tuning``;
   every launcher runs on its inputs' device.
 - A row whose logits are all -inf gets zeros (m = -inf is shifted by 0, l = 0 divides as 1) and lse
@@ -29,6 +37,7 @@ import triton.language as tl
 
 from vitkernels.ops import tuning
 from vitkernels.ops.attention.function import draw_dropout_seed, no_dropout_seed
+from vitkernels.ops.attention.rope import qk_rope_backward
 from vitkernels.ops.attention import triton_configs as configs
 from vitkernels.ops.tuning import interpreting  # noqa: F401  (re-exported for the other triton backends)
 
@@ -133,6 +142,97 @@ def _rel_grad_step(acc, ds, ds_dtype_of, cols, n_k, rel_kh, rel_kw, rel_prefix, 
 
 
 @triton.jit
+def _qk_channels(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROPE_HALF: tl.constexpr):
+    """(the channel each of the BLOCK_D columns of q, k, dq, dk and the rope tables holds, its mask).
+    Identity, except for the half layout with a padded head dim (D = 40, 80, 96): each half then sits in
+    its own BLOCK_D / 2 columns, [x1 | pad | x2 | pad], so the rotation's partners are BLOCK_D / 2 columns
+    apart as when D = BLOCK_D. Any channel order shared by q and k leaves q k^T unchanged, and dq / dk come
+    out in it (stored through the same map); v, dO and out keep theirs. Each half stays one contiguous run
+    (wide loads)."""
+    offs = tl.arange(0, BLOCK_D)
+    cols = offs
+    mask = offs < HEAD_DIM
+    if ROPE_HALF:
+        if HEAD_DIM != BLOCK_D:
+            j = offs % (BLOCK_D // 2)
+            cols = (offs // (BLOCK_D // 2)) * (HEAD_DIM // 2) + j
+            mask = j < HEAD_DIM // 2
+    return cols, mask
+
+
+@triton.jit
+def _rope_rotate(x, ROPE_HALF: tl.constexpr):
+    """timm's rotate of an (R x BLOCK_D) tile in registers: interleaved pairs [-x1, x0, -x3, x2, ...] or, with
+    ROPE_HALF, halves [-x2, x1] (halves at BLOCK_D / 2, see ``_qk_channels``). Pairs sit in one thread: a
+    reshape / split / join of registers. Halves sit in other threads: the permute costs a shuffle through
+    shared memory and many registers, so the main loops read the partner half from memory instead
+    (``_rope_apply``); this serves the once-per-program epilogues."""
+    R: tl.constexpr = x.shape[0]
+    BD: tl.constexpr = x.shape[1]
+    if ROPE_HALF:
+        lo, hi = tl.split(tl.permute(tl.reshape(x, [R, 2, BD // 2]), (0, 2, 1)))
+        rot = tl.reshape(tl.permute(tl.join(-hi, lo), (0, 2, 1)), [R, BD])
+    else:
+        even, odd = tl.split(tl.reshape(x, [R, BD // 2, 2]))
+        rot = tl.reshape(tl.join(-odd, even), [R, BD])
+    return rot
+
+
+@triton.jit
+def _half_partners(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(the channel of each column's rotation partner in the half layout, whether the column is in the first
+    half): column c holds channel j or D/2 + j (``_qk_channels``), its partner the other; contiguous runs of
+    BLOCK_D / 2, so the partner half loads as wide as the tile."""
+    offs = tl.arange(0, BLOCK_D)
+    half = offs // (BLOCK_D // 2)
+    return (1 - half) * (HEAD_DIM // 2) + offs % (BLOCK_D // 2), half == 0
+
+
+@triton.jit
+def _rope_tables(cos_base, sin_base, rows, mask_rows, cols, mask_cols, stride_cn, stride_cd, stride_sn, stride_sd,
+                 rope_prefix):
+    """cos and sin (float32) of an (R x BLOCK_D) q / k tile: rows are tokens, table row ``row - prefix``;
+    cos = 1, sin = 0 on the prefix rows and the padding, which so pass unrotated. ``*_base``: this (b, h)'s
+    table (stride 0 on the dims it broadcasts)."""
+    i = rows - rope_prefix
+    valid = ((i >= 0) & mask_rows)[:, None] & mask_cols[None, :]
+    i = tl.maximum(i, 0).to(tl.int64)
+    cos = tl.load(cos_base + (i * stride_cn)[:, None] + (cols * stride_cd)[None, :], mask=valid, other=1.0)
+    sin = tl.load(sin_base + (i * stride_sn)[:, None] + (cols * stride_sd)[None, :], mask=valid, other=0.0)
+    return cos.to(tl.float32), sin.to(tl.float32)
+
+
+@triton.jit
+def _rope_apply(x, x_rows, stride_xd, rows, mask_rows, cols, mask_cols, cos_base, sin_base, stride_cn, stride_cd,
+                stride_sn, stride_sd, rope_prefix, HEAD_DIM: tl.constexpr, ROPE_HALF: tl.constexpr):
+    """x * cos + rotate(x) * sin of a loaded (R x BLOCK_D) q / k tile in float32, rounded to x's dtype once
+    (timm's apply_rot_embed with float32 tables): what the dots then take. ``x_rows``: (R x 1) pointers to
+    the tile's rows, whence the half layout reads the partner half (an L1 hit, no register shuffle)."""
+    cos, sin = _rope_tables(cos_base, sin_base, rows, mask_rows, cols, mask_cols, stride_cn, stride_cd,
+                            stride_sn, stride_sd, rope_prefix)
+    xf = x.to(tl.float32)
+    if ROPE_HALF:
+        partner, first = _half_partners(HEAD_DIM, x.shape[1])
+        xp = tl.load(x_rows + partner[None, :] * stride_xd, mask=mask_rows[:, None] & mask_cols[None, :],
+                     other=0.0).to(tl.float32)
+        rot = tl.where(first[None, :], -xp, xp)
+    else:
+        rot = _rope_rotate(xf, False)
+    return (xf * cos + rot * sin).to(x.dtype)
+
+
+@triton.jit
+def _rope_unrotate(g, rows, mask_rows, cols, mask_cols, cos_base, sin_base, stride_cn, stride_cd, stride_sn,
+                   stride_sd, rope_prefix, ROPE_HALF: tl.constexpr):
+    """The rotation's adjoint on an (R x BLOCK_D) float32 gradient of the rotated q / k: g * cos -
+    rotate(g * sin) (rotate^T = -rotate); the tables are read again here rather than kept live through
+    the main loop (registers)."""
+    cos, sin = _rope_tables(cos_base, sin_base, rows, mask_rows, cols, mask_cols, stride_cn, stride_cd,
+                            stride_sn, stride_sd, rope_prefix)
+    return g * cos - _rope_rotate(g * sin, ROPE_HALF)
+
+
+@triton.jit
 def online_softmax_step(qk, m_i, l_i, acc):
     """One key tile of the online softmax. ``qk``: (M, N) logits in log2 units, -inf where masked.
     Returns (p, m_new, l_new, acc rescaled to m_new); the caller adds p @ v to acc."""
@@ -195,9 +295,10 @@ def _flash_attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX,
     sm_scale, dropout_p, keep_scale, Seed,
+    Cos, Sin, stride_cb, stride_ch, stride_cn, stride_cd, stride_sb, stride_sh, stride_sn, stride_sd, ROPE_PREFIX,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False, ROPE_HALF: tl.constexpr = False,
 ):
     # One grid axis (no 65535 limit), query blocks fastest: the blocks of one (b, h) run together and
     # share its K/V in L2 instead of re-reading them from DRAM
@@ -212,17 +313,23 @@ def _flash_attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM  # head dims like 40, 80, 96 run in a padded power-of-two block
+    offs_c, mask_c = _qk_channels(HEAD_DIM, BLOCK_D, ROPE_HALF)  # q / k columns: offs_d but for rope halves
 
-    q_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm \
-        + offs_d[None, :] * stride_qd
-    kT_ptrs = K + off_b * stride_kb + off_h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    q_rows = Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm
+    k_base = K + off_b * stride_kb + off_h * stride_kh
+    kT_ptrs = k_base + offs_n[None, :] * stride_kn + offs_c[:, None] * stride_kd
     v_ptrs = V + off_b * stride_vb + off_h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
     rel_h = RelH + off_b * stride_rhb + off_h * stride_rhh
     rel_w = RelW + off_b * stride_rwb + off_h * stride_rwh
     rel_t = RelT + off_b * stride_rtb + off_h * stride_rth
+    cos_base = Cos + off_b * stride_cb + off_h * stride_ch
+    sin_base = Sin + off_b * stride_sb + off_h * stride_sh
 
-    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+    if HAS_ROPE:  # rotated once per program, in registers (never written back)
+        q = _rope_apply(q, q_rows, stride_qd, offs_m, mask_m, offs_c, mask_c, cos_base, sin_base, stride_cn,
+                        stride_cd, stride_sn, stride_sd, ROPE_PREFIX, HEAD_DIM, ROPE_HALF)
     qk_scale = sm_scale * 1.4426950408889634  # base-2 softmax: exp2(x * log2e) == exp(x)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -231,7 +338,12 @@ def _flash_attn_fwd_kernel(
     for start_n in range(0, N_K, BLOCK_N):
         cols = start_n + offs_n
         mask_n = cols < N_K
-        kT = tl.load(kT_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        kT = tl.load(kT_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        if HAS_ROPE:  # each key tile rotated as it arrives: (keys x D) for the rotation, back to (D x keys)
+            k_rows = k_base + cols[:, None].to(tl.int64) * stride_kn
+            kT = tl.trans(_rope_apply(tl.trans(kT), k_rows, stride_kd, cols, mask_n, offs_c, mask_c, cos_base,
+                                      sin_base, stride_cn, stride_cd, stride_sn, stride_sd, ROPE_PREFIX, HEAD_DIM,
+                                      ROPE_HALF))
         qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
         if HAS_BIAS:
             # masked to the row's readable extent, not to N_K: an aligned copy's padded rows let whole
@@ -304,12 +416,16 @@ def _flash_attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX,
     sm_scale, dropout_p, keep_scale, Seed,
+    Cos, Sin, stride_cb, stride_ch, stride_cn, stride_cd, stride_sb, stride_sh, stride_sn, stride_sd, ROPE_PREFIX,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False, ROPE_HALF: tl.constexpr = False,
+    ROPE_UNROTATE: tl.constexpr = True,
 ):
     """One program per key block: dV = P_drop^T dO, dK = dS^T Q * scale, looping over all queries.
-    Tiles are held transposed (keys x queries) so both products are plain dots."""
+    Tiles are held transposed (keys x queries) so both products are plain dots. With rope, S and dK take
+    the rotated q and k, and dK is rotated back in the epilogue (ROPE_UNROTATE; else the gradient of the
+    rotated k is stored, for learnable tables)."""
     num_n = tl.cdiv(N_K, BLOCK_N)  # one grid axis, key blocks fastest (see the forward)
     off_bh = tl.program_id(0) // num_n
     start_n = tl.program_id(0) % num_n
@@ -321,13 +437,20 @@ def _flash_attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N_K
     mask_d = offs_d < HEAD_DIM
+    offs_c, mask_c = _qk_channels(HEAD_DIM, BLOCK_D, ROPE_HALF)  # q / k columns (see the forward)
     rows_n = offs_n[:, None].to(tl.int64)
+    cos_base = Cos + off_b * stride_cb + off_h * stride_ch
+    sin_base = Sin + off_b * stride_sb + off_h * stride_sh
 
-    k = tl.load(K + off_b * stride_kb + off_h * stride_kh + rows_n * stride_kn + offs_d[None, :] * stride_kd,
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    k_rows = K + off_b * stride_kb + off_h * stride_kh + rows_n * stride_kn
+    k = tl.load(k_rows + offs_c[None, :] * stride_kd, mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+    if HAS_ROPE:
+        k = _rope_apply(k, k_rows, stride_kd, offs_n, mask_n, offs_c, mask_c, cos_base, sin_base, stride_cn,
+                        stride_cd, stride_sn, stride_sd, ROPE_PREFIX, HEAD_DIM, ROPE_HALF)
     v = tl.load(V + off_b * stride_vb + off_h * stride_vh + rows_n * stride_vn + offs_d[None, :] * stride_vd,
                 mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    qT_ptrs = Q + off_b * stride_qb + off_h * stride_qh + offs_m[None, :] * stride_qm + offs_d[:, None] * stride_qd
+    q_base = Q + off_b * stride_qb + off_h * stride_qh
+    qT_ptrs = q_base + offs_m[None, :] * stride_qm + offs_c[:, None] * stride_qd
     do_ptrs = DOut + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom \
         + offs_d[None, :] * stride_dod
     bias_base = Bias + off_b * stride_biasb + off_h * stride_biash
@@ -342,7 +465,12 @@ def _flash_attn_bwd_dkdv_kernel(
     for start_m in range(0, N_Q, BLOCK_M):
         rows = start_m + offs_m
         mask_m = rows < N_Q
-        qT = tl.load(qT_ptrs, mask=mask_d[:, None] & mask_m[None, :], other=0.0)
+        qT = tl.load(qT_ptrs, mask=mask_c[:, None] & mask_m[None, :], other=0.0)
+        if HAS_ROPE:
+            q_rows = q_base + rows[:, None].to(tl.int64) * stride_qm
+            qT = tl.trans(_rope_apply(tl.trans(qT), q_rows, stride_qd, rows, mask_m, offs_c, mask_c, cos_base,
+                                      sin_base, stride_cn, stride_cd, stride_sn, stride_sd, ROPE_PREFIX, HEAD_DIM,
+                                      ROPE_HALF))
         do = tl.load(do_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         lse2 = tl.load(LSE + row_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0)
@@ -365,12 +493,15 @@ def _flash_attn_bwd_dkdv_kernel(
         qT_ptrs += BLOCK_M * stride_qm
         do_ptrs += BLOCK_M * stride_dom
 
-    dk = dk * sm_scale
-    mask_out = mask_n[:, None] & mask_d[None, :]
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=mask_out)
     tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + rows_n * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=mask_out)
+             dv.to(DV.dtype.element_ty), mask=mask_n[:, None] & mask_d[None, :])
+    dk = dk * sm_scale
+    if HAS_ROPE:
+        if ROPE_UNROTATE:  # after dV's store: its accumulator is dead by then
+            dk = _rope_unrotate(dk, offs_n, mask_n, offs_c, mask_c, cos_base, sin_base, stride_cn, stride_cd,
+                                stride_sn, stride_sd, ROPE_PREFIX, ROPE_HALF)
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + rows_n * stride_dkn + offs_c[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
 
 
 @triton.jit
@@ -379,15 +510,21 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
                   rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk, stride_rtm, stride_rtk,
                   rel_kh, rel_kw, rel_prefix,
                   qk_scale, dropout_p, keep_scale, Seed,
+                  offs_c, mask_c, cos_base, sin_base, stride_cn, stride_cd, stride_sn, stride_sd, rope_prefix,
                   HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dS = P * (dP - delta) for an (M x N) tile, and the key tile used (for dQ = dS K). ``K``/``V``
-    point at this (b, h)'s rows."""
+                  INPUT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROPE: tl.constexpr,
+                  ROPE_HALF: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """dS = P * (dP - delta) for an (M x N) tile, and the key tile used (for dQ = dS K; rotated with rope, as
+    ``q`` already is). ``K``/``V`` point at this (b, h)'s rows; ``offs_c``/``mask_c``: q / k columns."""
     offs_d = tl.arange(0, BLOCK_D)
-    kv_mask = mask_n[:, None] & mask_d[None, :]
     rows_n = cols[:, None].to(tl.int64)
-    k = tl.load(K + rows_n * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(V + rows_n * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
+    k = tl.load(K + rows_n * stride_kn + offs_c[None, :] * stride_kd, mask=mask_n[:, None] & mask_c[None, :],
+                other=0.0)
+    if HAS_ROPE:
+        k = _rope_apply(k, K + rows_n * stride_kn, stride_kd, cols, mask_n, offs_c, mask_c, cos_base, sin_base,
+                        stride_cn, stride_cd, stride_sn, stride_sd, rope_prefix, HEAD_DIM, ROPE_HALF)
+    v = tl.load(V + rows_n * stride_vn + offs_d[None, :] * stride_vd, mask=mask_n[:, None] & mask_d[None, :],
+                other=0.0)
     p = _probs_tile(q, tl.trans(k), lse2, bias_base, offs_m, cols, mask_m, mask_n, qk_scale,
                     stride_biasm, stride_biasn, bias_cols, rel_h, rel_w, rel_t, stride_rhm, stride_rhk,
                     stride_rwm, stride_rwk, stride_rtm, stride_rtk, rel_kh, rel_kw, rel_prefix,
@@ -413,14 +550,17 @@ def _flash_attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX, REL_KT,
     sm_scale, dropout_p, keep_scale, Seed,
+    Cos, Sin, stride_cb, stride_ch, stride_cn, stride_cd, stride_sb, stride_sh, stride_sn, stride_sd, ROPE_PREFIX,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, REL_GRAD: tl.constexpr,
     KT_PAD: tl.constexpr, KH_PAD: tl.constexpr, KW_PAD: tl.constexpr, REL_EXACT: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False,
+    ROPE_HALF: tl.constexpr = False, ROPE_UNROTATE: tl.constexpr = True,
 ):
     """One program per query block: dQ = dS K * scale, looping over all keys. With REL_GRAD, also the
     rel_pos gradients of its rows (dS summed by key-grid row / column / frame): the program owns those
-    rows, so they are written once, in a fixed order. DRel*: contiguous (B, H, Nq - prefix, K) float32."""
+    rows, so they are written once, in a fixed order. DRel*: contiguous (B, H, Nq - prefix, K) float32.
+    With rope, S and dQ take the rotated q and k and dQ is rotated back in the epilogue (ROPE_UNROTATE)."""
     num_m = tl.cdiv(N_Q, BLOCK_M)  # one grid axis, query blocks fastest (see the forward)
     off_bh = tl.program_id(0) // num_m
     start_m = tl.program_id(0) % num_m
@@ -431,11 +571,18 @@ def _flash_attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N_Q
     mask_d = offs_d < HEAD_DIM
+    offs_c, mask_c = _qk_channels(HEAD_DIM, BLOCK_D, ROPE_HALF)  # q / k columns (see the forward)
     rows = offs_m[:, None].to(tl.int64)
     qd_mask = mask_m[:, None] & mask_d[None, :]
+    qc_mask = mask_m[:, None] & mask_c[None, :]
+    cos_base = Cos + off_b * stride_cb + off_h * stride_ch
+    sin_base = Sin + off_b * stride_sb + off_h * stride_sh
 
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm + offs_d[None, :] * stride_qd,
-                mask=qd_mask, other=0.0)
+    q_rows = Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm
+    q = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=qc_mask, other=0.0)
+    if HAS_ROPE:
+        q = _rope_apply(q, q_rows, stride_qd, offs_m, mask_m, offs_c, mask_c, cos_base, sin_base, stride_cn,
+                        stride_cd, stride_sn, stride_sd, ROPE_PREFIX, HEAD_DIM, ROPE_HALF)
     do = tl.load(DOut + off_b * stride_dob + off_h * stride_doh + rows * stride_dom + offs_d[None, :] * stride_dod,
                  mask=qd_mask, other=0.0)
     row_base = off_bh.to(tl.int64) * N_Q
@@ -461,7 +608,9 @@ def _flash_attn_bwd_dq_kernel(
                               rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk,
                               stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX,
                               qk_scale, dropout_p, keep_scale, Seed,
-                              HAS_BIAS, HAS_REL, REL_3D, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
+                              offs_c, mask_c, cos_base, sin_base, stride_cn, stride_cd, stride_sn, stride_sd,
+                              ROPE_PREFIX, HAS_BIAS, HAS_REL, REL_3D, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D,
+                              HAS_ROPE, ROPE_HALF, HEAD_DIM)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
         if REL_GRAD:
             d_rel_h = _rel_grad_step(d_rel_h, ds, k, cols, N_K, REL_KH, REL_KW, REL_PREFIX, 1, KH_PAD, REL_EXACT)
@@ -470,8 +619,12 @@ def _flash_attn_bwd_dq_kernel(
                 d_rel_t = _rel_grad_step(d_rel_t, ds, k, cols, N_K, REL_KH, REL_KW, REL_PREFIX, 0, KT_PAD,
                                          REL_EXACT)
     dq = dq * sm_scale
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+    if HAS_ROPE:
+        if ROPE_UNROTATE:
+            dq = _rope_unrotate(dq, offs_m, mask_m, offs_c, mask_c, cos_base, sin_base, stride_cn, stride_cd,
+                                stride_sn, stride_sd, ROPE_PREFIX, ROPE_HALF)
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + rows * stride_dqm + offs_c[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=qc_mask)
     if REL_GRAD:
         # rows of the prefix tokens have no term: not stored
         rel_rows = offs_m - REL_PREFIX
@@ -501,9 +654,11 @@ def _flash_attn_bwd_dbias_kernel(
     H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX,
     BIAS_H, BIAS_BH, LOOP_B, LOOP_H, B_PER_GROUP,
     sm_scale, dropout_p, keep_scale, Seed,
+    Cos, Sin, stride_cb, stride_ch, stride_cn, stride_cd, stride_sb, stride_sh, stride_sn, stride_sd, ROPE_PREFIX,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False,
+    ROPE_HALF: tl.constexpr = False,
 ):
     """dBias = dS summed over the dims the bias broadcasts, one program per tile of dBias.
 
@@ -521,6 +676,7 @@ def _flash_attn_bwd_dbias_kernel(
     bias_h = pid_bh % BIAS_H
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    offs_c, mask_c = _qk_channels(HEAD_DIM, BLOCK_D, ROPE_HALF)  # q / k columns (see the forward)
     qk_scale = sm_scale * 1.4426950408889634
     if REDUCE_M:  # this program walks every query block
         loop_m = tl.cdiv(N_Q, BLOCK_M)
@@ -541,6 +697,8 @@ def _flash_attn_bwd_dbias_kernel(
             rel_h = RelH + off_b * stride_rhb + off_h * stride_rhh
             rel_w = RelW + off_b * stride_rwb + off_h * stride_rwh
             rel_t = RelT + off_b * stride_rtb + off_h * stride_rth
+            cos_base = Cos + off_b * stride_cb + off_h * stride_ch
+            sin_base = Sin + off_b * stride_sb + off_h * stride_sh
             k_base = K + off_b * stride_kb + off_h * stride_kh
             v_base = V + off_b * stride_vb + off_h * stride_vh
             row_base = off_b * H * N_Q + off_h * N_Q
@@ -549,8 +707,11 @@ def _flash_attn_bwd_dbias_kernel(
                 mask_m = offs_m < N_Q
                 rows = offs_m[:, None].to(tl.int64)
                 qd_mask = mask_m[:, None] & mask_d[None, :]
-                q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm
-                            + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+                q_rows = Q + off_b * stride_qb + off_h * stride_qh + rows * stride_qm
+                q = tl.load(q_rows + offs_c[None, :] * stride_qd, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+                if HAS_ROPE:
+                    q = _rope_apply(q, q_rows, stride_qd, offs_m, mask_m, offs_c, mask_c, cos_base, sin_base,
+                                    stride_cn, stride_cd, stride_sn, stride_sd, ROPE_PREFIX, HEAD_DIM, ROPE_HALF)
                 do = tl.load(DOut + off_b * stride_dob + off_h * stride_doh + rows * stride_dom
                              + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
                 lse2 = tl.load(LSE + row_base + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
@@ -562,8 +723,10 @@ def _flash_attn_bwd_dbias_kernel(
                                           stride_biasm, stride_biasn, BIAS_COLS,
                                           rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk,
                                           stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX,
-                                          qk_scale, dropout_p, keep_scale,
-                                          Seed, True, HAS_REL, REL_3D, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D)
+                                          qk_scale, dropout_p, keep_scale, Seed,
+                                          offs_c, mask_c, cos_base, sin_base, stride_cn, stride_cd, stride_sn,
+                                          stride_sd, ROPE_PREFIX, True, HAS_REL, REL_3D, HAS_DROPOUT,
+                                          INPUT_PRECISION, BLOCK_D, HAS_ROPE, ROPE_HALF, HEAD_DIM)
                     acc += ds
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -700,9 +863,33 @@ def _rel_pad(n: int) -> int:
     return max(16, 1 << max(0, n - 1).bit_length())
 
 
-def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, rel_pos=None
+def _rope_args(rope, q):
+    """(cos, sin, their 8 strides, prefix) of a checked rope for the kernels, read in place: strides 0 on
+    the dims the 4-D table views broadcast (size 1); q and zero strides stand in without one (never read:
+    HAS_ROPE off)."""
+    if rope is None:
+        return (q, q) + (0,) * 8 + (0,)
+    strides = tuple(st if n > 1 else 0 for t in (rope.cos, rope.sin) for n, st in zip(t.shape, t.stride()))
+    return (rope.cos, rope.sin) + strides + (rope.prefix,)
+
+
+def _rope_flags(rope, unrotate: Optional[bool] = None) -> Dict[str, Any]:
+    flags = dict(HAS_ROPE=rope is not None, ROPE_HALF=rope is not None and rope.rotate_half)
+    if unrotate is not None:
+        flags["ROPE_UNROTATE"] = unrotate
+    return flags
+
+
+def _rope_key(rope) -> Dict[str, Any]:
+    """The tune-key entry of a rope: its layout (the rotation's registers and shuffles change the best
+    tiles; cos / sin in float32 or q's dtype are specialisations of the same code)."""
+    return {} if rope is None else {"rope": "half" if rope.rotate_half else "pairs"}
+
+
+def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, rel_pos=None, rope=None
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed tensor)."""
+    """Forward: returns (out (B, H, Nq, D) in q's dtype, lse (B, H, Nq) float32, dropout seed tensor). ``rope``:
+    a checked ``Rope`` (4-D table views) or None; q and k are rotated as they are loaded."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     with tuning.on_device(q):
@@ -716,17 +903,20 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, re
             configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
             (q, k, v, bias_b if bias_b is not None else q, *rel_terms, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides, *out.stride(),
-             H, n_q, n_k, bias_cols, *rel_sizes, scale, dropout_p, _keep_scale(dropout_p), seed),
+             H, n_q, n_k, bias_cols, *rel_sizes, scale, dropout_p, _keep_scale(dropout_p), seed, *_rope_args(rope, q)),
             dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                 INPUT_PRECISION=_precision(q.dtype), **rel_flags),
-            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos)), q.device)
+                 INPUT_PRECISION=_precision(q.dtype), **rel_flags, **_rope_flags(rope)),
+            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos), **_rope_key(rope)),
+            q.device)
     return out, lse, seed
 
 
 def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor, scale: float, dropout_p: float,
-                               bias_requires_grad: bool, rel_pos=None, rel_requires_grad: bool = False):
+                               bias_requires_grad: bool, rel_pos=None, rel_requires_grad: bool = False, rope=None,
+                               rope_unrotate: bool = True):
     """Backward: returns (dq, dk, dv, dbias, drel); dbias has bias's shape (None unless asked for), drel the
-    gradients of rel_pos's terms (None unless asked for)."""
+    gradients of rel_pos's terms (None unless asked for). With ``rope``, dq and dk are the gradients of the
+    unrotated q and k, or (``rope_unrotate=False``) of the rotated ones."""
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     block_d = _block_d(d)
@@ -743,10 +933,11 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
         bias_strides = bias_b.stride() if bias_b is not None else None
         rel_terms, rel_strides, rel_sizes, rel_flags = _rel_args(rel_pos, q)
         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                     INPUT_PRECISION=_precision(q.dtype), **rel_flags)
-        key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos))
+                     INPUT_PRECISION=_precision(q.dtype), **rel_flags, **_rope_flags(rope, rope_unrotate))
+        key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos),
+                               **_rope_key(rope))
         scalars = (H, n_q, n_k, bias_cols, *rel_sizes)
-        tail = (scale, dropout_p, _keep_scale(dropout_p), seed)
+        tail = (scale, dropout_p, _keep_scale(dropout_p), seed, *_rope_args(rope, q))
         strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides,
                    *dout.stride())
         tuning.launch(
@@ -792,7 +983,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
                 (q, k, v, bias_b, *rel_terms, dout, lse, delta, parts, *strides, *parts.stride()[1:], parts.stride(0),
                  *scalars, bh, bb * bh, loop_b, H if bh == 1 else 1, per_group, *tail),
                 dict(HEAD_DIM=d, BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
-                     INPUT_PRECISION=_precision(q.dtype), **rel_flags),
+                     INPUT_PRECISION=_precision(q.dtype), **rel_flags, **_rope_flags(rope)),
                 {**key, "reduce": f"{int(reduce_m)}{int(reduce_n)}"}, q.device)
             dbias4 = parts[0] if groups == 1 else parts.sum(0).to(bias.dtype)
             dbias = dbias4.view(bias.shape)
@@ -835,14 +1026,18 @@ class TritonAttentionKernels:
 
     @staticmethod
     def forward(q, k, v, bias, scale, dropout_p, rel_pos=None, rope=None):
-        if rope is not None:
-            raise NotImplementedError("rope on triton: in progress")  # TODO(rope): fused rotation
-        return flash_attention_fwd_triton(q, k, v, bias, scale, dropout_p, rel_pos)
+        return flash_attention_fwd_triton(q, k, v, bias, scale, dropout_p, rel_pos, rope)
 
     @staticmethod
     def backward(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad, rel_pos=None,
                  rel_requires_grad=False, rope=None, rope_requires_grad=False):
-        if rope is not None:
-            raise NotImplementedError("rope on triton: in progress")  # TODO(rope): fused rotation
-        return flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed, scale, dropout_p, bias_requires_grad,
-                                          rel_pos, rel_requires_grad) + (None,)
+        tables_grad = rope is not None and rope_requires_grad
+        # learnable tables: the kernels hand back the gradients of the rotated q and k, and rope.py's adjoint
+        # gives dq, dk and the tables' (deterministic sums over the broadcast dims, in PyTorch)
+        dq, dk, dv, dbias, drel = flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed, scale, dropout_p,
+                                                             bias_requires_grad, rel_pos, rel_requires_grad, rope,
+                                                             rope_unrotate=not tables_grad)
+        drope = None
+        if tables_grad:
+            dq, dk, drope = qk_rope_backward(dq, dk, q, k, rope, True)
+        return dq, dk, dv, dbias, drel, drope

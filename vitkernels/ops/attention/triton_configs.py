@@ -45,12 +45,25 @@ def shared_memory_estimate(block_m: int, block_n: int, block_d_: int, num_stages
     return elem * block_d_ * (block_m + 2 * block_n * max(1, num_stages))
 
 
-def shared_memory_of(backward: bool):
-    """The spec's shared-memory estimate for attention-shaped kernels (keys with "D" and "dtype")."""
+def rope_shared_memory(rows: int, block_d_: int, num_stages: int, elem: int, half: bool) -> int:
+    """Bytes a rope adds (fitted to ptxas on sm_90): the pipelined loads of each rotated tile (``rows`` x D)
+    also stage its cos and sin, taken as float32 (timm's tables; q's-dtype tables need less), and with the
+    half layout its partner half, in every stage but the one being consumed."""
+    return max(1, num_stages - 1) * rows * block_d_ * (8 + (elem if half else 0))
+
+
+def shared_memory_of(backward: bool, rope_rows=None):
+    """The spec's shared-memory estimate for attention-shaped kernels (keys with "D" and "dtype", and
+    "rope" with one); ``rope_rows``: the rows of the tiles a program rotates in its loop, from the meta."""
     def estimate(config: Config, key: Dict[str, Any]) -> int:
         m = config.meta
-        return shared_memory_estimate(m["BLOCK_M"], m["BLOCK_N"], block_d(key["D"]), config.num_stages,
-                                      ELEMENT_SIZE[key["dtype"]], backward)
+        elem = ELEMENT_SIZE[key["dtype"]]
+        total = shared_memory_estimate(m["BLOCK_M"], m["BLOCK_N"], block_d(key["D"]), config.num_stages, elem,
+                                       backward)
+        if key.get("rope") and rope_rows is not None:
+            total += rope_shared_memory(rope_rows(m), block_d(key["D"]), config.num_stages, elem,
+                                        key["rope"] == "half")
+        return total
     return estimate
 
 
@@ -95,10 +108,35 @@ REL_PICKS = {
 }
 
 
+# With a rope: each rotated q / k tile also holds its cos and sin (float32) and, in the epilogues, the rotation of
+# the gradient. Configs without register spills on sm_90 first (ptxas -v of the AOT compile, bf16, both layouts,
+# D = 64 for the 64 rows, D = 80 (a padded 128 block) for the 128 rows, triton 3.8 and the GPU machines' 3.6; fp32,
+# whose IEEE dots spill without a rope too, and dBias past D = 64: the least spilling first). The head-dim rows
+# above still apply past D = 128.
+ROPE_PICKS = {
+    "fwd": {"fp32": [(32, 32, 8, 2), (64, 32, 8, 2), (128, 32, 8, 2)],
+            64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2)],
+            128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 2)]},  # the last: A100's
+    "dkdv": {"fp32": [(32, 32, 8, 1), (32, 32, 4, 1)],
+             64: [(32, 128, 8, 2), (64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2)],
+             128: [(32, 64, 8, 2), (32, 32, 8, 2), (32, 64, 8, 1)]},
+    "dq": {"fp32": [(32, 32, 8, 1), (32, 32, 4, 1)],
+           64: [(128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2)],
+           128: [(64, 32, 8, 2), (32, 64, 8, 2)],
+           # with a rel_pos gradient too: its (M x 64) accumulators on top (SAM's 64 x 64 grid, D = 64)
+           "rel": [(64, 16, 8, 2), (64, 32, 8, 2)]},
+    "dbias": {"fp32": [(32, 32, 8, 1), (32, 32, 4, 1)],
+              # narrow key tiles: dS is recomputed with both q and k rotated at every step (no spill at D = 64
+              # with triton 3.6 and 3.8; 12 to 16 bytes at D = 80)
+              64: [(64, 16, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
+              128: [(64, 16, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2)]},
+}
+
+
 def heuristic_of(kernel: str):
     """The heuristic of one attention kernel: its PICKS row for the key's dtype and head-dim class (its
-    REL_PICKS row with a rel_pos up to D = 128), with at most two stages before Ampere (no cp.async to
-    pipeline)."""
+    REL_PICKS row with a rel_pos, its ROPE_PICKS row with a rope, up to D = 128), with at most two stages
+    before Ampere (no cp.async to pipeline)."""
     table = PICKS[kernel]
 
     def heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
@@ -107,6 +145,10 @@ def heuristic_of(kernel: str):
         if key.get("rel") and kernel in REL_PICKS and d <= 128:
             wide = key.get("rel_pad", 0) > 64 and kernel == "dq"
             row = REL_PICKS[kernel]["fp32" if key["dtype"] == "fp32" else 128 if wide else 64]
+        if key.get("rope") and d <= 128:
+            picks = ROPE_PICKS[kernel]
+            rel_grad = key.get("rel_pad") and key["dtype"] != "fp32" and "rel" in picks
+            row = picks["rel" if rel_grad else "fp32" if key["dtype"] == "fp32" else 64 if d <= 64 else 128]
         return before_ampere([_c(*p) for p in row], gpu)
     return heuristic
 
@@ -115,14 +157,16 @@ FWD_SPACE = product_space((4, 8), (2, 3, 4), BLOCK_M=(32, 64, 128), BLOCK_N=(32,
 BWD_SPACE = product_space((4, 8), (1, 2), BLOCK_M=(32, 64, 128), BLOCK_N=(32, 64, 128))
 INTERPRETER_CONFIG = _c(32, 32, 1, 1)
 
-ATTN_FWD = TunedKernel("flash_attn_fwd", FWD_SPACE, heuristic_of("fwd"), shared_memory_of(False), _limits,
-                       INTERPRETER_CONFIG)
-ATTN_BWD_DKDV = TunedKernel("flash_attn_bwd_dkdv", BWD_SPACE, heuristic_of("dkdv"), shared_memory_of(True), _limits,
-                            INTERPRETER_CONFIG)
-ATTN_BWD_DQ = TunedKernel("flash_attn_bwd_dq", BWD_SPACE, heuristic_of("dq"), shared_memory_of(True), _limits,
-                          INTERPRETER_CONFIG)
-ATTN_BWD_DBIAS = TunedKernel("flash_attn_bwd_dbias", BWD_SPACE, heuristic_of("dbias"), shared_memory_of(True),
-                             _limits, INTERPRETER_CONFIG)
+# the tiles each kernel rotates in its loop with a rope: key tiles (forward, dQ), query tiles (dK/dV), both (dBias)
+ATTN_FWD = TunedKernel("flash_attn_fwd", FWD_SPACE, heuristic_of("fwd"),
+                       shared_memory_of(False, lambda m: m["BLOCK_N"]), _limits, INTERPRETER_CONFIG)
+ATTN_BWD_DKDV = TunedKernel("flash_attn_bwd_dkdv", BWD_SPACE, heuristic_of("dkdv"),
+                            shared_memory_of(True, lambda m: m["BLOCK_M"]), _limits, INTERPRETER_CONFIG)
+ATTN_BWD_DQ = TunedKernel("flash_attn_bwd_dq", BWD_SPACE, heuristic_of("dq"),
+                          shared_memory_of(True, lambda m: m["BLOCK_N"]), _limits, INTERPRETER_CONFIG)
+ATTN_BWD_DBIAS = TunedKernel("flash_attn_bwd_dbias", BWD_SPACE, heuristic_of("dbias"),
+                             shared_memory_of(True, lambda m: m["BLOCK_M"] + m["BLOCK_N"]), _limits,
+                             INTERPRETER_CONFIG)
 KERNELS = (ATTN_FWD, ATTN_BWD_DKDV, ATTN_BWD_DQ, ATTN_BWD_DBIAS)
 
 

@@ -16,8 +16,10 @@ from triton.backends.compiler import GPUTarget
 
 FLOAT_SCALARS = {"sm_scale", "dropout_p", "keep_scale"}
 FP32_POINTERS = {"LSE", "Delta", "DPad", "DSSum", "DSPart", "DPadPart", "DRelH", "DRelW", "DRelT"}
+FP32_POINTERS |= {"LogitScale", "DScalePart"}  # window_attention(cosine=True): a float32 logit scale (timm's)
 INT8_POINTERS = {"Mask"}
 INT64_POINTERS = {"Seed"}  # dropout's (seed, offset) on the device
+FP32_TABLES = {"Cos", "Sin"}  # rope tables: float32, as timm builds them (the heavier case with fp16 / bf16 q)
 # tensors of the op's dtype; every other non-constexpr argument not named above is an int32 size/stride
 DATA_POINTERS = {"Q", "K", "V", "Bias", "RelH", "RelW", "RelT", "Out", "DOut", "DQ", "DK", "DV", "DBias", "QKV", "QKVBias", "Table", "DQKV",
                  "X", "W", "Pos", "Prefix", "DW", "DX"}
@@ -39,6 +41,8 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
             sig[name] = "fp32"
         elif name in INT64_POINTERS:
             sig[name] = "*i64"
+        elif name in FP32_TABLES:
+            sig[name] = "*fp32"
         else:
             sig[name] = "i32"
     return sig

@@ -73,6 +73,27 @@ def attn_triton_pad(n):
     return max(16, 1 << max(0, n - 1).bit_length())
 
 
+def rope_cases(dtype, head_dim=64, rotate_half=False, n=197, configs=1, bias_and_dropout=True):
+    """The attention kernels with a rope (float32 tables: tests/triton_aot.py), each with the first configs the
+    heuristic launches for it on an H100 (triton_configs.ROPE_PICKS); D = 80 runs a padded 128 block, where the
+    half layout holds each half in its own half block."""
+    cases = []
+    for kernel, spec, flags in KERNELS:
+        key = attn_configs.tune_key(TORCH_DTYPE[dtype], n, n, head_dim, None, False,
+                                    rope="half" if rotate_half else "pairs")
+        rope = dict(HAS_ROPE=True, ROPE_HALF=rotate_half)
+        if kernel in ("_flash_attn_bwd_dkdv_kernel", "_flash_attn_bwd_dq_kernel"):
+            rope["ROPE_UNROTATE"] = True
+        consts = dict(flags, **rope)
+        if not bias_and_dropout:
+            consts.update(HAS_DROPOUT=False, **({"HAS_BIAS": False} if "HAS_BIAS" in flags else {}))
+        for c in spec.candidates(key, H100)[:configs]:
+            cases.append((ATTN, kernel, dtype, dict(**c.meta, HEAD_DIM=head_dim, INPUT_PRECISION=PRECISION[dtype],
+                                                    BLOCK_D=attn_configs.block_d(head_dim), **consts),
+                          90, c.num_warps, c.num_stages))
+    return cases
+
+
 def build_cases(dtypes, arch):
     cases = []
     for dtype in dtypes:
@@ -130,15 +151,36 @@ EXTRA = [
                                                          **NO_REL), 90, 4, 2),
     (ATTN, "_dropout_mask_kernel", "fp32", dict(BLOCK_M=32, BLOCK_N=32), 90, 4, 1),
 ]
+# window_attention(cosine=True): the fused kernels at the heuristic's first configs, the blocked ones (12x12)
+COSINE_BLOCKED = dict(WINDOW_FLAGS, HEAD_DIM=32, BLOCK_D=32, ROLL_FIRST=True)
+EXTRA += [
+    (WIN, "_window_attn_fwd_fused_cosine_kernel", "fp16", dict(INPUT_PRECISION="tf32", BLOCK_W=4, **FUSED_FLAGS),
+     90, 8, 2),
+    (WIN, "_window_attn_bwd_fused_cosine_kernel", "fp16", dict(INPUT_PRECISION="tf32", SUM_SCALE=True,
+                                                                **FUSED_BWD_FLAGS), 90, 8, 1),
+    (WIN, "_window_attn_bwd_fused_cosine_kernel", "fp32", dict(INPUT_PRECISION="ieee", SUM_SCALE=True,
+                                                                **FUSED_BWD_FLAGS), 90, 8, 1),
+    (WIN, "_window_attn_fwd_cosine_kernel", "fp16", dict(HAS_TABLE=True, INPUT_PRECISION="tf32", **COSINE_BLOCKED),
+     90, 4, 2),
+    (WIN, "_window_attn_bwd_cosine_kernel", "fp16", dict(HAS_TABLE=True, GRAD_PAD=True, INPUT_PRECISION="tf32",
+                                                          **COSINE_BLOCKED), 90, 4, 2),
+    (WIN, "_window_attn_bwd_dq_cosine_kernel", "fp16", dict(HAS_TABLE=True, WRITE_DQ=True, SUM_SCALE=True,
+                                                             INPUT_PRECISION="tf32", **COSINE_BLOCKED), 90, 4, 2),
+    (WIN, "_window_attn_bwd_dtable_cosine_kernel", "fp16", dict(INPUT_PRECISION="tf32", **COSINE_BLOCKED), 90, 4, 2),
+]
 SUITES = {
     # the default suite: fp16 and fp32 on sm_90 (bf16 generates the same code as fp16 up to the type)
     # (+ with a 3-D rel_pos: every kernel's first config; fp32's dQ compiles in the register test below)
-    "default": build_cases(("fp16", "fp32"), 90) + EXTRA + rel_pos_cases("fp16", rel_grid=(2, 64, 64), configs=1),
+    "default": build_cases(("fp16", "fp32"), 90) + EXTRA + rel_pos_cases("fp16", rel_grid=(2, 64, 64), configs=1)
+    # (+ with a rope, bias and dropout: the interleaved layout at D = 64, the half one in a padded block)
+    + rope_cases("fp16", 64, False) + rope_cases("fp16", 80, True),
     # make test-slow: bf16, every kernel on sm_80 (A100: 163 KB of shared memory per block), and every
     # heuristic candidate of the attention kernels at ViT sizes in bf16
     "slow": build_cases(("bf16",), 90) + build_cases(("fp16", "fp32"), 80) + heuristic_cases("bf16")
     + rel_pos_cases("bf16", rel_grid=(8, 7, 7), n=393, head_dim=96) + rel_pos_cases("bf16", rel_grid=(1, 128, 128))
-    + rel_pos_cases("fp16") + rel_pos_cases("fp32", rel_grid=(4, 8, 8)),
+    + rel_pos_cases("fp16") + rel_pos_cases("fp32", rel_grid=(4, 8, 8))
+    + rope_cases("fp16", 64, True) + rope_cases("fp16", 80, False)
+    + [c for d in (64, 80) for half in (False, True) for c in rope_cases("bf16", d, half, configs=4)],
 }
 
 
@@ -160,7 +202,9 @@ def run_suite(cases, triton_path=None):
 
 
 def case_id(c):
-    return f"{c[1].strip('_')}-{c[2]}-sm{c[4]}-M{c[3].get('BLOCK_M')}-N{c[3].get('BLOCK_N')}-D{c[3].get('BLOCK_D')}-s{c[6]}"
+    rope = ("-rope-half" if c[3].get("ROPE_HALF") else "-rope") if c[3].get("HAS_ROPE") else ""
+    return (f"{c[1].strip('_')}-{c[2]}-sm{c[4]}-M{c[3].get('BLOCK_M')}-N{c[3].get('BLOCK_N')}-D{c[3].get('BLOCK_D')}"
+            f"-s{c[6]}{rope}")
 
 
 @pytest.fixture(scope="module")
@@ -379,3 +423,121 @@ def test_rel_pos_first_configs_do_not_spill_registers(rel_usage, index):
     """ptxas -v on sm_90: the gathered terms (forward) and the (M x 64) gradient accumulators (dQ) fit the
     registers in the configs tried first (triton_configs.REL_PICKS)."""
     assert rel_usage[index]["spill_stores"] == 0, rel_usage[index]
+
+
+# ---- registers: the rope configs the heuristic picks first do not spill -------------------------------------
+
+
+ROPE_UNIT = ["stride_cd", "stride_sd"]  # contiguous tables: unit stride along D
+ROPE_DIV16 = [f"stride_{t}{d}" for t in "cs" for d in "bhn"]  # (N, D) tables: 0 (broadcast) and D
+
+
+def rope_usage_cases(combos, kernels=("_flash_attn_fwd_kernel", "_flash_attn_bwd_dkdv_kernel",
+                                      "_flash_attn_bwd_dq_kernel")):
+    """The rope kernels' first heuristic pick at ViT sizes (D, layout) for each of ``combos``, bf16, without a
+    bias (EVA-02, DINOv3), specialized as a launch with a packed qkv and contiguous float32 tables would be."""
+    cases, ids = [], []
+    for d, half in combos:
+        for case in rope_cases("bf16", d, half, bias_and_dropout=False):
+            module, kernel, dtype, consts, arch, warps, stages = case
+            if kernel not in kernels:
+                continue
+            cases.append(dict(module=module, name=kernel, dtype=dtype, constexprs=consts, ones=ATTN_UNIT + ROPE_UNIT,
+                              div16=ATTN_STRIDES + ROPE_DIV16, arch=arch, num_warps=warps, num_stages=stages))
+            ids.append(f"{kernel.strip('_')}-D{d}-{'half' if half else 'pairs'}")
+    return cases, ids
+
+
+ROPE_USAGE_CASES, ROPE_USAGE_IDS = rope_usage_cases([(64, False), (80, True)])
+ROPE_USAGE_SLOW, ROPE_USAGE_SLOW_IDS = rope_usage_cases(
+    [(64, True), (80, False)], kernels=("_flash_attn_fwd_kernel", "_flash_attn_bwd_dkdv_kernel",
+                                        "_flash_attn_bwd_dq_kernel", "_flash_attn_bwd_dbias_kernel"))
+
+
+def run_usage_suite(cases):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--usage", json.dumps(cases)],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["results"]
+
+
+@pytest.fixture(scope="module")
+def rope_usage():
+    return run_usage_suite(ROPE_USAGE_CASES)
+
+
+@pytest.fixture(scope="module")
+def rope_usage_slow():
+    return run_usage_suite(ROPE_USAGE_SLOW)
+
+
+@pytest.mark.parametrize("index", range(len(ROPE_USAGE_CASES)), ids=ROPE_USAGE_IDS)
+def test_rope_first_configs_do_not_spill_registers(rope_usage, index):
+    """ptxas -v on sm_90: the rotated q / k tiles with their cos and sin (forward, dK/dV, dQ) and the epilogues'
+    rotation back fit the registers in the configs tried first (triton_configs.ROPE_PICKS)."""
+    assert rope_usage[index]["spill_stores"] == 0, rope_usage[index]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", range(len(ROPE_USAGE_SLOW)), ids=ROPE_USAGE_SLOW_IDS)
+def test_rope_first_configs_do_not_spill_registers_other_layouts(rope_usage_slow, index):
+    assert rope_usage_slow[index]["spill_stores"] == 0, rope_usage_slow[index]
+
+
+# ---- registers: window_attention(cosine=True)'s fused kernels do not spill --------------------------------------
+
+
+def cosine_usage_cases():
+    """The fused cosine kernels (Swin V2's 7x7 and 8x8 windows, head_dim 32) at the heuristic's first configs, fp16
+    and bf16, specialized as a launch on a packed qkv would be (N = 64: a multiple of 16). The backward with every
+    gradient a Swin V2 block takes (qkv, table, logit_scale); with padding's d(qkv_bias) too (maps not divisible by
+    the window) it may spill a few words (0-24 bytes with triton 3.6 / 3.8): listed, allowed to."""
+    from vitkernels.ops.window_attention import triton_configs as window_configs
+
+    cases, ids = [], []
+    for dtype in ("fp16", "bf16"):
+        for window in (7, 8):
+            key = window_configs.tune_key(TORCH_DTYPE[dtype], window * window, 32, 2, True, True, True, False,
+                                          cosine=1)
+            div16 = WINDOW_STRIDES + (["N_TOK"] if window == 8 else [])
+            fwd = window_configs.WINDOW_FWD_FUSED.candidates(key, H100)[0]
+            bwd = window_configs.WINDOW_BWD_FUSED.candidates(dict(key, sum_ds=1, grad_pad=0, write=1, sum_scale=1),
+                                                             H100)[0]
+            for name, config, extra, tag in (
+                    ("_window_attn_fwd_fused_cosine_kernel", fwd, dict(fwd.meta), ""),
+                    ("_window_attn_bwd_fused_cosine_kernel", bwd, dict(WRITE_DQKV=True, SUM_DS=True, GRAD_PAD=False,
+                                                                       SUM_SCALE=True), ""),
+                    ("_window_attn_bwd_fused_cosine_kernel", bwd, dict(WRITE_DQKV=True, SUM_DS=True, GRAD_PAD=True,
+                                                                       SUM_SCALE=True), "-grad-pad")):
+                consts = dict(HEAD_DIM=32, BLOCK=64, BLOCK_D=32, ROLL_FIRST=True, HAS_QKV_BIAS=True,
+                              INPUT_PRECISION="tf32", **extra)
+                cases.append(dict(module=WIN, name=name, dtype=dtype, constexprs=consts, ones=["stride_ls"],
+                                  div16=div16, num_warps=config.num_warps, num_stages=config.num_stages))
+                ids.append(f"{name.strip('_')}-{dtype}-w{window}{tag}")
+    return cases, ids
+
+
+COSINE_USAGE_CASES, COSINE_USAGE_IDS = cosine_usage_cases()
+
+
+@pytest.fixture(scope="module")
+def cosine_usage():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--usage", json.dumps(COSINE_USAGE_CASES)],
+                            capture_output=True, text=True, env=env, cwd=root, timeout=1800)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])["results"]
+
+
+@pytest.mark.parametrize("index", range(len(COSINE_USAGE_CASES)), ids=COSINE_USAGE_IDS)
+def test_cosine_window_first_configs_do_not_spill_registers(cosine_usage, index):
+    """ptxas -v on sm_90: q and k normalised in the tile, their hi / lo split for the logits, the
+    normalisation's adjoint and the d(logit_scale) sums fit the registers (the backward at 8 warps takes all
+    255: triton_configs.fused_heuristic puts 8 warps first for cosine)."""
+    usage = cosine_usage[index]
+    if COSINE_USAGE_IDS[index].endswith("-grad-pad") and usage["spill_stores"] > 0:
+        pytest.xfail(f"padding's d(qkv_bias) on top of every other gradient: {usage}")
+    assert usage["spill_stores"] == 0, usage

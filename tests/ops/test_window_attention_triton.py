@@ -1,6 +1,8 @@
 """The triton backend of window_attention against the float64 reference (interpreter on CPU, small maps;
 GPU-marked cases at Swin sizes when a GPU is present). Criterion: |triton - ref64| <= 2x |reference in
-the same dtype - ref64| + floor, for the output and the gradients of qkv, the table and qkv_bias."""
+the same dtype - ref64| + floor, for the output and the gradients of qkv, the table and qkv_bias (and,
+with Swin V2's cosine attention, the logit scale)."""
+import math
 import os
 
 import pytest
@@ -9,7 +11,8 @@ import torch
 import vitkernels
 from vitkernels import BackendUnavailableError
 
-from tests.ops.backend_checks import (window_backward_is_bitwise_deterministic, window_reads_a_strided_qkv_in_place,
+from tests.ops.backend_checks import (cosine_window_backward_is_bitwise_deterministic, cosine_window_vs_reference,
+                                      window_backward_is_bitwise_deterministic, window_reads_a_strided_qkv_in_place,
                                       window_vs_reference)
 from tests.utils import assert_close_2x
 
@@ -155,3 +158,159 @@ def test_2d_matches_timm_block_with_the_same_weights():
                                       rel_pos_bias=attn.relative_position_bias_table, qkv_bias=attn.qkv.bias,
                                       backend="triton")
     assert_close_2x(out, pt, ref, floor=1e-6)
+
+
+# ---- Swin V2 scaled cosine attention (cosine=True) ---------------------------------------------------------
+# The helper's logit scales run from log 2 to past the clamp at log 100: the last head sits at factor 100.
+# There, fp32 logits (~100 + table) carry ~1e-5 of rounding in any implementation, and a single near-tie
+# between two keys turns that into the max error of the whole output: the kernels' errors match PyTorch's
+# fp32 on average (mean error ratio ~0.9-1.0 over seeds), but the max-error ratio of one small map is noisy
+# (0.5-3x for PyTorch-equivalent fp32 math too). The seeds below are the helper's default unless a case
+# notes otherwise.
+
+
+def run_cosine(shape, heads, head_dim, window, shift, **kwargs):
+    return cosine_window_vs_reference("triton", DEVICE, shape, heads, head_dim, window, shift, **kwargs)
+
+
+COSINE_2D = [
+    # (B, H, W), heads, head_dim, window, shift, seed
+    ((2, 14, 14), 2, 32, 7, 3, 0),            # Swin V2 stage at window 7, shifted
+    ((1, 16, 16), 2, 32, 8, 4, 0),            # window 8 (swinv2_*_window8), shifted
+    ((1, 13, 10), 2, 32, 7, 3, 0),            # padding in both dims
+    ((1, 9, 10), 2, 16, 8, 4, 1),             # window 8 on a 9x10 map: mostly padding, head_dim 16
+    ((1, 9, 11), 3, 24, (4, 5), (0, 2), 1),   # head_dim 24, shift in one dim, a head in between
+    ((1, 8, 8), 2, 64, 8, 0, 0),              # head_dim 64, the window is the whole map
+    ((1, 7, 20), 2, 40, 7, 3, 0),             # clipped in H, head_dim 40
+]
+
+
+@pytest.mark.parametrize("shape,heads,hd,window,shift,seed", COSINE_2D,
+                         ids=["14x14-w7-s3", "16x16-w8-s4", "13x10-pad", "9x10-w8-D16", "9x11-D24", "8x8-D64",
+                              "7x20-clipH-D40"])
+def test_cosine_2d_matches_reference(shape, heads, hd, window, shift, seed):
+    run_cosine(shape, heads, hd, window, shift, seed=seed)
+
+
+@pytest.mark.parametrize("shape,heads,hd,window,shift", [
+    ((1, 4, 6, 5), 2, 32, (2, 3, 3), (1, 1, 1)),
+    ((1, 3, 5, 5), 2, 32, (2, 3, 3), (1, 1, 2)),  # padding in every dim
+], ids=["4x6x5-shift", "3x5x5-pad"])
+def test_cosine_3d_matches_reference(shape, heads, hd, window, shift):
+    run_cosine(shape, heads, hd, window, shift)
+
+
+@pytest.mark.parametrize("shape,heads,hd,window,shift", [
+    ((1, 11, 12), 2, 40, 9, 4),                  # 81 tokens: the blocked kernels, padding, head_dim 40
+    pytest.param((1, 4, 7, 7), 2, 32, (2, 7, 7), (1, 3, 3), marks=pytest.mark.slow),  # Video Swin-like 2x7x7
+], ids=["11x12-w9-blocked", "4x7x7-w2x7x7-blocked"])
+def test_cosine_blocked_matches_reference(shape, heads, hd, window, shift):
+    run_cosine(shape, heads, hd, window, shift)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=["float16", "bfloat16"])
+def test_cosine_low_precision(dtype):
+    # q_hat, k_hat enter the dots as hi + lo in fp16 / bf16: one rounding to the input dtype would put
+    # ~1e-3 of a logit at scale 100 into P (20x PyTorch's error in these checks)
+    run_cosine((1, 13, 10), 2, 32, 7, 3, dtype=dtype)
+    run_cosine((1, 3, 5, 5), 2, 32, (2, 3, 3), (1, 1, 2), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16], ids=["float16", "bfloat16"])
+def test_cosine_low_precision_qkv_with_a_float32_logit_scale(dtype):
+    run_cosine((1, 13, 10), 2, 32, 7, 3, dtype=dtype, scale_dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_cosine_float16_blocked():
+    run_cosine((1, 11, 12), 2, 40, 9, 4, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("with_table,with_bias", [(False, True), (True, False), (False, False)],
+                         ids=["no-table", "no-qkv-bias", "neither"])
+def test_cosine_optional_table_and_qkv_bias(with_table, with_bias):
+    run_cosine((1, 13, 10), 2, 32, 7, 3, with_table=with_table, with_bias=with_bias)
+
+
+@pytest.mark.slow
+def test_cosine_blocked_without_table_and_qkv_bias():
+    run_cosine((1, 11, 12), 2, 32, 9, 4, with_table=False, with_bias=False)
+
+
+def _cosine_leaves(shape, heads, hd, window, logit_scale, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    table_rows = math.prod(2 * w - 1 for w in ((window,) * (len(shape) - 1) if isinstance(window, int) else window))
+    return (torch.randn(*shape, 3 * heads * hd, generator=g).to(DEVICE),
+            (16 * torch.sigmoid(torch.randn(table_rows, heads, generator=g))).to(DEVICE),
+            torch.randn(3 * heads * hd, generator=g).to(DEVICE), logit_scale.to(DEVICE),
+            torch.randn(*shape, heads * hd, generator=g).to(DEVICE))
+
+
+def _cosine_grads(leaves, heads, window, shift, wants=(True, True, True, True)):
+    """Output and gradients of the triton backend, the logit scale read through a strided (heads, 1, 1) view
+    (every other element of a (heads, 2) leaf)."""
+    qkv, table, bias, logit_scale, dout = leaves
+    wide = torch.zeros(heads, 2, device=logit_scale.device)
+    wide[:, 0] = logit_scale.flatten()
+    ts = [t.detach().clone().requires_grad_(w) for t, w in zip((qkv, table, bias, wide), wants)]
+    scale_view = ts[3][:, :1].unsqueeze(-1)
+    assert scale_view.stride(0) == 2
+    out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=window, shift_size=shift, rel_pos_bias=ts[1],
+                                      qkv_bias=ts[2], cosine=True, logit_scale=scale_view, backend="triton")
+    out.backward(dout)
+    grads = [t.grad for t in ts]
+    if grads[3] is not None:
+        assert not grads[3][:, 1].any()
+        grads[3] = grads[3][:, :1].unsqueeze(-1)
+    return out, grads
+
+
+@pytest.mark.parametrize("shape,window,shift", [((1, 13, 10), 7, 3), ((1, 10, 9), 9, 4)], ids=["fused", "blocked"])
+def test_cosine_logit_scale_gradient(shape, window, shift):
+    """Zero past the clamp at log(100) (as torch.clamp's), the reference's elsewhere, read through a strided
+    (heads, 1, 1) view, and the same whether or not the other inputs want gradients (its partial sums do not
+    depend on what else is computed: the same bits under the interpreter; compiled, the variants are
+    different programs, held to fp32 rounding)."""
+    same = torch.equal if INTERPRET else (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6))
+    heads = 2
+    logit_scale = torch.tensor([math.log(40.0), math.log(100.0) + 1.0]).view(heads, 1, 1)  # head 1 past the clamp
+    leaves = _cosine_leaves(shape, heads, 32, window, logit_scale)
+    out, grads = _cosine_grads(leaves, heads, window, shift)
+    dscale = grads[3]
+    assert dscale.shape == logit_scale.shape
+    assert dscale[1].item() == 0.0 and dscale[0].item() != 0.0
+    ref_leaves = [t.double() for t in leaves[:4]] + [leaves[4].double()]
+    ts = [t.detach().clone().requires_grad_() for t in ref_leaves[:4]]
+    ref = vitkernels.window_attention(ts[0], num_heads=heads, window_size=window, shift_size=shift, rel_pos_bias=ts[1],
+                                      qkv_bias=ts[2], cosine=True, logit_scale=ts[3], backend="reference")
+    ref.backward(ref_leaves[4])
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dscale.double(), ts[3].grad, rtol=1e-4, atol=1e-4)
+    _, alone = _cosine_grads(leaves, heads, window, shift, wants=(False, False, False, True))
+    assert alone[:3] == [None, None, None]
+    assert same(alone[3], dscale)
+    _, without = _cosine_grads(leaves, heads, window, shift, wants=(True, True, True, False))
+    for a, b in zip(without[:3], grads[:3]):
+        assert same(a, b)
+
+
+def test_cosine_backward_is_deterministic_bitwise():
+    cosine_window_backward_is_bitwise_deterministic("triton", DEVICE)
+
+
+def test_cosine_blocked_backward_is_deterministic_bitwise():
+    leaves = _cosine_leaves((1, 10, 9), 2, 32, 9, torch.tensor([math.log(10.0), math.log(30.0)]).view(2, 1, 1))
+    runs = [_cosine_grads(leaves, 2, 9, 4) for _ in range(2)]
+    for a, b in zip([runs[0][0]] + runs[0][1], [runs[1][0]] + runs[1][1]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("shape,heads,window,shift", [
+    ((8, 64, 64), 3, 8, 4), ((8, 32, 32), 6, 8, 4), ((8, 16, 16), 12, 8, 4), ((8, 8, 8), 24, 8, 4),
+    ((8, 56, 56), 3, 7, 3), ((4, 24, 24), 8, 12, 6), ((2, 8, 28, 28), 3, (8, 7, 7), (4, 3, 3))],
+    ids=["swinv2T-w8-s1", "swinv2T-w8-s2", "swinv2T-w8-s3", "swinv2T-w8-s4", "w7-56x56", "w12-blocked",
+         "video-8x7x7"])
+def test_gpu_cosine_swin_v2_shapes(dtype, shape, heads, window, shift):
+    run_cosine(shape, heads, 32, window, shift, dtype=dtype)

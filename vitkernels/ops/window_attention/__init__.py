@@ -125,8 +125,6 @@ def _triton_shape_reasons(inputs: WindowInputs) -> List[str]:
         reasons.append(f"qkv_bias must have unit stride, got {inputs.qkv_bias.stride(0)}")
     if inputs.head_dim > 256:
         reasons.append(f"head_dim={inputs.head_dim} (supported up to 256)")
-    if inputs.cosine:
-        reasons.append("cosine: not on triton yet")  # TODO(cosine-triton): remove when the kernels normalise
     return reasons
 
 
@@ -155,8 +153,6 @@ dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run
 dispatch.register(OP, "triton", reasons=_triton_reasons, run=_triton_run, kernels=_triton_kernels)
 def _cpu_reasons(inputs: WindowInputs) -> List[str]:
     reasons = cpu_reasons(inputs.device, inputs.dtype)
-    if inputs.cosine:
-        reasons.append("cosine: not on cpu yet")  # TODO(cosine-cpu): remove when the C++ kernels normalise
     return reasons
 
 

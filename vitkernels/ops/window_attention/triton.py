@@ -25,6 +25,16 @@ dK/dV kernel, a dQ kernel and a d(table) kernel per (tile, group of windows, hea
 reductions have no atomics: dS summed over a group's windows (d(table)) and padding tokens' dK/dV
 (d(qkv_bias): only padding reads qkv_bias) go to one slot per program, summed on the host in a fixed
 order; the groups depend on the shape only, so every gradient is bitwise deterministic.
+
+Swin V2's scaled cosine attention (``cosine=True``) runs in the same kernels: the q and k rows of each tile
+are L2-normalised in fp32 where they are loaded (no normalised copy exists), the head's logit scale is
+folded into q_hat and the logits stay in natural units; in fp16 / bf16, q_hat and k_hat enter the dots as
+hi + lo pairs (logits up to 100 need more than one rounding to the input dtype). The backward applies the
+normalisation's adjoint row by row (a program holds a token's whole head dim) and sums d(logit_scale) as
+the other reductions: one slot per program, summed on the host in a fixed order. Each kernel body takes a
+COSINE flag; its ``*_kernel`` entry point keeps the plain signature (ptxas allocates registers by the
+parameter list too: the plain kernels compile as they did), its ``*_cosine_kernel`` one adds the logit
+scale (and the d(logit_scale) slots).
 """
 from __future__ import annotations
 
@@ -44,7 +54,7 @@ from vitkernels.ops.attention.triton import (
     online_softmax_step,
     probs_from_lse,
 )
-from vitkernels.ops.window_attention import geometry
+from vitkernels.ops.window_attention import cosine, geometry
 from vitkernels.ops.window_attention import triton_configs as configs
 
 # Windows of at most this many tokens (7x7, 8x8) take the fused one-tile forward and backward.
@@ -141,16 +151,16 @@ def _table_rows(n_i, n_j, TT, TH, TW):
 
 
 @triton.jit
-def _window_scores(q, kT, n_i, n_j, in_i, in_j, region_i, region_j, Table, stride_tr, qk_scale,
-                   TT, TH, TW,
-                   HAS_TABLE: tl.constexpr, HAS_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """Logits of a (query tile x key tile) in log2 units: q k^T * scale + table bias, -inf on keys outside
-    the window and on pairs the shift mask separates. ``Table`` points at this head's column."""
-    qk = tl.dot(q, kT, input_precision=INPUT_PRECISION) * qk_scale
+def _window_scores(qk, n_i, n_j, in_i, in_j, region_i, region_j, Table, stride_tr, qk_scale, table_scale,
+                   TT, TH, TW, HAS_TABLE: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Logits of a (query tile x key tile) from its raw dot ``qk`` (q k^T, or q_hat k_hat^T): qk * qk_scale
+    + table bias * table_scale (both with log2(e) for log2 units), -inf on keys outside the window and on
+    pairs the shift mask separates. ``Table`` points at this head's column."""
+    qk = qk * qk_scale
     pair = in_i[:, None] & in_j[None, :]
     if HAS_TABLE:
         rows = _table_rows(n_i, n_j, TT, TH, TW)
-        qk += tl.load(Table + rows * stride_tr, mask=pair, other=0.0).to(tl.float32) * 1.4426950408889634
+        qk += tl.load(Table + rows * stride_tr, mask=pair, other=0.0).to(tl.float32) * table_scale
     keep = in_j[None, :] & (n_i[:, None] >= 0)
     if HAS_SHIFT:
         keep = keep & (region_i[:, None] == region_j[None, :])
@@ -158,21 +168,108 @@ def _window_scores(q, kT, n_i, n_j, in_i, in_j, region_i, region_j, Table, strid
 
 
 # ----------------------------------------------------------------------------------------------------
+# Swin V2 scaled cosine attention: q and k rows L2-normalised in fp32 inside the kernels, the head's logit
+# scale exp(min(logit_scale, log 100)) folded into q_hat before the dot (as timm's (q_hat * scale) k_hat^T:
+# scaling the dot's result instead rounds once more at ~100, and doubles the output's error in fp32), and
+# the logits kept in natural units: they reach 100 + table, and only their (small) differences to the row
+# max go to log2 units, so neither P nor the saved lse carries a rounding of ~170.
+
+
+@triton.jit
+def _logit_factor(LogitScale, head, stride_ls):
+    """exp(min(logit_scale[head], log 100)) in fp32 (``cosine.logit_scale_factor``)."""
+    ls = tl.load(LogitScale + head * stride_ls).to(tl.float32)
+    return tl.exp(tl.minimum(ls, 4.605170185988092))
+
+
+@triton.jit
+def _l2_normalize(x, norm):
+    """x / max(||x||, 1e-12) row-wise in fp32, as F.normalize; IEEE division (``/`` is approximate on the
+    GPU, and at logit scale 100 an ulp of x_hat shows in the output)."""
+    xf = x.to(tl.float32)
+    return tl.math.div_rn(xf, tl.broadcast_to(tl.maximum(norm, 1e-12)[:, None], xf.shape))
+
+
+@triton.jit
+def _l2_rows(x, scale, COSINE: tl.constexpr):
+    """The dot operands of a (tokens, D) tile. Without COSINE: (x, x, 0). With it, rows normalised in fp32
+    as F.normalize and times ``scale``: (x_hat * scale in x's dtype, what that rounding lost (fp16 / bf16:
+    logits up to 100 need more than their mantissa, so hi + lo go into the dots; fp32: the same tile
+    again), ||x|| fp32 (tokens,)). The backward's adjoint recomputes x_hat from x and the norm rather
+    than keep an fp32 tile alive (the fused backward is at the register limit)."""
+    if COSINE:
+        xf = x.to(tl.float32)
+        norm = tl.math.sqrt_rn(tl.sum(xf * xf, 1))
+        x_s = _l2_normalize(x, norm) * scale
+        if x.dtype != tl.float32:
+            hi = x_s.to(x.dtype)
+            lo = (x_s - hi.to(tl.float32)).to(x.dtype)
+        else:
+            hi = x_s
+            lo = x_s
+    else:
+        hi = x
+        lo = x
+        norm = tl.zeros([x.shape[0]], dtype=tl.float32)
+    return hi, lo, norm
+
+
+@triton.jit
+def _qk_dot(q, q_lo, k, k_lo, COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """q k^T (M, N) in fp32 from the operands of ``_l2_rows``; cosine in fp16 / bf16: lo.hi + hi.lo + hi.hi
+    of the split operands (lo.lo is below the hi + lo rounding)."""
+    if COSINE:
+        if q.dtype != tl.float32:
+            qk = tl.dot(q_lo, tl.trans(k), input_precision=INPUT_PRECISION)
+            qk = tl.dot(q, tl.trans(k_lo), qk, input_precision=INPUT_PRECISION)
+            qk = tl.dot(q, tl.trans(k), qk, input_precision=INPUT_PRECISION)
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    else:
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    return qk
+
+
+@triton.jit
+def _online_softmax_step_ln(qk, m_i, l_i, acc):
+    """``online_softmax_step`` on logits in natural units (cosine: only the differences to the running max
+    go to log2 units)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # a key block the shift mask hides entirely
+    p = tl.math.exp2((qk - m_shift[:, None]) * 1.4426950408889634)
+    alpha = tl.math.exp2((m_i - m_shift) * 1.4426950408889634)
+    return p, m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None]
+
+
+@triton.jit
+def _l2_adjoint(g, x, norm, COSINE: tl.constexpr):
+    """d x from d x_hat (fp32, (tokens, D)) through x_hat = x / max(||x||, eps) row-wise:
+    (g - x_hat (x_hat . g)) / ||x||, or g / eps where the norm is clamped (``cosine._normalize_backward``).
+    Without COSINE: g."""
+    if COSINE:
+        x_hat = _l2_normalize(x, norm)
+        proj = tl.sum(x_hat * g, 1)
+        g = tl.where((norm > 1e-12)[:, None], g - x_hat * proj[:, None], g)
+        g = tl.math.div_rn(g, tl.broadcast_to(tl.maximum(norm, 1e-12)[:, None], g.shape))
+    return g
+
+
+# ----------------------------------------------------------------------------------------------------
 # Forward
 
 
 @triton.jit
-def _window_attn_fwd_kernel(
-    QKV, QKVBias, Table, Out, LSE,
+def _window_attn_fwd(
+    QKV, QKVBias, Table, Out, LSE, LogitScale,
     stride_xb, stride_xt, stride_xh, stride_xw,
     stride_ob, stride_ot, stride_oh, stride_ow,
-    stride_tr, stride_th,
+    stride_tr, stride_th, stride_ls,
     C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_bw = tl.program_id(0)  # b * NUM_WIN + window (axis 0: no 65535 grid limit)
     head = tl.program_id(1)
@@ -189,7 +286,14 @@ def _window_attn_fwd_kernel(
     x_base = QKV + b.to(tl.int64) * stride_xb
     q = _load_tokens(x_base, QKVBias, _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw), real_m, in_m,
                      head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-    qk_scale = sm_scale * 1.4426950408889634
+    if COSINE:  # the scale in q_hat, logits in natural units
+        sm_scale = sm_scale * _logit_factor(LogitScale, head, stride_ls)
+        qk_scale = 1.0
+        table_scale = 1.0
+    else:
+        qk_scale = sm_scale * 1.4426950408889634
+        table_scale = 1.4426950408889634
+    q, q_lo, q_norm = _l2_rows(q, sm_scale, COSINE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,16 +303,67 @@ def _window_attn_fwd_kernel(
         k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
             x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
             WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
-        qk = _window_scores(q, tl.trans(k), offs_m, offs_n, in_m, in_n, region_m, region_n, Table + head * stride_th, stride_tr,
-                            qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
-        p, m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)
+        k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
+        qk = _window_scores(_qk_dot(q, q_lo, k, k_lo, COSINE, INPUT_PRECISION), offs_m, offs_n, in_m, in_n,
+                            region_m, region_n, Table + head * stride_th, stride_tr, qk_scale, table_scale,
+                            TT, TH, TW, HAS_TABLE, HAS_SHIFT)
+        if COSINE:
+            p, m_i, l_i, acc = _online_softmax_step_ln(qk, m_i, l_i, acc)
+        else:
+            p, m_i, l_i, acc = online_softmax_step(qk, m_i, l_i, acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
 
-    acc, lse = finalize_rows(acc, m_i, l_i)
+    if COSINE:  # rows past the window may see no key (shift mask): never stored, kept finite
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        lse = m_i + tl.math.log2(l_i) * 0.6931471805599453
+    else:
+        acc, lse = finalize_rows(acc, m_i, l_i)
     tl.store(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs_m, lse, mask=in_m)
     o_rows = _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
     o_ptrs = Out + b.to(tl.int64) * stride_ob + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=real_m[:, None] & mask_d[None, :])  # padding is cropped
+
+
+@triton.jit
+def _window_attn_fwd_kernel(
+    QKV, QKVBias, Table, Out, LSE,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_tr, stride_th,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_fwd`` without cosine."""
+    _window_attn_fwd(
+        QKV, QKVBias, Table, Out, LSE, LSE, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
+        stride_oh, stride_ow, stride_tr, stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH,
+        SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+        ROLL_FIRST, HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, False, INPUT_PRECISION)
+
+
+@triton.jit
+def _window_attn_fwd_cosine_kernel(
+    QKV, QKVBias, Table, Out, LSE, LogitScale,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_tr, stride_th, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_fwd`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
+    _window_attn_fwd(
+        QKV, QKVBias, Table, Out, LSE, LogitScale, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
+        stride_oh, stride_ow, stride_tr, stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW,
+        ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
+        BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, True, INPUT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -246,9 +401,10 @@ def _load_query_side(QKV, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, wi
                      stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
                      C, HEAD_DIM, NUM_HEADS, N_TOK,
                      WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-                     BLOCK_D: tl.constexpr, ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
+                     BLOCK_D: tl.constexpr, ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+                     COSINE: tl.constexpr):
     """Everything the backward needs of a query block: q, dO (0 on padding: it is cropped), lse (log2
-    units), delta, and the tokens' geometry."""
+    units; cosine: natural log, as its logits), delta, and the tokens' geometry."""
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
     in_m = offs_m < N_TOK
@@ -260,42 +416,54 @@ def _load_query_side(QKV, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, wi
     d_rows = b.to(tl.int64) * stride_db + _token_offsets(st, sh, sw, stride_dt, stride_dh, stride_dw)
     do = tl.load(DOut + d_rows[:, None] + head * HEAD_DIM + offs_d[None, :], mask=real_m[:, None] & mask_d[None, :],
                  other=0.0)
-    lse2 = tl.load(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs_m, mask=in_m, other=0.0) \
-        * 1.4426950408889634
+    lse = tl.load(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs_m, mask=in_m, other=0.0)
+    if not COSINE:
+        lse = lse * 1.4426950408889634
     tok = ((b.to(tl.int64) * ST + st) * SH + sh) * SW + sw
     delta = tl.load(Delta + tok * NUM_HEADS + head, mask=real_m, other=0.0)
-    return q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m
+    return q, do, lse, delta, st, sh, sw, real_m, in_m, region_m
 
 
 @triton.jit
-def _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n, Table, stride_tr,
-                    qk_scale, TT, TH, TW,
-                    HAS_TABLE: tl.constexpr, HAS_SHIFT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """(P, dS) of a (query tile x key tile) of one window-head: dS = P * (dO V^T - delta)."""
-    qk = _window_scores(q, tl.trans(k), offs_m, offs_n, in_m, in_n, region_m, region_n, Table, stride_tr,
-                        qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
-    p = probs_from_lse(qk, lse2, in_m[:, None] & in_n[None, :])
+def _window_dscores(q, q_lo, do, lse, delta, k, k_lo, v, offs_m, offs_n, in_m, in_n, region_m, region_n, Table,
+                    stride_tr, qk_scale, TT, TH, TW,
+                    HAS_TABLE: tl.constexpr, HAS_SHIFT: tl.constexpr, COSINE: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr):
+    """(P, dS, raw q k^T) of a (query tile x key tile) of one window-head: dS = P * (dO V^T - delta); q, k
+    (and their lo parts) as ``_l2_rows`` gives them, ``lse`` as ``_load_query_side``'s. Cosine: the logits
+    in natural units, the scale already in q (``qk_scale`` unused)."""
+    dot = _qk_dot(q, q_lo, k, k_lo, COSINE, INPUT_PRECISION)
+    valid = in_m[:, None] & in_n[None, :]
+    if COSINE:
+        qk = _window_scores(dot, offs_m, offs_n, in_m, in_n, region_m, region_n, Table, stride_tr, 1.0, 1.0,
+                            TT, TH, TW, HAS_TABLE, HAS_SHIFT)
+        p = tl.where(valid, tl.math.exp2((qk - lse[:, None]) * 1.4426950408889634), 0.0)
+    else:
+        qk = _window_scores(dot, offs_m, offs_n, in_m, in_n, region_m, region_n, Table, stride_tr, qk_scale,
+                            1.4426950408889634, TT, TH, TW, HAS_TABLE, HAS_SHIFT)
+        p = probs_from_lse(qk, lse, valid)
     dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-    return p, p * (dp - delta[:, None])
+    return p, p * (dp - delta[:, None]), dot
 
 
 @triton.jit
-def _window_attn_bwd_kernel(
-    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad,
+def _window_attn_bwd_dkdv(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad, LogitScale,
     stride_xb, stride_xt, stride_xh, stride_xw,
     stride_db, stride_dt, stride_dh, stride_dw,
     stride_gb, stride_gt, stride_gh, stride_gw,
-    stride_tr, stride_th,
+    stride_tr, stride_th, stride_ls,
     C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRAD_PAD: tl.constexpr, COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """One program per (batch-window, head, key block): dK, dV of its keys (looping over the window's
     queries); real tokens' gradients go to their source positions in dQKV, padding tokens' sums to DPad
-    (B*nW, heads, key blocks, 2, D) for d(qkv_bias). Query gradients: ``_window_attn_bwd_dq_kernel``."""
+    (B*nW, heads, key blocks, 2, D) for d(qkv_bias). Query gradients: ``_window_attn_bwd_dq_kernel``.
+    COSINE: dK_hat = dS^T Q_hat * scale, then the normalisation's adjoint row by row (full head dim here)."""
     pid_bw = tl.program_id(0)
     head = tl.program_id(1)
     pid_n = tl.program_id(2)
@@ -309,21 +477,29 @@ def _window_attn_bwd_kernel(
         x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
         WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
     qk_scale = sm_scale * 1.4426950408889634
+    k_raw = k
+    k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
+    q_scale = 1.0
+    if COSINE:  # the scale goes into q_hat: dK_hat = dS^T (q_hat * scale)
+        q_scale = sm_scale * _logit_factor(LogitScale, head, stride_ls)
+        sm_scale = 1.0
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for start_m in range(0, N_TOK, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
+        q, do, lse, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
             x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
             stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
             C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-            BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
-        p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
-                                Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
+            BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS, COSINE)
+        q, q_lo, q_norm = _l2_rows(q, q_scale, COSINE)
+        p, ds, qk = _window_dscores(q, q_lo, do, lse, delta, k, k_lo, v, offs_m, offs_n, in_m, in_n, region_m,
+                                    region_n, Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, HAS_TABLE,
+                                    HAS_SHIFT, COSINE, INPUT_PRECISION)
         dv = tl.dot(tl.trans(p).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
         dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=INPUT_PRECISION)
-    dk = dk * sm_scale
+    dk = _l2_adjoint(dk * sm_scale, k_raw, k_norm, COSINE)
 
     g_rows = b.to(tl.int64) * stride_gb + _token_offsets(kt, kh, kw, stride_gt, stride_gh, stride_gw)
     g_mask = real_n[:, None] & mask_d[None, :]
@@ -347,6 +523,113 @@ def _window_attn_bwd_kernel(
 
 
 @triton.jit
+def _window_attn_bwd_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_tr, stride_th,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_bwd_dkdv`` without cosine."""
+    _window_attn_bwd_dkdv(
+        QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad, LSE, stride_xb, stride_xt, stride_xh, stride_xw,
+        stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_tr,
+        stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T,
+        SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT,
+        HAS_TABLE, HAS_QKV_BIAS, GRAD_PAD, False, INPUT_PRECISION)
+
+
+@triton.jit
+def _window_attn_bwd_cosine_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad, LogitScale,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_tr, stride_th, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_bwd_dkdv`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
+    _window_attn_bwd_dkdv(
+        QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, DPad, LogitScale, stride_xb, stride_xt, stride_xh, stride_xw,
+        stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_tr,
+        stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T,
+        SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT,
+        HAS_TABLE, HAS_QKV_BIAS, GRAD_PAD, True, INPUT_PRECISION)
+
+
+@triton.jit
+def _window_attn_bwd_dq(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, LogitScale, DScalePart,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_tr, stride_th, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    COSINE: tl.constexpr, WRITE_DQ: tl.constexpr, SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """One program per (query block, head, batch-window): dQ = dS K * scale of its real queries (padding
+    queries are cropped from the output, so their dQ is 0 and never stored). COSINE: the normalisation's
+    adjoint on dQ_hat; SUM_SCALE: each query row's sum of dS * (q_hat * scale) . k_hat (its share of
+    d logit_scale) to its slot of DScalePart (B*nW, heads, N), written by this program alone."""
+    pid_bw = tl.program_id(0)
+    head = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    x_base = QKV + b.to(tl.int64) * stride_xb
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    q, do, lse, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
+        x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
+        stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
+        C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+        BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS, COSINE)
+    qk_scale = sm_scale * 1.4426950408889634
+    if COSINE:  # the scale goes into q_hat: dQ_hat = dS K_hat * scale
+        sm_scale = sm_scale * _logit_factor(LogitScale, head, stride_ls)
+    q_raw = q
+    q, q_lo, q_norm = _l2_rows(q, sm_scale, COSINE)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dscale = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for start_n in range(0, N_TOK, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
+            x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
+            WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
+        k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
+        p, ds, qk = _window_dscores(q, q_lo, do, lse, delta, k, k_lo, v, offs_m, offs_n, in_m, in_n, region_m,
+                                    region_n, Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, HAS_TABLE,
+                                    HAS_SHIFT, COSINE, INPUT_PRECISION)
+        if WRITE_DQ:
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        if SUM_SCALE:
+            dscale += tl.sum(ds * qk, 1)  # fp32 dS and logits: no dot's rounding in the scale's gradient
+    if WRITE_DQ:
+        dq = _l2_adjoint(dq * sm_scale, q_raw, q_norm, COSINE)
+        g_rows = b.to(tl.int64) * stride_gb + _token_offsets(st, sh, sw, stride_gt, stride_gh, stride_gw)
+        tl.store(DQKV + g_rows[:, None] + head * HEAD_DIM + offs_d[None, :], dq.to(DQKV.dtype.element_ty),
+                 mask=real_m[:, None] & mask_d[None, :])
+    if SUM_SCALE:
+        tl.store(DScalePart + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs_m, dscale, mask=in_m)
+
+
+@triton.jit
 def _window_attn_bwd_dq_kernel(
     QKV, QKVBias, Table, DOut, LSE, Delta, DQKV,
     stride_xb, stride_xt, stride_xh, stride_xw,
@@ -360,36 +643,36 @@ def _window_attn_bwd_dq_kernel(
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """One program per (query block, head, batch-window): dQ = dS K * scale of its real queries (padding
-    queries are cropped from the output, so their dQ is 0 and never stored)."""
-    pid_bw = tl.program_id(0)
-    head = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    x_base = QKV + b.to(tl.int64) * stride_xb
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
-        x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
-        stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
-        C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-        BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
-    qk_scale = sm_scale * 1.4426950408889634
+    """``_window_attn_bwd_dq`` without cosine."""
+    _window_attn_bwd_dq(
+        QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, LSE, LSE, stride_xb, stride_xt, stride_xh, stride_xw,
+        stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_tr,
+        stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T,
+        SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT,
+        HAS_TABLE, HAS_QKV_BIAS, False, True, False, INPUT_PRECISION)
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, N_TOK, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
-            x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
-            WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
-        p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
-                                Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, HAS_TABLE, HAS_SHIFT, INPUT_PRECISION)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
-    dq = dq * sm_scale
-    g_rows = b.to(tl.int64) * stride_gb + _token_offsets(st, sh, sw, stride_gt, stride_gh, stride_gw)
-    tl.store(DQKV + g_rows[:, None] + head * HEAD_DIM + offs_d[None, :], dq.to(DQKV.dtype.element_ty),
-             mask=real_m[:, None] & mask_d[None, :])
+
+@triton.jit
+def _window_attn_bwd_dq_cosine_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, LogitScale, DScalePart,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_tr, stride_th, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    WRITE_DQ: tl.constexpr, SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_bwd_dq`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
+    _window_attn_bwd_dq(
+        QKV, QKVBias, Table, DOut, LSE, Delta, DQKV, LogitScale, DScalePart, stride_xb, stride_xt, stride_xh,
+        stride_xw, stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw,
+        stride_tr, stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH,
+        PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST,
+        HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, True, WRITE_DQ, SUM_SCALE, INPUT_PRECISION)
 
 
 @triton.jit
@@ -422,6 +705,63 @@ def _load_window(QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_
 
 
 @triton.jit
+def _window_attn_fwd_fused(
+    QKV, QKVBias, Bias, Out, LSE, LogitScale,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_bp, stride_bh, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Forward of windows that fit one tile (N <= 64): one program per (BLOCK_W consecutive windows, head).
+    ``Bias`` (8 mask patterns, heads, BLOCK, BLOCK) holds table bias + shift mask + key mask (-inf) per
+    pattern: one contiguous tile load per window instead of an index computation and gather per pair."""
+    pid = tl.program_id(0)
+    head = tl.program_id(1)
+    offs = tl.arange(0, BLOCK)
+    in_w = offs < N_TOK
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_scale = 1.0
+    if COSINE:
+        q_scale = sm_scale * _logit_factor(LogitScale, head, stride_ls)
+    qk_scale = sm_scale * 1.4426950408889634
+    bias_base = Bias + head * stride_bh + offs[:, None] * BLOCK + offs[None, :]
+    for i in range(0, BLOCK_W):
+        # the last program's spare steps redo the last window and store nothing
+        valid = pid * BLOCK_W + i < NUM_BW
+        pid_bw = tl.minimum(pid * BLOCK_W + i, NUM_BW - 1)
+        b, pattern, st, sh, sw, real, q, k, v = _load_window(
+            QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw, C,
+            NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+            HEAD_DIM, ROLL_FIRST, HAS_QKV_BIAS)
+        if COSINE:  # the scale in q_hat, logits in natural units
+            q, q_lo, q_norm = _l2_rows(q, q_scale, COSINE)
+            k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
+            qk = _qk_dot(q, q_lo, k, k_lo, COSINE, INPUT_PRECISION) \
+                + tl.load(bias_base + pattern * stride_bp).to(tl.float32)
+            m = tl.max(qk, 1)  # finite: every token sees itself
+            p = tl.math.exp2((qk - m[:, None]) * 1.4426950408889634)
+            l_i = tl.sum(p, 1)
+            lse = m + tl.math.log2(l_i) * 0.6931471805599453
+        else:
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
+                + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
+            m = tl.max(qk, 1)  # finite: every token sees itself
+            p = tl.math.exp2(qk - m[:, None])
+            l_i = tl.sum(p, 1)
+            lse = (m + tl.math.log2(l_i)) * 0.6931471805599453
+        acc = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_i[:, None]
+        tl.store(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs, lse, mask=in_w & valid)
+        o_rows = b.to(tl.int64) * stride_ob + _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
+        tl.store(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
+                 mask=(real & valid)[:, None] & mask_d[None, :])  # padding is cropped
+
+
+@triton.jit
 def _window_attn_fwd_fused_kernel(
     QKV, QKVBias, Bias, Out, LSE,
     stride_xb, stride_xt, stride_xh, stride_xw,
@@ -433,69 +773,74 @@ def _window_attn_fwd_fused_kernel(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Forward of windows that fit one tile (N <= 64): one program per (BLOCK_W consecutive windows, head).
-    ``Bias`` (8 mask patterns, heads, BLOCK, BLOCK) holds table bias + shift mask + key mask (-inf) per
-    pattern: one contiguous tile load per window instead of an index computation and gather per pair."""
-    pid = tl.program_id(0)
-    head = tl.program_id(1)
-    offs = tl.arange(0, BLOCK)
-    in_w = offs < N_TOK
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < HEAD_DIM
-    qk_scale = sm_scale * 1.4426950408889634
-    bias_base = Bias + head * stride_bh + offs[:, None] * BLOCK + offs[None, :]
-    for i in range(0, BLOCK_W):
-        # the last program's spare steps redo the last window and store nothing
-        valid = pid * BLOCK_W + i < NUM_BW
-        pid_bw = tl.minimum(pid * BLOCK_W + i, NUM_BW - 1)
-        b, pattern, st, sh, sw, real, q, k, v = _load_window(
-            QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw, C,
-            NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-            HEAD_DIM, ROLL_FIRST, HAS_QKV_BIAS)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
-            + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
-        m = tl.max(qk, 1)  # finite: every token sees itself
-        p = tl.math.exp2(qk - m[:, None])
-        l_i = tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_i[:, None]
-        tl.store(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs,
-                 (m + tl.math.log2(l_i)) * 0.6931471805599453, mask=in_w & valid)
-        o_rows = b.to(tl.int64) * stride_ob + _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
-        tl.store(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
-                 mask=(real & valid)[:, None] & mask_d[None, :])  # padding is cropped
+    """``_window_attn_fwd_fused`` without cosine."""
+    _window_attn_fwd_fused(
+        QKV, QKVBias, Bias, Out, LSE, LSE, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
+        stride_oh, stride_ow, stride_bp, stride_bh, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WT,
+        WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, sm_scale, HEAD_DIM, BLOCK, BLOCK_D, BLOCK_W,
+        ROLL_FIRST, HAS_QKV_BIAS, False, INPUT_PRECISION)
 
 
 @triton.jit
-def _window_attn_bwd_fused_kernel(
-    QKV, QKVBias, Bias, Out, DOut, LSE, DQKV, DSPart, DPadPart,
+def _window_attn_fwd_fused_cosine_kernel(
+    QKV, QKVBias, Bias, Out, LSE, LogitScale,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_bp, stride_bh, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_fwd_fused`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
+    _window_attn_fwd_fused(
+        QKV, QKVBias, Bias, Out, LSE, LogitScale, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
+        stride_oh, stride_ow, stride_bp, stride_bh, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W,
+        NUM_BW, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, sm_scale, HEAD_DIM, BLOCK, BLOCK_D,
+        BLOCK_W, ROLL_FIRST, HAS_QKV_BIAS, True, INPUT_PRECISION)
+
+
+@triton.jit
+def _window_attn_bwd_fused(
+    QKV, QKVBias, Bias, Out, DOut, LSE, DQKV, DSPart, DPadPart, LogitScale, DScalePart,
     stride_xb, stride_xt, stride_xh, stride_xw,
     stride_ob, stride_ot, stride_oh, stride_ow,
     stride_db, stride_dt, stride_dh, stride_dw,
     stride_gb, stride_gt, stride_gh, stride_gw,
-    stride_bp, stride_bh,
+    stride_bp, stride_bh, stride_ls,
     C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr, COSINE: tl.constexpr,
+    SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """The whole backward of windows that fit one tile (N <= 64: 7x7, 8x8): one program per (group of
     consecutive windows, head) walks its windows in order and, per window, loads q, k, v, dO once, forms
     P, dP and dS once and writes dQ, dK, dV of every token at its source position; delta = rowsum(O * dO)
-    is formed here too (each token is in exactly one window). ``Bias``: as in the forward. Reductions without atomics: dS summed over the group's windows (for d(table)) and the
-    padding keys' dK/dV (for d(qkv_bias)) go to this program's slot of DSPart (groups, heads, N * N + 1) /
-    DPadPart (groups, heads, 2, D), which the host sums over groups in a fixed order: every gradient is
-    bitwise deterministic."""
+    is formed here too (each token is in exactly one window). ``Bias``: as in the forward. Reductions
+    without atomics: dS summed over the group's windows (for d(table)) and the padding keys' dK/dV (for
+    d(qkv_bias)) go to this program's slot of DSPart (groups, heads, N * N + 1) / DPadPart (groups, heads,
+    2, D), which the host sums over groups in a fixed order: every gradient is bitwise deterministic.
+    COSINE: dQ_hat, dK_hat through the normalisation's adjoint per row, and (SUM_SCALE) sum(dS * (q_hat *
+    scale) . k_hat) of the group's windows to DScalePart (groups, heads) for d(logit_scale); delta =
+    rowsum(P * dP) then, as O's rounding times the logit scale would reach dQ."""
     group = tl.program_id(0)
     head = tl.program_id(1)
     offs = tl.arange(0, BLOCK)  # token number in the window: queries and keys are the same tokens
     in_w = offs < N_TOK
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
+    q_scale = 1.0
+    if COSINE:  # the scale goes into q_hat: dK_hat = dS^T (q_hat * scale), dQ_hat = dS K_hat * scale
+        q_scale = sm_scale * _logit_factor(LogitScale, head, stride_ls)
+        sm_scale = 1.0
     qk_scale = sm_scale * 1.4426950408889634
     bias_base = Bias + head * stride_bh + offs[:, None] * BLOCK + offs[None, :]
     ds_sum = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
+    dscale = tl.sum(tl.zeros([BLOCK], dtype=tl.float32), 0)  # a scalar: one register, not a row vector
     pad_dk = tl.zeros([BLOCK_D], dtype=tl.float32)
     pad_dv = tl.zeros([BLOCK_D], dtype=tl.float32)
     first = group * WINDOWS_PER_GROUP
@@ -511,23 +856,49 @@ def _window_attn_bwd_fused_kernel(
         # dO (and O) are 0 on padding queries: they are cropped from the output
         od_mask = real[:, None] & mask_d[None, :]
         do = tl.load(DOut + d_rows[:, None] + head * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
-        o = tl.load(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # each token is in one window: formed once
-        # rows past the window get lse +inf: P = 0 there
-        lse2 = tl.load(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs, mask=in_w,
-                       other=float("inf")) * 1.4426950408889634
-
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
-            + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
-        p = tl.math.exp2(qk - lse2[:, None])  # 0 on masked pairs (bias -inf)
-        dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        if not COSINE:  # cosine: delta = rowsum(P * dP) below
+            o = tl.load(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], mask=od_mask, other=0.0)
+            delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # each token is in one window: formed once
+        q_raw = q
+        q, q_lo, q_norm = _l2_rows(q, q_scale, COSINE)
+        k_raw = k
+        k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
+        if COSINE:
+            # the bias tile's load first, then dP: the logits' tiles then live only until dS (this order keeps
+            # the kernel in its 255 registers at 8 warps; loading the bias after the dots spills ~200 bytes)
+            bias = tl.load(bias_base + pattern * stride_bp).to(tl.float32)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            dot = _qk_dot(q, q_lo, k, k_lo, COSINE, INPUT_PRECISION)
+            # The forward's P bitwise (its row max and sum, recomputed: the row is in this tile); from the
+            # saved lse, an ulp of ~100 would scale a whole row. Rows past the window (dO = 0, delta = 0)
+            # give dS = 0 whatever P is.
+            qk = dot + bias
+            m = tl.max(qk, 1)
+            p = tl.math.exp2((qk - m[:, None]) * 1.4426950408889634)
+            p = p / tl.sum(p, 1)[:, None]
+            # rowsum(P * dP) = rowsum(O * dO) without O's rounding, which the logit scale (up to 100)
+            # would carry into dQ and dK; and O is not read
+            ds = p * (dp - tl.sum(p * dp, 1)[:, None])
+            if SUM_SCALE:
+                dscale += tl.sum(tl.sum(ds * dot, 1), 0)  # fp32 dS and logits: no dot's rounding
+            dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
+        else:
+            # rows past the window get lse +inf: P = 0 there
+            lse2 = tl.load(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs, mask=in_w,
+                           other=float("inf")) * 1.4426950408889634
+            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
+                + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
+            p = tl.math.exp2(qk - lse2[:, None])  # 0 on masked pairs (bias -inf)
+            dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+            ds = p * (dp - delta[:, None])
         if SUM_DS:
             ds_sum += ds
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=INPUT_PRECISION) * sm_scale
+        dk = _l2_adjoint(tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=INPUT_PRECISION) * sm_scale,
+                         k_raw, k_norm, COSINE)
         if WRITE_DQKV:
-            dq = tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION) * sm_scale
+            dq = _l2_adjoint(tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION) * (sm_scale * q_scale),
+                             q_raw, q_norm, COSINE)
             g_rows = b.to(tl.int64) * stride_gb + _token_offsets(st, sh, sw, stride_gt, stride_gh, stride_gw)
             g_ptrs = DQKV + g_rows[:, None] + head * HEAD_DIM + offs_d[None, :]
             g_mask = real[:, None] & mask_d[None, :]
@@ -547,19 +918,74 @@ def _window_attn_bwd_fused_kernel(
     if GRAD_PAD:
         tl.store(DPadPart + slot * 2 * HEAD_DIM + offs_d, pad_dk, mask=mask_d)
         tl.store(DPadPart + slot * 2 * HEAD_DIM + HEAD_DIM + offs_d, pad_dv, mask=mask_d)
+    if SUM_SCALE:
+        tl.store(DScalePart + slot + offs, tl.zeros([BLOCK], dtype=tl.float32) + dscale, mask=offs == 0)
 
 
 @triton.jit
-def _window_attn_bwd_dtable_kernel(
-    QKV, QKVBias, Table, DOut, LSE, Delta, DSPart,
+def _window_attn_bwd_fused_kernel(
+    QKV, QKVBias, Bias, Out, DOut, LSE, DQKV, DSPart, DPadPart,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_bp, stride_bh,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_bwd_fused`` without cosine."""
+    _window_attn_bwd_fused(
+        QKV, QKVBias, Bias, Out, DOut, LSE, DQKV, DSPart, DPadPart, LSE, LSE, stride_xb, stride_xt, stride_xh,
+        stride_xw, stride_ob, stride_ot, stride_oh, stride_ow, stride_db, stride_dt, stride_dh, stride_dw,
+        stride_gb, stride_gt, stride_gh, stride_gw, stride_bp, stride_bh, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_T,
+        NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+        sm_scale, HEAD_DIM, BLOCK, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS, WRITE_DQKV, SUM_DS, GRAD_PAD, False, False,
+        INPUT_PRECISION)
+
+
+@triton.jit
+def _window_attn_bwd_fused_cosine_kernel(
+    QKV, QKVBias, Bias, Out, DOut, LSE, DQKV, DSPart, DPadPart, LogitScale, DScalePart,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_ob, stride_ot, stride_oh, stride_ow,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_gb, stride_gt, stride_gh, stride_gw,
+    stride_bp, stride_bh, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr,
+    SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_bwd_fused`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
+    _window_attn_bwd_fused(
+        QKV, QKVBias, Bias, Out, DOut, LSE, DQKV, DSPart, DPadPart, LogitScale, DScalePart, stride_xb, stride_xt,
+        stride_xh, stride_xw, stride_ob, stride_ot, stride_oh, stride_ow, stride_db, stride_dt, stride_dh,
+        stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_bp, stride_bh, stride_ls, C, NUM_HEADS, N_TOK,
+        NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H,
+        SHIFT_W, sm_scale, HEAD_DIM, BLOCK, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS, WRITE_DQKV, SUM_DS, GRAD_PAD, True,
+        SUM_SCALE, INPUT_PRECISION)
+
+
+@triton.jit
+def _window_attn_bwd_dtable(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DSPart, LogitScale,
     stride_xb, stride_xt, stride_xh, stride_xw,
     stride_db, stride_dt, stride_dh, stride_dw,
-    stride_tr, stride_th,
+    stride_tr, stride_th, stride_ls,
     C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
     WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, COSINE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """dS summed over a group of consecutive windows, per (query block x key block) tile: one program per
     (key block, query block, group * heads + head) walks its group's windows in a fixed order and writes
@@ -574,6 +1000,9 @@ def _window_attn_bwd_dtable_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     in_n = offs_n < N_TOK
     qk_scale = sm_scale * 1.4426950408889634
+    q_scale = 1.0
+    if COSINE:  # the scale goes into q_hat
+        q_scale = sm_scale * _logit_factor(LogitScale, head, stride_ls)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first = group * WINDOWS_PER_GROUP
@@ -582,22 +1011,68 @@ def _window_attn_bwd_dtable_kernel(
         pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable may be a plain int)
         b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
         x_base = QKV + b.to(tl.int64) * stride_xb
-        q, do, lse2, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
+        q, do, lse, delta, st, sh, sw, real_m, in_m, region_m = _load_query_side(
             x_base, QKVBias, DOut, LSE, Delta, b, pid_bw, head, offs_m, win_t, win_h, win_w,
             stride_xt, stride_xh, stride_xw, stride_db, stride_dt, stride_dh, stride_dw,
             C, HEAD_DIM, NUM_HEADS, N_TOK, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-            BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
+            BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS, COSINE)
         k, v, kt, kh, kw, real_n, in_n, region_n = _load_key_side(
             x_base, QKVBias, offs_n, win_t, win_h, win_w, head, stride_xt, stride_xh, stride_xw, C, HEAD_DIM, N_TOK,
             WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS)
-        p, ds = _window_dscores(q, do, lse2, delta, k, v, offs_m, offs_n, in_m, in_n, region_m, region_n,
-                                Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, True, HAS_SHIFT, INPUT_PRECISION)
+        q, q_lo, q_norm = _l2_rows(q, q_scale, COSINE)
+        k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
+        p, ds, qk = _window_dscores(q, q_lo, do, lse, delta, k, k_lo, v, offs_m, offs_n, in_m, in_n, region_m,
+                                    region_n, Table + head * stride_th, stride_tr, qk_scale, TT, TH, TW, True,
+                                    HAS_SHIFT, COSINE, INPUT_PRECISION)
         acc += ds
     # slot layout: N * N sums, then one 0 (the gather into table rows pads with it)
     ds_slot = DSPart + slot.to(tl.int64) * (N_TOK * N_TOK + 1)
     tl.store(ds_slot + offs_m[:, None] * N_TOK + offs_n[None, :], acc, mask=(offs_m < N_TOK)[:, None] & in_n[None, :])
     tl.store(ds_slot + N_TOK * N_TOK + offs_n, tl.zeros([BLOCK_N], dtype=tl.float32),
              mask=(offs_n == 0) & (pid_m == 0) & (pid_n == 0))
+
+
+@triton.jit
+def _window_attn_bwd_dtable_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DSPart,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_tr, stride_th,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_bwd_dtable`` without cosine."""
+    _window_attn_bwd_dtable(
+        QKV, QKVBias, Table, DOut, LSE, Delta, DSPart, LSE, stride_xb, stride_xt, stride_xh, stride_xw, stride_db,
+        stride_dt, stride_dh, stride_dw, stride_tr, stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW,
+        WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale,
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_QKV_BIAS, False, INPUT_PRECISION)
+
+
+@triton.jit
+def _window_attn_bwd_dtable_cosine_kernel(
+    QKV, QKVBias, Table, DOut, LSE, Delta, DSPart, LogitScale,
+    stride_xb, stride_xt, stride_xh, stride_xw,
+    stride_db, stride_dt, stride_dh, stride_dw,
+    stride_tr, stride_th, stride_ls,
+    C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP,
+    WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW,
+    sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """``_window_attn_bwd_dtable`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
+    _window_attn_bwd_dtable(
+        QKV, QKVBias, Table, DOut, LSE, Delta, DSPart, LogitScale, stride_xb, stride_xt, stride_xh, stride_xw,
+        stride_db, stride_dt, stride_dh, stride_dw, stride_tr, stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN,
+        NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT,
+        TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_QKV_BIAS, True,
+        INPUT_PRECISION)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -630,8 +1105,18 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
 
 
 def _tune_key(inputs, g: "_Geometry", **extra):
+    if inputs.cosine:
+        extra["cosine"] = 1  # the normalisation (and fp16 / bf16's split dot) changes the code
     return configs.tune_key(inputs.qkv.dtype, g.n_tok, inputs.head_dim, len(inputs.spatial), any(g.shift),
                             inputs.rel_pos_bias is not None, inputs.qkv_bias is not None, g.has_pad, **extra)
+
+
+def _cosine_args(inputs, *pointers) -> Tuple[tuple, tuple]:
+    """What the cosine kernels take on top of the plain ones' arguments: (pointers: the logit scale, read in
+    place ((heads,) or (heads, 1, ..., 1)), then ``pointers``; its head stride). Both empty without cosine."""
+    if not inputs.cosine:
+        return (), ()
+    return (inputs.logit_scale, *pointers), (inputs.logit_scale.stride(0),)
 
 
 def window_attention_fwd_triton(inputs, return_bias: bool = False):
@@ -650,21 +1135,24 @@ def window_attention_fwd_triton(inputs, return_bias: bool = False):
         qkv_bias = inputs.qkv_bias if inputs.qkv_bias is not None else x3
         flags = dict(HEAD_DIM=hd, BLOCK_D=max(16, triton.next_power_of_2(hd)), ROLL_FIRST=g.roll_first,
                      HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype))
+        cos_ptrs, cos_strides = _cosine_args(inputs)
+        cos = inputs.cosine
         bias = None
         if g.n_tok <= FUSED_MAX_TOKENS:
             bias = _dense_bias(inputs, g)
+            kernel = _window_attn_fwd_fused_cosine_kernel if cos else _window_attn_fwd_fused_kernel
             tuning.launch(
-                configs.WINDOW_FWD_FUSED, _window_attn_fwd_fused_kernel,
+                configs.WINDOW_FWD_FUSED, kernel,
                 lambda meta: (triton.cdiv(num_bw, meta["BLOCK_W"]), heads),
-                (x3, qkv_bias, bias, o3, lse, *x3.stride()[:4], *o3.stride()[:4], *_bias_strides(bias),
-                 C, heads, g.n_tok, g.num_windows, *g.grid, num_bw, *g.args()[:12], inputs.scale),
+                (x3, qkv_bias, bias, o3, lse, *cos_ptrs, *x3.stride()[:4], *o3.stride()[:4], *_bias_strides(bias),
+                 *cos_strides, C, heads, g.n_tok, g.num_windows, *g.grid, num_bw, *g.args()[:12], inputs.scale),
                 dict(BLOCK=_fused_block(g.n_tok), **flags), _tune_key(inputs, g), qkv.device)
         else:
             tuning.launch(
-                configs.WINDOW_FWD, _window_attn_fwd_kernel,
+                configs.WINDOW_FWD, _window_attn_fwd_cosine_kernel if cos else _window_attn_fwd_kernel,
                 lambda meta: (num_bw, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"])),
-                (x3, qkv_bias, table if table is not None else x3, o3, lse,
-                 *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)),
+                (x3, qkv_bias, table if table is not None else x3, o3, lse, *cos_ptrs,
+                 *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)), *cos_strides,
                  C, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(), inputs.scale),
                 dict(HAS_SHIFT=any(g.shift), HAS_TABLE=table is not None, **flags),
                 _tune_key(inputs, g), qkv.device)
@@ -724,8 +1212,9 @@ def _dense_bias(inputs, g: "_Geometry") -> torch.Tensor:
 
 
 def window_attention_bwd_triton(dout, inputs, out, lse, needs, bias=None):
-    """Backward: (dqkv (B, *S, 3C) | None, dtable | None, dqkv_bias | None). ``bias``: the fused forward's
-    dense bias (rebuilt when not given)."""
+    """Backward: (dqkv (B, *S, 3C) | None, dtable | None, dqkv_bias | None, dlogit_scale | None) for
+    ``needs`` (qkv, table, qkv_bias[, logit_scale]). ``bias``: the fused forward's dense bias (rebuilt when
+    not given)."""
     with tuning.on_device(inputs.qkv):
         return _window_attention_bwd(dout, inputs, out, lse, needs, bias)
 
@@ -739,7 +1228,8 @@ def _windows_per_group(num_bw: int, programs_per_window: int) -> Tuple[int, int]
 
 
 def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
-    need_qkv, need_table, need_bias = needs
+    need_qkv, need_table, need_bias, need_scale = (tuple(needs) + (False,))[:4]
+    need_scale = bool(need_scale) and inputs.cosine
     qkv, table, qkv_bias = inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias
     g = _Geometry(inputs)
     B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
@@ -752,28 +1242,42 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
     x3, d3, o3 = _as_3d(qkv), _as_3d(dout), _as_3d(out)
     flags = dict(HEAD_DIM=hd, BLOCK_D=block_d, ROLL_FIRST=g.roll_first, HAS_QKV_BIAS=qkv_bias is not None,
                  INPUT_PRECISION=_precision(qkv.dtype))
+    cos = inputs.cosine
+    cos_ptrs, cos_strides = _cosine_args(inputs)
     bias_arg = qkv_bias if qkv_bias is not None else x3
     grad_pad = need_bias and g.has_pad
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device) if need_qkv or need_bias else None
     g3 = _as_3d(dqkv) if dqkv is not None else x3
     ds_part = dpad = None  # per-group partial sums of dS (for d(table)) and of padding keys' dK/dV
+    dscale_part = None  # cosine: partial sums of dS * (q_hat * scale) . k_hat (for d(logit_scale))
 
     if n <= FUSED_MAX_TOKENS:
         sum_ds = need_table
-        per_group, groups = _windows_per_group(num_bw, heads) if (sum_ds or grad_pad) else (1, num_bw)
+        grouped = sum_ds or grad_pad or need_scale
+        per_group, groups = _windows_per_group(num_bw, heads) if grouped else (1, num_bw)
         if sum_ds:
             ds_part = torch.empty((groups, heads, n * n + 1), dtype=torch.float32, device=qkv.device)
         if grad_pad:
             dpad = torch.empty((groups, heads, 2, hd), dtype=torch.float32, device=qkv.device)
+        if need_scale:
+            dscale_part = torch.empty((groups, heads), dtype=torch.float32, device=qkv.device)
         if bias is None:
             bias = _dense_bias(inputs, g)
+        key = dict(sum_ds=int(sum_ds), grad_pad=int(grad_pad), write=int(need_qkv))
+        cos_flags = dict(SUM_SCALE=need_scale) if cos else {}
+        if need_scale:
+            key["sum_scale"] = 1
         tuning.launch(
-            configs.WINDOW_BWD_FUSED, _window_attn_bwd_fused_kernel, lambda meta: (groups, heads),
+            configs.WINDOW_BWD_FUSED, _window_attn_bwd_fused_cosine_kernel if cos else _window_attn_bwd_fused_kernel,
+            lambda meta: (groups, heads),
             (x3, bias_arg, bias, o3, d3, lse, g3, ds_part if sum_ds else lse, dpad if grad_pad else lse,
+             *_cosine_args(inputs, dscale_part if need_scale else lse)[0],
              *x3.stride()[:4], *o3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *_bias_strides(bias),
-             C, heads, n, g.num_windows, *g.grid, num_bw, per_group, *g.args()[:12], inputs.scale),
-            dict(BLOCK=_fused_block(n), WRITE_DQKV=need_qkv, SUM_DS=sum_ds, GRAD_PAD=grad_pad, **flags),
-            _tune_key(inputs, g, sum_ds=int(sum_ds), grad_pad=int(grad_pad), write=int(need_qkv)), qkv.device)
+             *cos_strides, C, heads, n, g.num_windows, *g.grid, num_bw, per_group, *g.args()[:12], inputs.scale),
+            dict(BLOCK=_fused_block(n), WRITE_DQKV=need_qkv, SUM_DS=sum_ds, GRAD_PAD=grad_pad, **cos_flags, **flags),
+            _tune_key(inputs, g, **key), qkv.device)
+        if need_scale:
+            dscale_part = dscale_part.sum(dim=0)  # heads: groups in a fixed order
     else:
         num_tokens = B * math.prod(g.spatial)
         delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
@@ -790,29 +1294,40 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
                 dpad = torch.zeros((num_bw, heads, triton.cdiv(n, 16), 2, hd), dtype=torch.float32,
                                    device=qkv.device)
             tuning.launch(
-                configs.WINDOW_BWD_DKDV, _window_attn_bwd_kernel,
+                configs.WINDOW_BWD_DKDV, _window_attn_bwd_cosine_kernel if cos else _window_attn_bwd_kernel,
                 lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_N"])),
-                (x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse,
-                 *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
+                (x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse, *cos_ptrs,
+                 *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *cos_strides, *geo, *g.args(),
+                 inputs.scale),
                 dict(HAS_TABLE=table is not None, GRAD_PAD=grad_pad, **flags),
                 _tune_key(inputs, g, grad_pad=int(grad_pad)), qkv.device)
-            tuning.launch(
-                configs.WINDOW_BWD_DQ, _window_attn_bwd_dq_kernel,
-                lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_M"])),
-                (x3, bias_arg, table_arg, d3, lse, delta, g3,
-                 *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *geo, *g.args(), inputs.scale),
-                dict(HAS_TABLE=table is not None, **flags), _tune_key(inputs, g), qkv.device)
             if dpad is not None:
                 dpad = dpad.sum(dim=2)  # B*nW, heads, 2, hd: granules in a fixed order
+        if need_qkv or need_scale:
+            if need_scale:  # one slot per (window, head, query row), each written by the row's program
+                dscale_part = torch.empty((num_bw, heads, n), dtype=torch.float32, device=qkv.device)
+            key = {"sum_scale": 1, "write": int(need_qkv)} if need_scale else {}
+            cos_flags = dict(WRITE_DQ=need_qkv, SUM_SCALE=need_scale) if cos else {}
+            dq_cos_ptrs = _cosine_args(inputs, dscale_part if need_scale else lse)[0]
+            tuning.launch(
+                configs.WINDOW_BWD_DQ, _window_attn_bwd_dq_cosine_kernel if cos else _window_attn_bwd_dq_kernel,
+                lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_M"])),
+                (x3, bias_arg, table_arg, d3, lse, delta, g3, *dq_cos_ptrs,
+                 *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *cos_strides, *geo, *g.args(),
+                 inputs.scale),
+                dict(HAS_TABLE=table is not None, **cos_flags, **flags), _tune_key(inputs, g, **key), qkv.device)
+            if need_scale:
+                dscale_part = dscale_part.sum(dim=(0, 2))  # heads
         if need_table:
             tiles = triton.cdiv(n, FUSED_MAX_TOKENS) ** 2  # config-independent: the grouping fixes the sum order
             per_group, groups = _windows_per_group(num_bw, heads * tiles)
             ds_part = torch.empty((groups, heads, n * n + 1), dtype=torch.float32, device=qkv.device)
+            kernel = _window_attn_bwd_dtable_cosine_kernel if cos else _window_attn_bwd_dtable_kernel
             tuning.launch(
-                configs.WINDOW_BWD_DTABLE, _window_attn_bwd_dtable_kernel,
+                configs.WINDOW_BWD_DTABLE, kernel,
                 lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(n, meta["BLOCK_M"]), groups * heads),
-                (x3, bias_arg, table, d3, lse, delta, ds_part,
-                 *x3.stride()[:4], *d3.stride()[:4], *table_strides, *geo, num_bw, per_group, *g.args(),
+                (x3, bias_arg, table, d3, lse, delta, ds_part, *cos_ptrs,
+                 *x3.stride()[:4], *d3.stride()[:4], *table_strides, *cos_strides, *geo, num_bw, per_group, *g.args(),
                  inputs.scale),
                 flags, _tune_key(inputs, g), qkv.device)
 
@@ -830,7 +1345,14 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
         pairs = geometry.pairs_by_table_row(inputs.window, inputs.table_window, str(qkv.device))
         per_pair = ds_part.sum(dim=0).index_select(1, pairs.view(-1))  # heads, rows * width
         dtable = per_pair.view(heads, *pairs.shape).sum(-1).t().to(table.dtype)  # rows, heads
-    return (dqkv if need_qkv else None), dtable, dbias
+    dscale = None
+    if need_scale:
+        # d logit_scale = factor * sum(dS * q_hat . k_hat) = sum(dS * (q_hat * factor) . k_hat): the kernels'
+        # sums; 0 where the clamp at log(100) holds (as torch.clamp's gradient)
+        ls = inputs.logit_scale
+        open_clamp = ls.reshape(heads).to(torch.float32) <= cosine.LOGIT_SCALE_MAX
+        dscale = (dscale_part * open_clamp).reshape(ls.shape).to(ls.dtype)
+    return (dqkv if need_qkv else None), dtable, dbias, dscale
 
 
 class TritonWindowKernels:
@@ -843,4 +1365,4 @@ class TritonWindowKernels:
 
     @staticmethod
     def backward(dout, inputs, out, lse, needs, cache=None):
-        return tuple(window_attention_bwd_triton(dout, inputs, out, lse, tuple(needs)[:3], cache)) + (None,)
+        return window_attention_bwd_triton(dout, inputs, out, lse, tuple(needs), cache)

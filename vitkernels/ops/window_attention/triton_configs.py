@@ -43,15 +43,21 @@ WINDOW_BWD_DTABLE = TunedKernel("window_attn_bwd_dtable", SPACE, heuristic, shar
 
 def fused_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
     """The fused backward has one tile per window (its size is the window's, not a choice): only warps and
-    whether the next window's loads are pipelined behind this window's math."""
+    whether the next window's loads are pipelined behind this window's math. Cosine attention's backward
+    (normalisation, split dots, d logit_scale) takes ~245 registers at 8 warps unpipelined, all 255 when
+    pipelined, and spills at 4 warps: 8 warps, 1 stage first."""
+    if key.get("cosine"):
+        return [Config.of(8, 1), Config.of(8, 2), Config.of(4, 2), Config.of(4, 1)]
     return [Config.of(4, 2), Config.of(8, 2), Config.of(8, 1), Config.of(4, 1)]
 
 
 def fused_shared_memory(config: Config, key: Dict[str, Any]) -> int:
-    """q, k, v, dO tiles per stage plus the (N x N) fp32 tiles the dots exchange through shared memory."""
+    """q, k, v, dO tiles per stage plus the (N x N) fp32 tiles the dots exchange through shared memory;
+    cosine in fp16 / bf16 adds the q and k residues of its split dots."""
     block = max(16, 1 << max(0, key["N_TOK"] - 1).bit_length())
     elt = ELEMENT_SIZE[key["dtype"]]
-    return 4 * block * block_d(key["D"]) * elt * max(1, config.num_stages) + 2 * block * block * 4
+    tiles = 6 if key.get("cosine") and key["dtype"] != "fp32" else 4
+    return tiles * block * block_d(key["D"]) * elt * max(1, config.num_stages) + 2 * block * block * 4
 
 
 def fused_fwd_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:

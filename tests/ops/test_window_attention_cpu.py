@@ -197,7 +197,8 @@ def test_cosine_logit_scale_past_the_clamp_has_a_zero_gradient():
     assert ls.grad[0].item() == 0.0 and ls.grad[1].item() != 0.0
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference", "compiled reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference", "compiled reference",
+                                     pytest.param("triton", marks=pytest.mark.triton)])
 def test_cosine_logit_scale_at_exactly_float32_log_100_gets_torch_clamps_gradient(backend):
     """float32(log 100) lies above the double bound torch.clamp's backward compares with: its gradient is 0
     there, as timm's and torchvision's; every path agrees."""

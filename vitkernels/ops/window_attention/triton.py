@@ -1350,7 +1350,8 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
         # d logit_scale = factor * sum(dS * q_hat . k_hat) = sum(dS * (q_hat * factor) . k_hat): the kernels'
         # sums; 0 where the clamp at log(100) holds (as torch.clamp's gradient)
         ls = inputs.logit_scale
-        open_clamp = ls.reshape(heads).to(torch.float32) <= cosine.LOGIT_SCALE_MAX
+        # torch.clamp's gradient compares with the double bound: float32(log 100) is past it (gradient 0)
+        open_clamp = ls.detach().reshape(heads).double() <= cosine.LOGIT_SCALE_MAX
         dscale = (dscale_part * open_clamp).reshape(ls.shape).to(ls.dtype)
     return (dqkv if need_qkv else None), dtable, dbias, dscale
 

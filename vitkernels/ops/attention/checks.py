@@ -54,7 +54,8 @@ class Rope(NamedTuple):
 
     computed in the promoted dtype of x and cos (fp32 for fp16/bf16 q with fp32 tables) and rounded to q's
     dtype once (timm's ``apply_rot_embed``; the cpu backend, which computes in fp32 throughout, keeps the
-    rotated rows in fp32). ``rotate`` pairs the channels of a head:
+    rotated rows in fp32; compiled for a GPU, triton may fuse the products into one FMA, a rounding fewer).
+    ``rotate`` pairs the channels of a head:
 
     - ``rotate_half=False`` (timm's default, EVA-02): interleaved pairs ``[-x1, x0, -x3, x2, ...]``;
     - ``rotate_half=True`` (DINOv3, timm's ``rotate_half=True``): halves ``[-x[D/2:], x[:D/2]]``.

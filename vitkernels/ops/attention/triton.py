@@ -880,10 +880,13 @@ def _rope_flags(rope, unrotate: Optional[bool] = None) -> Dict[str, Any]:
     return flags
 
 
-def _rope_key(rope) -> Dict[str, Any]:
+def _rope_key(rope, unrotate: bool = True) -> Dict[str, Any]:
     """The tune-key entry of a rope: its layout (the rotation's registers and shuffles change the best
-    tiles; cos / sin in float32 or q's dtype are specialisations of the same code)."""
-    return {} if rope is None else {"rope": "half" if rope.rotate_half else "pairs"}
+    tiles; cos / sin in float32 or q's dtype are specialisations of the same code), and in the backward
+    whether the epilogue rotates dq / dk back (learnable tables skip it: other code, other best tiles)."""
+    if rope is None:
+        return {}
+    return {"rope": "half" if rope.rotate_half else "pairs", **({} if unrotate else {"unrotate": 0})}
 
 
 def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, rel_pos=None, rope=None
@@ -935,7 +938,7 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
                      INPUT_PRECISION=_precision(q.dtype), **rel_flags, **_rope_flags(rope, rope_unrotate))
         key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos),
-                               **_rope_key(rope))
+                               **_rope_key(rope, rope_unrotate))
         scalars = (H, n_q, n_k, bias_cols, *rel_sizes)
         tail = (scale, dropout_p, _keep_scale(dropout_p), seed, *_rope_args(rope, q))
         strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides,

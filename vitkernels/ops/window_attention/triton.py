@@ -177,9 +177,9 @@ def _window_scores(qk, n_i, n_j, in_i, in_j, region_i, region_j, Table, stride_t
 
 @triton.jit
 def _logit_factor(LogitScale, head, stride_ls):
-    """exp(min(logit_scale[head], log 100)) in fp32 (``cosine.logit_scale_factor``)."""
-    ls = tl.load(LogitScale + head * stride_ls).to(tl.float32)
-    return tl.exp(tl.minimum(ls, 4.605170185988092))
+    """The head's exp(min(logit_scale, log 100)), fp32: computed on the host by ``cosine.logit_scale_factor``
+    (torch's exp, the reference's bits; tl.exp compiles to ex2.approx, a few ulp off at a factor of 100)."""
+    return tl.load(LogitScale + head * stride_ls).to(tl.float32)
 
 
 @triton.jit
@@ -1112,11 +1112,13 @@ def _tune_key(inputs, g: "_Geometry", **extra):
 
 
 def _cosine_args(inputs, *pointers) -> Tuple[tuple, tuple]:
-    """What the cosine kernels take on top of the plain ones' arguments: (pointers: the logit scale, read in
-    place ((heads,) or (heads, 1, ..., 1)), then ``pointers``; its head stride). Both empty without cosine."""
+    """What the cosine kernels take on top of the plain ones' arguments: (pointers: the per-head factor
+    exp(min(logit_scale, log 100)) (heads,) fp32, one tiny op on the host, then ``pointers``; its stride).
+    Both empty without cosine."""
     if not inputs.cosine:
         return (), ()
-    return (inputs.logit_scale, *pointers), (inputs.logit_scale.stride(0),)
+    factor = cosine.logit_scale_factor(inputs.logit_scale, inputs.num_heads, torch.float32)
+    return (factor, *pointers), (factor.stride(0),)
 
 
 def window_attention_fwd_triton(inputs, return_bias: bool = False):

@@ -1111,14 +1111,14 @@ def _tune_key(inputs, g: "_Geometry", **extra):
                             inputs.rel_pos_bias is not None, inputs.qkv_bias is not None, g.has_pad, **extra)
 
 
-def _cosine_args(inputs, *pointers) -> Tuple[tuple, tuple]:
-    """What the cosine kernels take on top of the plain ones' arguments: (pointers: the per-head factor
-    exp(min(logit_scale, log 100)) (heads,) fp32, one tiny op on the host, then ``pointers``; its stride).
-    Both empty without cosine."""
+def _cosine_args(inputs) -> Tuple[tuple, tuple]:
+    """What the cosine kernels take on top of the plain ones' arguments: ((the per-head factor
+    exp(min(logit_scale, log 100)), (heads,) fp32, one tiny op on the host), (its stride,)); the kernels that
+    write d(logit_scale) take its slots after the factor. Both empty without cosine."""
     if not inputs.cosine:
         return (), ()
     factor = cosine.logit_scale_factor(inputs.logit_scale, inputs.num_heads, torch.float32)
-    return (factor, *pointers), (factor.stride(0),)
+    return (factor,), (factor.stride(0),)
 
 
 def window_attention_fwd_triton(inputs, return_bias: bool = False):
@@ -1273,7 +1273,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
             configs.WINDOW_BWD_FUSED, _window_attn_bwd_fused_cosine_kernel if cos else _window_attn_bwd_fused_kernel,
             lambda meta: (groups, heads),
             (x3, bias_arg, bias, o3, d3, lse, g3, ds_part if sum_ds else lse, dpad if grad_pad else lse,
-             *_cosine_args(inputs, dscale_part if need_scale else lse)[0],
+             *((*cos_ptrs, dscale_part if need_scale else lse) if cos_ptrs else ()),
              *x3.stride()[:4], *o3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *_bias_strides(bias),
              *cos_strides, C, heads, n, g.num_windows, *g.grid, num_bw, per_group, *g.args()[:12], inputs.scale),
             dict(BLOCK=_fused_block(n), WRITE_DQKV=need_qkv, SUM_DS=sum_ds, GRAD_PAD=grad_pad, **cos_flags, **flags),
@@ -1310,7 +1310,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
                 dscale_part = torch.empty((num_bw, heads, n), dtype=torch.float32, device=qkv.device)
             key = {"sum_scale": 1, "write": int(need_qkv)} if need_scale else {}
             cos_flags = dict(WRITE_DQ=need_qkv, SUM_SCALE=need_scale) if cos else {}
-            dq_cos_ptrs = _cosine_args(inputs, dscale_part if need_scale else lse)[0]
+            dq_cos_ptrs = (*cos_ptrs, dscale_part if need_scale else lse) if cos_ptrs else ()  # factor computed once
             tuning.launch(
                 configs.WINDOW_BWD_DQ, _window_attn_bwd_dq_cosine_kernel if cos else _window_attn_bwd_dq_kernel,
                 lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_M"])),

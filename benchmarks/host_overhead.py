@@ -1,11 +1,19 @@
-"""Host cost per call of each op's triton path: input checks, dispatch, launch setup and the launches, with
-the GPU never waited for (calls are queued back to back, so the time is the CPU's, whatever the kernels
-take). Small shapes, where a ViT at small batch is CPU-bound. ``--profile`` adds cProfile's top entries.
+"""Host cost per call of each op's triton path, with the GPU never waited for (calls are queued back to
+back, so the time is the CPU's, whatever the kernels take). Small shapes, where a ViT at small batch is
+CPU-bound. Each row splits the call:
+
+* ``to launch``: from the call to its first kernel launch: input checks (or the call memo), dispatch, the
+  autograd bookkeeping and the launch setup (allocations, arguments, config choice), what vitkernels adds;
+* ``total``: the whole call, Triton's launcher and every further launch included.
+
+Modes: ``infer`` (torch.no_grad, the kernels' forward without autograd), ``fwd`` (inputs that require
+grad: through the autograd.Function) and, on a GPU, ``fwd+bwd``. ``--profile`` adds cProfile's top entries.
 
     python -m benchmarks.host_overhead [--calls 200] [--profile]
 
-Without a GPU it runs under the Triton interpreter with the launches replaced by no-ops (a dry run that
-still measures everything but the launches).
+Without a GPU it runs under the Triton interpreter with ``tuning.launch`` replaced by a no-op: ``total``
+is then vitkernels' host path alone, but it includes the CPU doing the small tensor ops a GPU would queue
+(e.g. the padded bias copy), so read ``to launch`` of a case without such ops for the pure host cost.
 """
 from __future__ import annotations
 
@@ -33,6 +41,9 @@ def cases(device, dtype):
     pbias = torch.randn(768, device=device, dtype=dtype, requires_grad=True)
 
     def attention():
+        return vitkernels.flash_attention(q, k, v, backend="triton")
+
+    def attention_bias():
         return vitkernels.flash_attention(q, k, v, bias=bias, backend="triton")
 
     def window():
@@ -42,19 +53,36 @@ def cases(device, dtype):
     def patch():
         return vitkernels.patch_embed(img, weight, pbias, backend="triton")
 
-    return {"attention B=2 N=197 +bias": (attention, (q, k, v, bias)), "window Swin stage 4 B=2": (window, (qkv, table, qkv_bias)),
+    return {"attention B=2 N=197": (attention, (q, k, v)), "attention B=2 N=197 +bias": (attention_bias, (q, k, v, bias)), "window Swin stage 4 B=2": (window, (qkv, table, qkv_bias)),
             "patch embed B=2 /16": (patch, (img, weight, pbias))}
 
 
-def per_call_us(fn, calls: int, sync) -> float:
+_FIRST_LAUNCH = []
+
+
+def stamp_launches(real_launch):
+    """``tuning.launch`` wrapped to note when a call reaches its first launch."""
+    def launch(*args, **kwargs):
+        if not _FIRST_LAUNCH:
+            _FIRST_LAUNCH.append(time.perf_counter())
+        return real_launch(*args, **kwargs)
+    return launch
+
+
+def per_call_us(fn, calls: int, sync) -> tuple:
+    """(host us to the first launch, host us per call), means over ``calls`` back-to-back calls."""
     fn()
     sync()
+    to_launch = 0.0
     start = time.perf_counter()
     for _ in range(calls):
+        _FIRST_LAUNCH.clear()
+        t0 = time.perf_counter()
         fn()
+        to_launch += (_FIRST_LAUNCH[0] if _FIRST_LAUNCH else time.perf_counter()) - t0
     elapsed = (time.perf_counter() - start) / calls * 1e6
     sync()
-    return elapsed
+    return to_launch / calls * 1e6, elapsed
 
 
 def main(argv=None) -> int:
@@ -65,25 +93,33 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        from vitkernels.ops import tuning
+    from vitkernels.ops import tuning
 
-        tuning.launch = lambda *a, **k: None  # launches are no-ops: what remains is the host path around them
+    if gpu:
+        tuning.launch = stamp_launches(tuning.launch)
+    else:  # launches are no-ops: what remains is the host path around them
+        tuning.launch = stamp_launches(lambda *a, **k: None)
         print("no GPU: launches replaced by no-ops under the Triton interpreter (host path only)")
     device = "cuda" if gpu else "cpu"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     dtype = torch.bfloat16 if gpu else torch.float32
+    print(f"{'case':32s} {'mode':8s} {'to launch':>10s} {'total':>10s}  (us per call, host)")
     for name, (op, leaves) in cases(device, dtype).items():
-        def fwd():
+        def infer():
             with torch.no_grad():
                 op()
+
+        def fwd():
+            op()
 
         def fwd_bwd():
             out = op()
             torch.autograd.grad(out, leaves, torch.ones_like(out))
 
-        modes = [("fwd", fwd)] + ([("fwd+bwd", fwd_bwd)] if gpu else [])
+        modes = [("infer", infer), ("fwd", fwd)] + ([("fwd+bwd", fwd_bwd)] if gpu else [])
         for mode, fn in modes:
-            print(f"{name:32s} {mode:8s} {per_call_us(fn, args.calls, sync):8.1f} us per call (host)")
+            first, total = per_call_us(fn, args.calls, sync)
+            print(f"{name:32s} {mode:8s} {first:10.1f} {total:10.1f}")
             if args.profile:
                 prof = cProfile.Profile()
                 prof.enable()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from vitkernels import _ext
+from vitkernels import _environ, _ext
 
 BACKEND_NAMES = ("reference", "triton", "cuda", "cpu")
 ENV_VAR = "VITKERNELS_BACKEND"
@@ -248,17 +248,28 @@ class CallMemo:
 
     @staticmethod
     def environment() -> tuple:
-        return os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"), os.environ.get(LOG_ENV_VAR)
+        """The environment variables dispatch reads, as they are now (raw values)."""
+        return _environ.raw(ENV_VAR), _environ.raw("TRITON_INTERPRET"), _environ.raw(LOG_ENV_VAR)
 
     def get(self, signature: Optional[tuple]):
-        return None if signature is None else self._memo.get(signature)
+        """The remembered answer, or None (also for a signature holding something unhashable: the caller
+        then takes the checked path, whose checks say what is wrong)."""
+        if signature is None:
+            return None
+        try:
+            return self._memo.get(signature)
+        except TypeError:
+            return None
 
     def put(self, signature: Optional[tuple], value) -> None:
         if signature is None:
             return
         if len(self._memo) >= self.size:
             self._memo.clear()
-        self._memo[signature] = value
+        try:
+            self._memo[signature] = value
+        except TypeError:  # unhashable: never remembered
+            pass
 
     def clear(self) -> None:
         self._memo.clear()

@@ -124,3 +124,69 @@ def test_patch_embed_parameter_gradients_have_plain_strides(backend, pos):
     vitkernels.patch_embed(x, w, b, pos_embed=pos_embed, prefix_tokens=cls, backend=backend).sum().backward()
     for p in (w, b, cls, pos_embed):
         assert p.grad.stride() == torch.empty(p.shape).stride(), (tuple(p.shape), p.grad.stride())
+
+
+# ---- calls with nothing to differentiate skip the autograd.Function (host time), with the same output ----
+
+
+def _op_calls(backend):
+    import vitkernels
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 49, 32) for _ in range(3))
+    bias = torch.randn(1, 3, 49, 49)
+    qkv = torch.randn(1, 8, 8, 3 * 64)
+    table = torch.randn(49, 2)
+    x, w, b = torch.randn(2, 3, 32, 32), torch.randn(64, 3, 16, 16), torch.randn(64)
+    return {
+        "attention": ((q, k, v, bias), lambda q, k, v, bias: vitkernels.flash_attention(q, k, v, bias=bias,
+                                                                                        backend=backend)),
+        "window": ((qkv, table), lambda qkv, table: vitkernels.window_attention(
+            qkv, num_heads=2, window_size=4, shift_size=2, rel_pos_bias=table, backend=backend)),
+        "patch": ((x, w, b), lambda x, w, b: vitkernels.patch_embed(x, w, b, backend=backend)),
+    }
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("op", ["attention", "window", "patch"])
+def test_calls_without_gradients_skip_the_function_and_match_bitwise(monkeypatch, backend, op):
+    from vitkernels import dispatch
+    from vitkernels.ops.attention.function import AttentionFunction as AF
+    from vitkernels.ops.window_attention.function import WindowAttentionFunction as WF
+
+    if backend == "cpu" and not dispatch.backend_environment("cpu")[0]:
+        pytest.skip(dispatch.backend_environment("cpu")[1])
+    if backend == "triton" and not dispatch.backend_environment("triton")[0]:
+        pytest.skip(dispatch.backend_environment("triton")[1])
+    tensors, call = _op_calls(backend)[op]
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    with_grad = call(*leaves)
+    assert with_grad.grad_fn is not None
+    applied = []
+    for fn in (AF, WF, PatchEmbedFunction):
+        monkeypatch.setattr(fn, "apply", lambda *a, _apply=fn.apply: applied.append(a) or _apply(*a))
+    with torch.no_grad():
+        no_grad = call(*leaves)
+    frozen = call(*tensors)  # grad mode on, nothing requires grad
+    assert not applied
+    for out in (no_grad, frozen):
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, with_grad.detach())
+    call(*leaves)  # something requires grad: through the Function
+    assert len(applied) == 1
+
+
+def test_forward_mode_ad_still_goes_through_the_function():
+    """Forward-mode AD under no_grad: the Function decides (it has no jvp: torch says so), never the kernels
+    silently dropping the tangent."""
+    import torch.autograd.forward_ad as fwAD
+    import vitkernels
+    from vitkernels import dispatch
+
+    if not dispatch.backend_environment("cpu")[0]:
+        pytest.skip(dispatch.backend_environment("cpu")[1])
+    q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+    with torch.no_grad(), fwAD.dual_level():
+        dual = fwAD.make_dual(q, torch.randn_like(q))
+        with pytest.raises(NotImplementedError, match="jvp"):
+            vitkernels.flash_attention(dual, k, v, backend="cpu")

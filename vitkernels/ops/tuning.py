@@ -43,6 +43,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 import torch
 
+from vitkernels import _environ
+
 log = logging.getLogger("vitkernels.tuning")
 
 MODES = ("heuristic", "full", "off")
@@ -60,14 +62,21 @@ SHARED_MEMORY_SHARE = 0.88
 
 
 def autotune_mode() -> str:
-    mode = os.environ.get(MODE_ENV, "heuristic").strip().lower() or "heuristic"
-    if mode not in MODES:
-        raise ValueError(f"{MODE_ENV}={mode!r} is not a tuning mode; valid: {', '.join(MODES)}")
+    raw = _environ.raw(MODE_ENV)
+    mode = _MODE_OF.get(raw)
+    if mode is None:
+        mode = (_environ.getenv(MODE_ENV) or "heuristic").strip().lower() or "heuristic"
+        if mode not in MODES:
+            raise ValueError(f"{MODE_ENV}={mode!r} is not a tuning mode; valid: {', '.join(MODES)}")
+        _MODE_OF[raw] = mode
     return mode
 
 
+_MODE_OF: Dict[Any, str] = {}  # raw value of the variable -> its checked mode
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _environ.getenv("TRITON_INTERPRET", "0") == "1"
 
 
 # ---------------------------------------------------------------------------------------------------- configs

@@ -1,6 +1,7 @@
 """flash_attention: softmax(q k^T * scale + bias) v without an N x N matrix in memory."""
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -149,7 +150,6 @@ def _signature(q, k, v, bias, rel_pos, rope, scale, dropout_p, backend):
                    torch.is_grad_enabled() and any(t.requires_grad for t in terms))  # triton's grid limit
         signature = (sig(q), sig(k), sig(v), sig(bias), rel, rope_key, type(scale), scale, type(dropout_p), dropout_p,
                      backend, _CALLS.environment())
-        hash(signature)
         return signature
     except (AttributeError, TypeError, RuntimeError):  # not plain tensors / hashable: the checks say what is wrong
         return None
@@ -189,6 +189,7 @@ def _rel_grad_wanted(rel: RelPos) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in rel.terms)
 
 
+@functools.lru_cache(maxsize=None)  # the import statement costs a dict walk per call
 def _triton_kernels():
     from vitkernels.ops.attention.triton import TritonAttentionKernels  # imports triton: only when used
 
@@ -199,6 +200,7 @@ def _triton_run(inputs: AttentionInputs) -> torch.Tensor:
     return apply_attention(_triton_kernels(), inputs)
 
 
+@functools.lru_cache(maxsize=None)  # the import statement costs a dict walk per call
 def _cpu_kernels():
     from vitkernels.ops.attention.cpu import CpuAttentionKernels
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from vitkernels.ops._autograd import autograd_needed
 from vitkernels.ops.attention.checks import RelPos, Rope
 
 
@@ -49,8 +50,12 @@ class AttentionFunction(torch.autograd.Function):
 
 def apply_attention(kernels, inputs) -> torch.Tensor:
     """``AttentionFunction`` on checked ``AttentionInputs``: the rel_pos terms and the rope tables go in as
-    tensors (autograd carries their gradients)."""
+    tensors (autograd carries their gradients). With nothing to differentiate, the kernels' forward alone."""
     rel, rope = inputs.rel_pos, inputs.rope
+    if not autograd_needed(inputs.q, inputs.k, inputs.v, inputs.bias, *(rel.terms if rel is not None else ()),
+                           *((rope.cos, rope.sin) if rope is not None else ())):
+        return kernels.forward(inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale, inputs.dropout_p, rel,
+                               rope)[0]
     args = (kernels, inputs.q, inputs.k, inputs.v, inputs.bias, inputs.scale, inputs.dropout_p)
     if rel is not None or rope is not None:
         args += (None, None, None, 0) if rel is None else (rel.rel_h, rel.rel_w, rel.rel_t, rel.prefix)

@@ -1,6 +1,7 @@
 """patch_embed: patchify + projection + bias (+ pos_embed, prefix tokens) in one op."""
 from __future__ import annotations
 
+import functools
 from typing import List, Optional
 
 import torch
@@ -9,7 +10,7 @@ from vitkernels import dispatch
 from vitkernels.ops import _compile, _tracing
 from vitkernels.ops.patch_embed.checks import OP, PatchEmbedInputs, check_patch_embed_inputs
 from vitkernels.ops.patch_embed.compile import compiled_patch_embed
-from vitkernels.ops.patch_embed.function import PatchEmbedFunction
+from vitkernels.ops.patch_embed.function import apply_patch_embed
 from vitkernels.ops.patch_embed.gather_gemm import GatherGemmKernels
 from vitkernels.ops.patch_embed.reference import ReferencePatchEmbedKernels, patch_embed_reference
 from vitkernels.ops._checks import autocast_cast, autocast_dtype
@@ -57,7 +58,6 @@ def patch_embed(
     try:
         signature = (sig(x), sig(weight), sig(bias), sig(pos_embed), sig(prefix_tokens), backend,
                      _CALLS.environment())
-        hash(signature)
     except (AttributeError, TypeError, RuntimeError):  # not plain tensors / hashable: the checks say what is wrong
         signature = None
     impl = _CALLS.get(signature)
@@ -77,8 +77,7 @@ def _reference_run(inputs: PatchEmbedInputs) -> torch.Tensor:
 
 
 def _gather_gemm_run(inputs: PatchEmbedInputs) -> torch.Tensor:
-    return PatchEmbedFunction.apply(GatherGemmKernels, inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
-                                    inputs.prefix_tokens)
+    return apply_patch_embed(GatherGemmKernels, inputs)
 
 
 def _device_reasons(device_type: str):
@@ -92,6 +91,7 @@ def _device_reasons(device_type: str):
     return reasons
 
 
+@functools.lru_cache(maxsize=None)  # the import statement costs a dict walk per call
 def _cpu_kernels():
     from vitkernels.ops.patch_embed.cpu import CpuPatchEmbedKernels
 
@@ -99,8 +99,7 @@ def _cpu_kernels():
 
 
 def _cpu_run(inputs: PatchEmbedInputs) -> torch.Tensor:
-    return PatchEmbedFunction.apply(_cpu_kernels(), inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
-                                    inputs.prefix_tokens)
+    return apply_patch_embed(_cpu_kernels(), inputs)
 
 
 def _cpu_reasons(inputs: PatchEmbedInputs) -> List[str]:
@@ -108,6 +107,7 @@ def _cpu_reasons(inputs: PatchEmbedInputs) -> List[str]:
     return [r for r in cpu_reasons(inputs.device, inputs.dtype) if not r.startswith("dtype")]
 
 
+@functools.lru_cache(maxsize=None)  # the import statement costs a dict walk per call
 def _triton_kernels():
     from vitkernels.ops.patch_embed.triton import TritonPatchEmbedKernels  # imports triton: only when used
 
@@ -115,8 +115,7 @@ def _triton_kernels():
 
 
 def _triton_run(inputs: PatchEmbedInputs) -> torch.Tensor:
-    return PatchEmbedFunction.apply(_triton_kernels(), inputs.x, inputs.weight, inputs.bias, inputs.pos_embed,
-                                    inputs.prefix_tokens)
+    return apply_patch_embed(_triton_kernels(), inputs)
 
 
 dispatch.register(OP, "reference", reasons=lambda inputs: [], run=_reference_run,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from vitkernels.ops._autograd import autograd_needed
+
 
 class PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
@@ -47,3 +49,11 @@ def _plain_strides(grad):
     if grad.stride() == tuple(reversed(strides)):
         return grad
     return grad.clone(memory_format=torch.contiguous_format)
+
+
+def apply_patch_embed(kernels, inputs) -> torch.Tensor:
+    """``PatchEmbedFunction`` on checked inputs; with nothing to differentiate, the kernels' forward alone."""
+    tensors = (inputs.x, inputs.weight, inputs.bias, inputs.pos_embed, inputs.prefix_tokens)
+    if not autograd_needed(*tensors):
+        return kernels.forward(*tensors)
+    return PatchEmbedFunction.apply(kernels, *tensors)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -82,7 +83,6 @@ def window_attention(
         signature = (sig(qkv), sig(rel_pos_bias), sig(qkv_bias), type(num_heads), num_heads, _hashable(window_size),
                      _hashable(shift_size), type(scale), scale, type(cosine), cosine, sig(logit_scale), backend,
                      _CALLS.environment())
-        hash(signature)
     except (AttributeError, TypeError, RuntimeError):  # not plain tensors / hashable: the checks say what is wrong
         signature = None
     known = _CALLS.get(signature)
@@ -128,6 +128,7 @@ def _triton_shape_reasons(inputs: WindowInputs) -> List[str]:
     return reasons
 
 
+@functools.lru_cache(maxsize=None)  # the import statement costs a dict walk per call
 def _triton_kernels():
     from vitkernels.ops.window_attention.triton import TritonWindowKernels  # imports triton: only when used
 
@@ -138,6 +139,7 @@ def _triton_run(inputs: WindowInputs) -> torch.Tensor:
     return window_attention_function(_triton_kernels(), inputs)
 
 
+@functools.lru_cache(maxsize=None)  # the import statement costs a dict walk per call
 def _cpu_kernels():
     from vitkernels.ops.window_attention.cpu import CpuWindowKernels
 

@@ -15,6 +15,8 @@ import dataclasses
 
 import torch
 
+from vitkernels.ops._autograd import autograd_needed
+
 
 class WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
@@ -39,6 +41,8 @@ class WindowAttentionFunction(torch.autograd.Function):
 
 
 def window_attention_function(kernels, inputs) -> torch.Tensor:
+    if not autograd_needed(inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias, inputs.logit_scale):
+        return kernels.forward(inputs)[0]  # nothing to differentiate: the kernels' forward alone
     if inputs.logit_scale is None:
         return WindowAttentionFunction.apply(kernels, inputs, inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias)
     return WindowAttentionFunction.apply(kernels, inputs, inputs.qkv, inputs.rel_pos_bias, inputs.qkv_bias,

@@ -14,7 +14,7 @@ if [[ $parts == *attention* ]]; then
   timeout 150 python3 -m benchmarks.attention_kernels --json $OUT/attention_kernels.json 2>&1 | grep -v Warn | tail -45
 fi
 if [[ $parts == *host* ]]; then
-  timeout 30 python3 -m benchmarks.host_overhead --calls 100 2>&1 | grep -v Warn | tail -8
+  timeout 30 python3 -m benchmarks.host_overhead --calls 100 2>&1 | grep -v Warn | tail -14
 fi
 if [[ $parts == *bench* ]]; then
   timeout 130 python3 -m tools.gpu_check --no-build --no-tests --ops window --out $OUT/gc --deadline 120 2>&1 | tail -4

@@ -1,7 +1,6 @@
 """window_attention: Swin / Video Swin shifted-window attention over a whole feature map."""
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import List, Optional, Sequence, Union
 
@@ -88,13 +87,11 @@ def window_attention(
     known = _CALLS.get(signature)
     if known is not None:  # checked and dispatched before: same metadata, same answer (geometry included)
         impl, template = known
-        return impl.run(dataclasses.replace(template, qkv=qkv, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias,
-                                            logit_scale=logit_scale))
+        return impl.run(template.with_tensors(qkv, rel_pos_bias, qkv_bias, logit_scale))
     inputs = check_window_inputs(qkv, num_heads, window_size, shift_size, rel_pos_bias, qkv_bias, scale, cosine,
                                  logit_scale)
     impl = dispatch.select(OP, inputs, backend)
-    _CALLS.put(signature, (impl, dataclasses.replace(inputs, qkv=None, rel_pos_bias=None, qkv_bias=None,
-                                                     logit_scale=None)))
+    _CALLS.put(signature, (impl, inputs.with_tensors(None, None, None, None)))
     return impl.run(inputs)
 
 

@@ -30,6 +30,14 @@ class WindowInputs:
     cosine: bool = False  # Swin V2: q and k L2-normalised per head, logits * exp(min(logit_scale, log 100))
     logit_scale: Optional[torch.Tensor] = None  # (num_heads,) or (num_heads, 1, ..., 1); cosine only
 
+    def with_tensors(self, qkv, rel_pos_bias, qkv_bias, logit_scale) -> "WindowInputs":
+        """A copy holding these tensors, the checked geometry kept (``dataclasses.replace`` without its
+        per-call ``__init__``: every call of a memoised signature and of the autograd.Function takes it)."""
+        new = object.__new__(WindowInputs)
+        new.__dict__ = {**self.__dict__, "qkv": qkv, "rel_pos_bias": rel_pos_bias, "qkv_bias": qkv_bias,
+                        "logit_scale": logit_scale}
+        return new
+
     @property
     def device(self) -> torch.device:
         return self.qkv.device

@@ -11,7 +11,6 @@ ctx.needs_input_grad for (qkv, rel_pos_bias, qkv_bias, logit_scale); gradients n
 """
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
@@ -22,19 +21,17 @@ class WindowAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kernels, inputs, qkv, rel_pos_bias, qkv_bias, logit_scale=None):
         # The tensors travel as arguments so autograd sees them; ``inputs`` carries the geometry.
-        inputs = dataclasses.replace(inputs, qkv=qkv, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias,
-                                     logit_scale=logit_scale)
+        inputs = inputs.with_tensors(qkv, rel_pos_bias, qkv_bias, logit_scale)
         out, lse, cache = kernels.forward(inputs)
         ctx.kernels = kernels
-        ctx.inputs = dataclasses.replace(inputs, qkv=None, rel_pos_bias=None, qkv_bias=None, logit_scale=None)
+        ctx.inputs = inputs.with_tensors(None, None, None, None)
         ctx.save_for_backward(qkv, rel_pos_bias, qkv_bias, logit_scale, out, lse, cache)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         qkv, rel_pos_bias, qkv_bias, logit_scale, out, lse, cache = ctx.saved_tensors
-        inputs = dataclasses.replace(ctx.inputs, qkv=qkv, rel_pos_bias=rel_pos_bias, qkv_bias=qkv_bias,
-                                     logit_scale=logit_scale)
+        inputs = ctx.inputs.with_tensors(qkv, rel_pos_bias, qkv_bias, logit_scale)
         needs = tuple(ctx.needs_input_grad[2:5]) + (len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5],)
         dqkv, dtable, dbias, dscale = ctx.kernels.backward(dout, inputs, out, lse, needs, cache)
         return (None, None, dqkv, dtable, dbias, dscale)[:len(ctx.needs_input_grad)]

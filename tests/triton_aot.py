@@ -48,7 +48,15 @@ def signature(fn, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
+def with_defaults(kernel, constexprs: dict) -> dict:
+    """``constexprs`` plus the kernel's defaults for the constexprs it leaves out, as a launch fills them in
+    (an ASTSource gets None for an absent one: ``x // ALIGN`` would not compile, ``if FLAG`` reads False)."""
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    return dict(defaults, **constexprs)
+
+
 def compile_kernel(kernel, dtype: str, constexprs: dict, arch: int, num_warps: int, num_stages: int) -> dict:
+    constexprs = with_defaults(kernel, constexprs)
     src = triton.compiler.ASTSource(fn=kernel, signature=signature(kernel, dtype, constexprs), constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options=dict(num_warps=num_warps, num_stages=num_stages))
@@ -86,7 +94,7 @@ def specialized_ptx(module: str, name: str, dtype: str, constexprs: dict, ones: 
     kernel = getattr(importlib.import_module(module), name)
     names = [p.name for p in kernel.params]
     ones = [n for n in ones if n in names]  # the lists name every kernel's strides: keep this one's
-    consts = dict(constexprs, **{n: 1 for n in ones})
+    consts = dict(with_defaults(kernel, constexprs), **{n: 1 for n in ones})
     sig = signature(kernel, dtype, consts)
     for n in ones:
         sig[n] = "constexpr"

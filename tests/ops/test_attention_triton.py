@@ -125,6 +125,87 @@ def test_dbias_batch_groups_depend_on_the_shape_only():
         assert (groups - 1) * per_group < loop_b <= groups * per_group
 
 
+def launched_kernels(monkeypatch):
+    """The (spec name, constexprs) of every tuned launch from here on."""
+    from vitkernels.ops import tuning
+
+    seen = []
+    original = tuning.launch
+
+    def spy(spec, kernel, grid, args, constexprs, key, device):
+        seen.append((spec.name, dict(constexprs)))
+        return original(spec, kernel, grid, args, constexprs, key, device)
+    monkeypatch.setattr(tuning, "launch", spy)
+    return seen
+
+
+@pytest.mark.parametrize("bias_shape,batch,dbias_kernel", [((2, 2, 33, 33), 2, False), ((1, 2, 33, 33), 1, False),
+                                                           ((1, 2, 33, 33), 2, True), ((2, 1, 33, 33), 2, True)],
+                         ids=["per-sample", "batch1", "batch-shared", "head-shared"])
+def test_dbias_of_a_full_shape_bias_comes_from_the_dq_kernel(monkeypatch, bias_shape, batch, dbias_kernel):
+    # each dS element is one element of a (B, H, Nq, Nk) bias: the dQ kernel writes dBias = dS, no dBias kernel
+    # recomputes S and dP; a broadcast bias sums dS over the batch (or heads): the dBias kernel
+    seen = launched_kernels(monkeypatch)
+    q, k, v, _ = qkv_views(batch, 2, 33, 40, device=DEVICE)
+    check_against_reference(q, k, v, torch.randn(bias_shape, device=DEVICE), dout=torch.randn(batch, 2, 33, 40,
+                                                                                                 device=DEVICE))
+    names = [name for name, _ in seen]
+    assert ("flash_attn_bwd_dbias" in names) == dbias_kernel, names
+    assert [c["WRITE_DBIAS"] for name, c in seen if name == "flash_attn_bwd_dq"] == [not dbias_kernel]
+
+
+def test_dbias_written_by_the_dq_kernel_equals_the_dbias_kernels_bitwise(monkeypatch):
+    # the same dS tiles, stored once in the bias's dtype: the dBias kernel (forced) gives the same bits
+    from vitkernels.ops.attention import triton as attn_triton
+
+    B, H, n, d = 2, 2, 45, 40
+    q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
+    bias, g = torch.randn(B, H, n, n, device=DEVICE), torch.randn(B, H, n, d, device=DEVICE)
+    grads = []
+    for from_dq in (True, False):
+        monkeypatch.setattr(attn_triton, "_dbias_is_ds", lambda *args, v_=from_dq: v_)
+        ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        vitkernels.flash_attention(*ts[:3], bias=ts[3], dropout_p=0.0, backend="triton").backward(g)
+        grads.append([t.grad for t in ts])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_per_sample_bias_backward_is_deterministic_bitwise():
+    q, k, v = (torch.randn(2, 2, 77, 40, device=DEVICE) for _ in range(3))
+    bias, g = torch.randn(2, 2, 77, 77, device=DEVICE), torch.randn(2, 2, 77, 40, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        ts = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+        vitkernels.flash_attention(*ts[:3], bias=ts[3], backend="triton").backward(g)
+        runs.append([t.grad for t in ts])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the NaN the kernels then drop
+def test_the_aligned_copys_padding_never_reaches_a_result(monkeypatch):
+    # on a GPU the copy's padding is left unwritten (one device op): poisoned with NaN here, every output and
+    # gradient stays finite and matches the reference
+    from vitkernels.ops.attention import triton as attn_triton
+
+    original = attn_triton._aligned_rows
+    poisoned = []
+
+    def nan_padding(bias4, batch):
+        aligned = original(bias4, batch)
+        if aligned is not bias4:
+            bb, bh, bm, bn = aligned.shape
+            aligned.as_strided((bb, bh, bm, aligned.stride(2)), aligned.stride())[..., bn:] = float("nan")
+            poisoned.append(aligned.stride(2))
+        return aligned
+    monkeypatch.setattr(attn_triton, "_aligned_rows", nan_padding)
+    q, k, v, _ = qkv_views(3, 2, 37, 32, device=DEVICE)
+    check_against_reference(q, k, v, torch.randn(1, 2, 37, 37, device=DEVICE), dout=torch.randn(3, 2, 37, 32,
+                                                                                               device=DEVICE))
+    assert poisoned and set(poisoned) == {48}
+
+
 def test_key_padding_mask_with_minus_inf():
     B, H, n, d = 2, 2, 49, 32
     q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)
@@ -144,6 +225,30 @@ def test_strided_views_of_one_qkv_tensor_are_read_in_place_and_padding_is_never_
     out = vitkernels.flash_attention(q, k, v, backend="triton")
     assert torch.isfinite(out).all()
     check_against_reference(q, k, v, dout=torch.randn(B, H, n, d, device=DEVICE))
+
+
+def test_strides_aligned_to_8_elements_and_odd_ones_fall_back(monkeypatch):
+    # a packed qkv at D = 40: strides are multiples of 8 (STRIDE_ALIGN = 8, wide loads on a GPU); q, k, v cut
+    # from a buffer with odd rows (D + 1): STRIDE_ALIGN = 1, the kernels read every stride as it is
+    seen = launched_kernels(monkeypatch)
+    B, H, n, d = 2, 2, 37, 40
+    q, k, v, _ = qkv_views(B, H, n, d, device=DEVICE)
+    bias = torch.randn(1, H, n, n, device=DEVICE)
+    check_against_reference(q, k, v, bias, dout=torch.randn(B, H, n, d, device=DEVICE))
+    assert {c["STRIDE_ALIGN"] for _, c in seen} == {8}
+    seen.clear()
+    buf = torch.full((B, n, 3, H, d + 1), float("nan"), device=DEVICE)
+    buf[..., :d] = torch.randn(B, n, 3, H, d, device=DEVICE)
+    q, k, v = buf[..., :d].permute(2, 0, 3, 1, 4).unbind(0)
+    assert q.stride(1) == d + 1  # odd head offsets
+    full = torch.randn(B, H, n, n, device=DEVICE)  # dBias from the dQ kernel, too
+    check_against_reference(q, k, v, full, dout=torch.randn(B, n, H, d, device=DEVICE).transpose(1, 2))
+    assert {c["STRIDE_ALIGN"] for _, c in seen} == {1}
+    seen.clear()
+    buf = torch.randn(B, n, 3, H, d + 2, device=DEVICE)  # rows of 42: multiples of 2 only
+    q, k, v = buf[..., :d].permute(2, 0, 3, 1, 4).unbind(0)
+    check_against_reference(q, k, v, dout=torch.randn(B, H, n, d, device=DEVICE))
+    assert {c["STRIDE_ALIGN"] for _, c in seen} == {2}
 
 
 def test_non_contiguous_output_gradient():
@@ -178,13 +283,14 @@ def test_backward_is_deterministic_bitwise():
     attention_backward_is_bitwise_deterministic("triton", DEVICE)
 
 
-@pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_keeps_one_minus_p_and_matches_the_reference_given_the_same_mask(p):
+@pytest.mark.parametrize("p,bias_batch", [(0.1, 1), (0.5, 1), (0.3, 2)], ids=["0.1", "0.5", "0.3-per-sample-bias"])
+def test_dropout_keeps_one_minus_p_and_matches_the_reference_given_the_same_mask(p, bias_batch):
+    # a per-sample bias: its gradient (dS with the dropped entries) from the dQ kernel
     from vitkernels.ops.attention.triton import draw_dropout_seed, dropout_mask_triton
 
     B, H, n, d = 2, 2, 77, 32
     q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for _ in range(3))
-    bias = torch.randn(1, H, n, n, device=DEVICE)
+    bias = torch.randn(bias_batch, H, n, n, device=DEVICE)
     torch.manual_seed(123)
     seed = draw_dropout_seed(DEVICE)
     assert seed.device.type == torch.device(DEVICE).type and seed.shape == (2,)  # (seed, offset) on the device
@@ -394,12 +500,15 @@ def test_rope_per_dtype(dtype, tables, rotate_half, d):
                       table_dtype=torch.float32 if tables == "fp32" else None, tables_grad=d == 80)
 
 
-def rope_rel_pos_leaves(prefix=1, seed=0):
-    """q, k, v on a 5 x 6 grid after ``prefix`` class tokens, rope tables, rel_pos terms and a bias."""
+def rope_rel_pos_leaves(prefix=1, seed=0, per_sample_bias=False):
+    """q, k, v on a 5 x 6 grid after ``prefix`` class tokens, rope tables, rel_pos terms and a bias (shared by
+    the batch, or one per sample: its gradient from the dQ kernel)."""
     leaves = rope_leaves(2, 2, prefix + 30, 32, prefix=prefix, device=DEVICE, with_bias=True, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     leaves["rel_h"] = torch.randn(2, 2, 30, 5, generator=g).to(DEVICE)
     leaves["rel_w"] = torch.randn(2, 2, 30, 6, generator=g).to(DEVICE)
+    if per_sample_bias:
+        leaves["bias"] = torch.randn(2, *leaves["bias"].shape[1:], generator=g).to(DEVICE)
     return leaves
 
 
@@ -410,10 +519,11 @@ def _rope_rel_call(ts, prefix, rotate_half, backend, dropout_p=0.0):
                                       dropout_p=dropout_p, backend=backend)
 
 
-@pytest.mark.parametrize("rotate_half", LAYOUTS)
-def test_rope_with_rel_pos_and_a_learnable_bias(rotate_half):
+@pytest.mark.parametrize("rotate_half,per_sample_bias", [(False, False), (True, False), (False, True)],
+                         ids=["pairs", "half", "pairs-per-sample-bias"])
+def test_rope_with_rel_pos_and_a_learnable_bias(rotate_half, per_sample_bias):
     # every gradient (q, k, v, bias, the rel_pos terms, the tables) against the fp64 reference
-    leaves = rope_rel_pos_leaves()
+    leaves = rope_rel_pos_leaves(per_sample_bias=per_sample_bias)
     results = {}
     for name, cast, be in (("ref", torch.float64, "reference"), ("pt", torch.float32, "reference"),
                            ("run", torch.float32, "triton")):
@@ -428,17 +538,18 @@ def test_rope_with_rel_pos_and_a_learnable_bias(rotate_half):
                         name=f"d{n}")
 
 
-@pytest.mark.parametrize("rotate_half", LAYOUTS)
-def test_rope_with_dropout_matches_the_reference_given_the_kernels_mask(rotate_half):
+@pytest.mark.parametrize("rotate_half,per_sample_bias", [(False, False), (True, False), (False, True)],
+                         ids=["pairs", "half", "pairs-per-sample-bias"])
+def test_rope_with_dropout_matches_the_reference_given_the_kernels_mask(rotate_half, per_sample_bias):
     # the kernels' own keep-mask replayed in the fp64 reference: rope, rel_pos, a bias and dropout combine,
-    # learnable tables included
+    # learnable tables included; a per-sample bias has its gradient from the dQ kernel
     from vitkernels.ops.attention.function import AttentionFunction
     from vitkernels.ops.attention.reference import rel_pos_dense
     from vitkernels.ops.attention.rope import apply_rope
     from vitkernels.ops.attention.triton import TritonAttentionKernels, dropout_mask_triton
 
     p, prefix = 0.3, 1
-    leaves = rope_rel_pos_leaves(prefix)
+    leaves = rope_rel_pos_leaves(prefix, per_sample_bias=per_sample_bias)
     seen = {}
 
     class Recording:

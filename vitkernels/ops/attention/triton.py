@@ -6,10 +6,16 @@ Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias 
 
 - Forward: online softmax in base 2 (scale and bias pre-multiplied by log2(e)); saves the row
   log-sum-exp (natural log), nothing N x N.
-- Backward: delta = rowsum(O * dO); dK/dV kernel (one program per key block, loops over queries);
-  dQ kernel (one program per query block, loops over keys); dBias kernel (one program per bias tile,
-  loops over the dims the bias broadcasts). No atomics: every gradient is written by exactly one
-  program in a fixed order, so gradients are bitwise deterministic.
+- Backward: delta = rowsum(O * dO); dK/dV kernel (one program per key block, loops over queries; S^T and
+  dP^T formed transposed: 4 GEMMs); dQ kernel (one program per query block, loops over keys: 3 GEMMs),
+  which also writes dBias = dS for a bias of the full (B, H, Nq, Nk) shape; dBias kernel for a broadcast
+  bias (one program per bias tile, loops over the dims the bias broadcasts, 2 more GEMMs). No atomics:
+  every gradient is written by exactly one program in a fixed order, so gradients are bitwise
+  deterministic.
+- Strides: the batch / head / row strides of q, k, v, out, dO and the gradients are rounded in the
+  kernels to STRIDE_ALIGN (8, 4, 2 or 1 elements, what the host found them all to be multiples of):
+  Triton specializes integer arguments for divisibility by 16 only, and a packed qkv at D = 40, 56, 72, 88
+  has strides that are multiples of 8, enough for 16-byte vectors and cp.async in fp16 / bf16.
 - Dropout: keep-mask from Philox with counters (query row, key column // 4, b*H + h, offset), its 4
   outputs for 4 consecutive key columns; the seed and
   offset live in a device tensor drawn from torch's generator of q's device, so the backward
@@ -29,6 +35,7 @@ Kernels first, then launchers. Shapes: q (B, H, Nq, D), k/v (B, H, Nk, D), bias 
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -66,6 +73,15 @@ def _dropout_keep(Seed, bh, rows, cols, dropout_p):
     # join appends a last dim: [.., g, x, y] holds column 4g + 2x + y, so (x, y) = (0, 0) r0, (0, 1) r1, ...
     u = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), [BM, BN])
     return tl.uint_to_uniform_float(u) >= dropout_p
+
+
+@triton.jit
+def _align(stride_b, stride_h, stride_n, ALIGN: tl.constexpr):
+    """A tensor's batch, head and row strides as visible multiples of ALIGN (``STRIDE_ALIGN``: the host checked
+    they are, so the rounding changes no value): Triton derives divisibility from an argument only when it is a
+    multiple of 16, and the packed strides of D = 40, 56, 72, 88 are multiples of 8 (16 bytes in fp16 / bf16),
+    which the product with a constant now shows its alignment analysis: wide, pipelined loads."""
+    return stride_b // ALIGN * ALIGN, stride_h // ALIGN * ALIGN, stride_n // ALIGN * ALIGN
 
 
 @triton.jit
@@ -278,6 +294,28 @@ def _probs_tile(q, kT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale
     return probs_from_lse(qk, lse2, valid)
 
 
+@triton.jit
+def _probs_tile_t(k, qT, lse2, bias_base, offs_m, offs_n, mask_m, mask_n, qk_scale,
+                  stride_bias_m, stride_bias_n, bias_cols,
+                  rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk, stride_rtm, stride_rtk,
+                  rel_kh, rel_kw, rel_prefix,
+                  HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """``_probs_tile`` transposed, (N x M) = P^T, computed as S^T = K Q^T (Triton's fused-attention tutorial):
+    the dot's accumulator is the tile the dK/dV products take, not a transpose of it through shared memory.
+    The bias is read transposed (its loads still run along the bias rows); the rel_pos gather keeps its
+    (M x N) form."""
+    qkT = tl.dot(k, qT, input_precision=INPUT_PRECISION) * qk_scale
+    valid = mask_n[:, None] & mask_m[None, :]
+    if HAS_BIAS:
+        qkT += _bias_tile(bias_base, offs_m[None, :], offs_n[:, None],
+                          (offs_n < bias_cols)[:, None] & mask_m[None, :], stride_bias_m, stride_bias_n)
+    if HAS_REL:
+        qkT += tl.trans(_rel_tile(rel_h, rel_w, rel_t, offs_m, offs_n, mask_m, mask_n, stride_rhm, stride_rhk,
+                                  stride_rwm, stride_rwk, stride_rtm, stride_rtk, rel_kh, rel_kw, rel_prefix, REL_3D))
+    lse_safe = tl.where(lse2 == float("-inf"), float("inf"), lse2)  # as probs_from_lse, along the columns
+    return tl.where(valid, tl.math.exp2(qkT - lse_safe[None, :]), 0.0)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Forward
 
@@ -299,7 +337,12 @@ def _flash_attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False, ROPE_HALF: tl.constexpr = False,
+    STRIDE_ALIGN: tl.constexpr = 1,
 ):
+    stride_qb, stride_qh, stride_qm = _align(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _align(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _align(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_ob, stride_oh, stride_om = _align(stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
     # One grid axis (no 65535 limit), query blocks fastest: the blocks of one (b, h) run together and
     # share its K/V in L2 instead of re-reading them from DRAM
     num_m = tl.cdiv(N_Q, BLOCK_M)
@@ -383,9 +426,11 @@ def _flash_attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     H, N_Q,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """delta = rowsum(O * dO) (B, H, Nq) float32: the softmax-backward term of every row."""
+    stride_ob, stride_oh, stride_om = _align(stride_ob, stride_oh, stride_om, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _align(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
     off_bh = tl.program_id(0)  # B * H on axis 0: no 65535 grid limit
     start_m = tl.program_id(1)
     off_b = (off_bh // H).to(tl.int64)
@@ -420,12 +465,20 @@ def _flash_attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False, ROPE_HALF: tl.constexpr = False,
-    ROPE_UNROTATE: tl.constexpr = True,
+    ROPE_UNROTATE: tl.constexpr = True, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """One program per key block: dV = P_drop^T dO, dK = dS^T Q * scale, looping over all queries.
-    Tiles are held transposed (keys x queries) so both products are plain dots. With rope, S and dK take
-    the rotated q and k, and dK is rotated back in the epilogue (ROPE_UNROTATE; else the gradient of the
+    Tiles are formed transposed (keys x queries), S^T = K Q^T and dP^T = V dO^T, so both products are plain
+    dots of the accumulators as they come, with no transpose through shared memory (ptxas, sm_90, D = 64
+    with a bias: no spill, was 12 bytes; with dropout too: 76 bytes, was 332). With rope, S and dK take the
+    rotated q and k, and dK is rotated back in the epilogue (ROPE_UNROTATE; else the gradient of the
     rotated k is stored, for learnable tables)."""
+    stride_qb, stride_qh, stride_qm = _align(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _align(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _align(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _align(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    stride_dkb, stride_dkh, stride_dkn = _align(stride_dkb, stride_dkh, stride_dkn, STRIDE_ALIGN)
+    stride_dvb, stride_dvh, stride_dvn = _align(stride_dvb, stride_dvh, stride_dvn, STRIDE_ALIGN)
     num_n = tl.cdiv(N_K, BLOCK_N)  # one grid axis, key blocks fastest (see the forward)
     off_bh = tl.program_id(0) // num_n
     start_n = tl.program_id(0) % num_n
@@ -474,12 +527,12 @@ def _flash_attn_bwd_dkdv_kernel(
         do = tl.load(do_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         lse2 = tl.load(LSE + row_base + rows, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(Delta + row_base + rows, mask=mask_m, other=0.0)
-        # pT[n, m] = P[m, n]: the transposed probability tile
-        pT = tl.trans(_probs_tile(tl.trans(qT), tl.trans(k), lse2, bias_base, rows, offs_n, mask_m, mask_n,
-                                  qk_scale, stride_biasm, stride_biasn, BIAS_COLS,
-                                  rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk,
-                                  stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX,
-                                  HAS_BIAS, HAS_REL, REL_3D, INPUT_PRECISION))
+        # pT[n, m] = P[m, n], formed transposed from the start (S^T = K Q^T): no transposed accumulator
+        pT = _probs_tile_t(k, qT, lse2, bias_base, rows, offs_n, mask_m, mask_n, qk_scale,
+                           stride_biasm, stride_biasn, BIAS_COLS,
+                           rel_h, rel_w, rel_t, stride_rhm, stride_rhk, stride_rwm, stride_rwk,
+                           stride_rtm, stride_rtk, REL_KH, REL_KW, REL_PREFIX,
+                           HAS_BIAS, HAS_REL, REL_3D, INPUT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)  # (dO V^T)^T
         if HAS_DROPOUT:
             keepT = tl.trans(_dropout_keep(Seed, off_bh, rows, offs_n, dropout_p))
@@ -538,7 +591,7 @@ def _dscores_tile(q, do, lse2, delta, K, V, bias_base, off_bh, offs_m, mask_m, c
 
 @triton.jit
 def _flash_attn_bwd_dq_kernel(
-    Q, K, V, Bias, RelH, RelW, RelT, DOut, LSE, Delta, DQ, DRelH, DRelW, DRelT,
+    Q, K, V, Bias, RelH, RelW, RelT, DOut, LSE, Delta, DQ, DRelH, DRelW, DRelT, DBias,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -548,6 +601,7 @@ def _flash_attn_bwd_dq_kernel(
     stride_rtb, stride_rth, stride_rtm, stride_rtk,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
     H, N_Q, N_K, BIAS_COLS, REL_KH, REL_KW, REL_PREFIX, REL_KT,
     sm_scale, dropout_p, keep_scale, Seed,
     Cos, Sin, stride_cb, stride_ch, stride_cn, stride_cd, stride_sb, stride_sh, stride_sn, stride_sd, ROPE_PREFIX,
@@ -555,12 +609,20 @@ def _flash_attn_bwd_dq_kernel(
     HAS_BIAS: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr, REL_GRAD: tl.constexpr,
     KT_PAD: tl.constexpr, KH_PAD: tl.constexpr, KW_PAD: tl.constexpr, REL_EXACT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False,
-    ROPE_HALF: tl.constexpr = False, ROPE_UNROTATE: tl.constexpr = True,
+    ROPE_HALF: tl.constexpr = False, ROPE_UNROTATE: tl.constexpr = True, STRIDE_ALIGN: tl.constexpr = 1,
+    WRITE_DBIAS: tl.constexpr = False,
 ):
     """One program per query block: dQ = dS K * scale, looping over all keys. With REL_GRAD, also the
     rel_pos gradients of its rows (dS summed by key-grid row / column / frame): the program owns those
     rows, so they are written once, in a fixed order. DRel*: contiguous (B, H, Nq - prefix, K) float32.
-    With rope, S and dQ take the rotated q and k and dQ is rotated back in the epilogue (ROPE_UNROTATE)."""
+    With rope, S and dQ take the rotated q and k and dQ is rotated back in the epilogue (ROPE_UNROTATE).
+    WRITE_DBIAS (a bias of the full (B, H, Nq, Nk) shape: each dS element is exactly one of dBias's): dBias = dS
+    is stored from here as each tile is formed, in the bias's dtype, and no dBias kernel recomputes S and dP."""
+    stride_qb, stride_qh, stride_qm = _align(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _align(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _align(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _align(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
+    stride_dqb, stride_dqh, stride_dqm = _align(stride_dqb, stride_dqh, stride_dqm, STRIDE_ALIGN)
     num_m = tl.cdiv(N_Q, BLOCK_M)  # one grid axis, query blocks fastest (see the forward)
     off_bh = tl.program_id(0) // num_m
     start_m = tl.program_id(0) % num_m
@@ -594,6 +656,7 @@ def _flash_attn_bwd_dq_kernel(
     rel_h = RelH + off_b * stride_rhb + off_h * stride_rhh
     rel_w = RelW + off_b * stride_rwb + off_h * stride_rwh
     rel_t = RelT + off_b * stride_rtb + off_h * stride_rth
+    db_rows = DBias + off_b * stride_dbb + off_h * stride_dbh + rows * stride_dbm
     qk_scale = sm_scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -611,6 +674,9 @@ def _flash_attn_bwd_dq_kernel(
                               offs_c, mask_c, cos_base, sin_base, stride_cn, stride_cd, stride_sn, stride_sd,
                               ROPE_PREFIX, HAS_BIAS, HAS_REL, REL_3D, HAS_DROPOUT, INPUT_PRECISION, BLOCK_D,
                               HAS_ROPE, ROPE_HALF, HEAD_DIM)
+        if WRITE_DBIAS:  # exactly what the dBias kernel would write for this tile (one term: no sum)
+            tl.store(db_rows + cols[None, :].to(tl.int64) * stride_dbn, ds.to(DBias.dtype.element_ty),
+                     mask=mask_m[:, None] & (cols < N_K)[None, :])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
         if REL_GRAD:
             d_rel_h = _rel_grad_step(d_rel_h, ds, k, cols, N_K, REL_KH, REL_KW, REL_PREFIX, 1, KH_PAD, REL_EXACT)
@@ -658,7 +724,7 @@ def _flash_attn_bwd_dbias_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     REDUCE_M: tl.constexpr, REDUCE_N: tl.constexpr, HAS_REL: tl.constexpr, REL_3D: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_ROPE: tl.constexpr = False,
-    ROPE_HALF: tl.constexpr = False,
+    ROPE_HALF: tl.constexpr = False, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """dBias = dS summed over the dims the bias broadcasts, one program per tile of dBias.
 
@@ -667,7 +733,14 @@ def _flash_attn_bwd_dbias_kernel(
     deterministic reduction without atomics and without a (B, H, Nq, Nk) temporary. A bias shared by the
     batch has its batch walk split in groups of B_PER_GROUP (grid axis 0 is group * BIAS_BH + bias (b, h)),
     each writing its partial sum at ``group * stride_dbg``, summed by the host in a fixed order: enough
-    programs to fill the GPU."""
+    programs to fill the GPU. A bias of the full shape never comes here: the dQ kernel writes its dBias =
+    dS (WRITE_DBIAS); this kernel serves the broadcast ones, whose every element sums dS over the batch
+    (and / or heads, rows, columns) that many dQ programs produce: it walks them in a fixed order instead
+    of adding across programs with atomics."""
+    stride_qb, stride_qh, stride_qm = _align(stride_qb, stride_qh, stride_qm, STRIDE_ALIGN)
+    stride_kb, stride_kh, stride_kn = _align(stride_kb, stride_kh, stride_kn, STRIDE_ALIGN)
+    stride_vb, stride_vh, stride_vn = _align(stride_vb, stride_vh, stride_vn, STRIDE_ALIGN)
+    stride_dob, stride_doh, stride_dom = _align(stride_dob, stride_doh, stride_dom, STRIDE_ALIGN)
     group = tl.program_id(0) // BIAS_BH
     pid_bh = tl.program_id(0) % BIAS_BH
     pid_m = tl.program_id(1)
@@ -787,7 +860,14 @@ def _aligned_rows(bias4: torch.Tensor, batch: int) -> torch.Tensor:
     """A bias shared by the batch and read by every one of its B programs' tiles, whose rows do not start
     on a multiple of 16 elements (Nk = 197, 577: ViT), is read from a copy with rows padded to 16 (zeros):
     its tile loads then vectorize and pipeline instead of going element by element. One copy per call, B
-    times smaller than the reads it speeds up. Any other bias is read in place."""
+    times smaller than the reads it speeds up. Any other bias is read in place.
+
+    On a GPU the padding is left unwritten (one device op, the copy; zeros would take a fill too, as
+    F.pad does): the kernels load it (their column mask stops at BIAS_COLS, the padded width, so it never
+    splits a 16-element group) and drop it by selection: the forward sets every column past Nk to -inf with
+    tl.where and the backward's probabilities are tl.where(valid, ..., 0), so whatever bits it holds never
+    reach a result (tests poison it with NaN). On the CPU (the interpreter) it is zeroed: numpy would warn
+    about the arithmetic on garbage before the selection."""
     bb, bh, bm, bn = bias4.shape
     if bb != 1 or batch == 1 or bn == 1 or bias4.stride(3) != 1:
         return bias4
@@ -795,7 +875,8 @@ def _aligned_rows(bias4: torch.Tensor, batch: int) -> torch.Tensor:
     if all(st % ROW_ALIGN == 0 for st, n in zip(strides, (bh, bm)) if n > 1) and _aligned_start(bias4):
         return bias4
     padded = -(-bn // ROW_ALIGN) * ROW_ALIGN
-    aligned = bias4.new_zeros((bb, bh, bm, padded))[..., :bn]  # the padding is read (then masked): zeros
+    shape = (bb, bh, bm, padded)
+    aligned = (bias4.new_empty(shape) if bias4.is_cuda else bias4.new_zeros(shape))[..., :bn]
     aligned.copy_(bias4)
     return aligned
 
@@ -806,6 +887,25 @@ def _aligned_start(t: torch.Tensor) -> bool:
     if tuning.traced(t):
         return (t.storage_offset() * t.element_size()) % 16 == 0
     return t.data_ptr() % 16 == 0
+
+
+def _stride_align(*tensors: torch.Tensor) -> int:
+    """STRIDE_ALIGN of a launch: the largest of 8, 4, 2, 1 dividing the batch, head and row strides of every
+    (B, H, N, D) tensor it reads or writes (the kernels round them to it, see ``_align``; channel strides are
+    not rounded). 8 when they all are multiples of 8 elements: a packed qkv at D = 40, 56, 72, 88 and
+    contiguous outputs at any N. One gcd over all the strides (the host path stays cheap)."""
+    strides = [st for t in tensors for st in t.stride()[:3]]
+    try:
+        g = math.gcd(*strides)
+    except TypeError:  # symbolic strides (torch.compile, dynamic shapes): each tested
+        return next(a for a in (8, 4, 2, 1) if all(st % a == 0 for st in strides))
+    return min(8, g & -g) if g else 8
+
+
+def _align_key(align: int) -> Dict[str, Any]:
+    """The tune-key entry of STRIDE_ALIGN: none at 8 (the usual case, the keys stay those the tuned tables
+    hold); narrower strides load narrower, other code, maybe other best tiles."""
+    return {} if align == 8 else {"align": align}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -902,14 +1002,16 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, re
         _, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_strides = bias_b.stride() if bias_b is not None else None
         rel_terms, rel_strides, rel_sizes, rel_flags = _rel_args(rel_pos, q)
+        align = _stride_align(q, k, v, out)
         tuning.launch(
-            configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
+            configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H * tuning.cdiv(n_q, meta["BLOCK_M"]),),
             (q, k, v, bias_b if bias_b is not None else q, *rel_terms, out, lse,
              *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides, *out.stride(),
              H, n_q, n_k, bias_cols, *rel_sizes, scale, dropout_p, _keep_scale(dropout_p), seed, *_rope_args(rope, q)),
             dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                 INPUT_PRECISION=_precision(q.dtype), **rel_flags, **_rope_flags(rope)),
-            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos), **_rope_key(rope)),
+                 INPUT_PRECISION=_precision(q.dtype), STRIDE_ALIGN=align, **rel_flags, **_rope_flags(rope)),
+            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos), **_rope_key(rope),
+                             **_align_key(align)),
             q.device)
     return out, lse, seed
 
@@ -925,72 +1027,89 @@ def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor
     block_d = _block_d(d)
     with tuning.on_device(q):
         delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)
-        tuning.launcher(_flash_attn_bwd_preprocess_kernel, out)[(B * H, triton.cdiv(n_q, 64))](
-            out, dout, delta, *out.stride(), *dout.stride(), H, n_q, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d,
-        )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
         dk = torch.empty_like(k, memory_format=torch.contiguous_format)
         dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        align = _stride_align(q, k, v, out, dout, dq, dk, dv)
+        tuning.launcher(_flash_attn_bwd_preprocess_kernel, out)[(B * H, tuning.cdiv(n_q, 64))](
+            out, dout, delta, *out.stride(), *dout.stride(), H, n_q, HEAD_DIM=d, BLOCK_M=64, BLOCK_D=block_d,
+            STRIDE_ALIGN=align,
+        )
         bias4, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_arg = bias_b if bias_b is not None else q
         bias_strides = bias_b.stride() if bias_b is not None else None
         rel_terms, rel_strides, rel_sizes, rel_flags = _rel_args(rel_pos, q)
         flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                     INPUT_PRECISION=_precision(q.dtype), **rel_flags, **_rope_flags(rope, rope_unrotate))
+                     INPUT_PRECISION=_precision(q.dtype), STRIDE_ALIGN=align, **rel_flags,
+                     **_rope_flags(rope, rope_unrotate))
         key = configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos),
-                               **_rope_key(rope, rope_unrotate))
+                               **_rope_key(rope, rope_unrotate), **_align_key(align))
         scalars = (H, n_q, n_k, bias_cols, *rel_sizes)
         tail = (scale, dropout_p, _keep_scale(dropout_p), seed, *_rope_args(rope, q))
         strides = (*q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides,
                    *dout.stride())
         tuning.launch(
             configs.ATTN_BWD_DKDV, _flash_attn_bwd_dkdv_kernel,
-            lambda meta: (B * H * triton.cdiv(n_k, meta["BLOCK_N"]),),
+            lambda meta: (B * H * tuning.cdiv(n_k, meta["BLOCK_N"]),),
             (q, k, v, bias_arg, *rel_terms, dout, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(),
              *scalars, *tail),
             flags, key, q.device)
         rel_grad = rel_pos is not None and rel_requires_grad
         d_rel = _rel_grad_buffers(rel_pos, q) if rel_grad else (q, q, q)
         kt, kh, kw = rel_pos.key_grid if rel_pos is not None else (1, 1, 1)
+        write_dbias = bias_requires_grad and _dbias_is_ds(bias4, B, H, n_q, n_k)
+        dbias4 = torch.empty(bias4.shape, dtype=bias.dtype, device=bias.device) if write_dbias else None
         tuning.launch(
             configs.ATTN_BWD_DQ, _flash_attn_bwd_dq_kernel,
-            lambda meta: (B * H * triton.cdiv(n_q, meta["BLOCK_M"]),),
-            (q, k, v, bias_arg, *rel_terms, dout, lse, delta, dq, *d_rel, *strides, *dq.stride(), *scalars, kt, *tail),
+            lambda meta: (B * H * tuning.cdiv(n_q, meta["BLOCK_M"]),),
+            (q, k, v, bias_arg, *rel_terms, dout, lse, delta, dq, *d_rel, dbias4 if write_dbias else q, *strides,
+             *dq.stride(), *(dbias4.stride() if write_dbias else (0, 0, 0, 0)), *scalars, kt, *tail),
             dict(flags, REL_GRAD=rel_grad, KT_PAD=_rel_pad(kt) if rel_grad else 16,
                  KH_PAD=_rel_pad(kh) if rel_grad else 16, KW_PAD=_rel_pad(kw) if rel_grad else 16,
-                 REL_EXACT=q.dtype == torch.float32),
-            {**key, **_rel_key(rel_pos, rel_grad)}, q.device)
+                 REL_EXACT=q.dtype == torch.float32, WRITE_DBIAS=write_dbias),
+            {**key, **_rel_key(rel_pos, rel_grad), **({"dbias": 1} if write_dbias else {})}, q.device)
         drel = None
         if rel_grad:
             drel = tuple(g.to(t.dtype) if g is not None else None
                          for g, t in zip(d_rel if rel_pos.rel_t is not None else d_rel[:2] + (None,),
                                          (rel_pos.rel_h, rel_pos.rel_w, rel_pos.rel_t)))
         dbias = None
-        if bias_requires_grad:
+        if write_dbias:
+            dbias = dbias4.view(bias.shape)
+        elif bias_requires_grad:
             bb, bh, bm, bn = bias4.shape
             reduce_m, reduce_n = bm == 1 and n_q > 1, bn == 1 and n_k > 1
             loop_b = B if bb == 1 else 1
-            per_group, groups = _dbias_batch_groups(loop_b, bb * bh * (1 if reduce_m else triton.cdiv(n_q, 64))
-                                                    * (1 if reduce_n else triton.cdiv(n_k, 64)))
+            per_group, groups = _dbias_batch_groups(loop_b, bb * bh * (1 if reduce_m else tuning.cdiv(n_q, 64))
+                                                    * (1 if reduce_n else tuning.cdiv(n_k, 64)))
             if groups == 1:  # written in place, in the bias's dtype
                 parts = torch.empty(bias4.shape, dtype=bias.dtype, device=bias.device).unsqueeze(0)
             else:  # fp32 partial sums per batch group, summed below in a fixed order
                 parts = torch.empty((groups,) + tuple(bias4.shape), dtype=torch.float32, device=bias.device)
 
             def grid(meta):
-                return (groups * bb * bh, 1 if reduce_m else triton.cdiv(n_q, meta["BLOCK_M"]),
-                        1 if reduce_n else triton.cdiv(n_k, meta["BLOCK_N"]))
+                return (groups * bb * bh, 1 if reduce_m else tuning.cdiv(n_q, meta["BLOCK_M"]),
+                        1 if reduce_n else tuning.cdiv(n_k, meta["BLOCK_N"]))
 
             tuning.launch(
                 configs.ATTN_BWD_DBIAS, _flash_attn_bwd_dbias_kernel, grid,
                 (q, k, v, bias_b, *rel_terms, dout, lse, delta, parts, *strides, *parts.stride()[1:], parts.stride(0),
                  *scalars, bh, bb * bh, loop_b, H if bh == 1 else 1, per_group, *tail),
                 dict(HEAD_DIM=d, BLOCK_D=block_d, REDUCE_M=reduce_m, REDUCE_N=reduce_n, HAS_DROPOUT=dropout_p > 0,
-                     INPUT_PRECISION=_precision(q.dtype), **rel_flags, **_rope_flags(rope)),
+                     INPUT_PRECISION=_precision(q.dtype), STRIDE_ALIGN=align, **rel_flags, **_rope_flags(rope)),
                 {**key, "reduce": f"{int(reduce_m)}{int(reduce_n)}"}, q.device)
             dbias4 = parts[0] if groups == 1 else parts.sum(0).to(bias.dtype)
             dbias = dbias4.view(bias.shape)
     return dq, dk, dv, dbias, drel
+
+
+def _dbias_is_ds(bias4: torch.Tensor, B: int, H: int, n_q: int, n_k: int) -> bool:
+    """Whether each dS element is exactly one of dBias's (a bias of the full (B, H, Nq, Nk) shape; at batch 1
+    a batch-1 bias): then the dQ kernel writes dBias = dS as it forms the tiles (WRITE_DBIAS: 7 GEMMs in the
+    backward, not 9). A broadcast bias (ViT's (1, H, N, N) shared by the batch) sums dS over the dims it
+    broadcasts, elements that many dQ programs form: the dBias kernel walks them in a fixed order (bitwise
+    deterministic, no atomics), recomputing S and dP."""
+    return tuple(bias4.shape) == (B, H, n_q, n_k)
 
 
 def _rel_grad_buffers(rel_pos, q):
@@ -1010,9 +1129,9 @@ def _dbias_batch_groups(loop_b: int, tiles: int):
     """(batches per group, groups) of dBias's walk over the batch, from the shape only (``tiles``: the
     programs of one group with a fixed 64 x 64 tile estimate), never from the launch config, so the
     order of every sum, and so every bit of dBias, is fixed by the inputs."""
-    groups = max(1, min(loop_b, triton.cdiv(DBIAS_TARGET_PROGRAMS, tiles)))
-    per_group = triton.cdiv(loop_b, groups)
-    return per_group, triton.cdiv(loop_b, per_group)
+    groups = max(1, min(loop_b, tuning.cdiv(DBIAS_TARGET_PROGRAMS, tiles)))
+    per_group = tuning.cdiv(loop_b, groups)
+    return per_group, tuning.cdiv(loop_b, per_group)
 
 
 def dropout_mask_triton(seed: torch.Tensor, B: int, H: int, n_q: int, n_k: int, dropout_p: float) -> torch.Tensor:
@@ -1020,7 +1139,7 @@ def dropout_mask_triton(seed: torch.Tensor, B: int, H: int, n_q: int, n_k: int, 
     (seed, offset) tensor and p."""
     with tuning.on_device(seed):
         mask = torch.empty((B, H, n_q, n_k), dtype=torch.int8, device=seed.device)
-        _dropout_mask_kernel[(B * H, triton.cdiv(n_q, 32))](mask, seed, H, n_q, n_k, dropout_p, BLOCK_M=32, BLOCK_N=32)
+        _dropout_mask_kernel[(B * H, tuning.cdiv(n_q, 32))](mask, seed, H, n_q, n_k, dropout_p, BLOCK_M=32, BLOCK_N=32)
     return mask.bool()
 
 

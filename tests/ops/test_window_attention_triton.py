@@ -314,3 +314,119 @@ def test_cosine_blocked_backward_is_deterministic_bitwise():
          "video-8x7x7"])
 def test_gpu_cosine_swin_v2_shapes(dtype, shape, heads, window, shift):
     run_cosine(shape, heads, 32, window, shift, dtype=dtype)
+
+
+# ---- several heads of a window per fused-forward program (HEADS_PER_PROGRAM) ------------------------------
+
+
+def _force_heads_per_program(monkeypatch, per_program):
+    from vitkernels.ops.window_attention import triton as window_triton
+
+    monkeypatch.setattr(window_triton, "_heads_per_program", lambda num_bw, heads: per_program)
+
+
+@pytest.mark.parametrize("shape,heads,hd,window,shift,per_program", [
+    ((1, 13, 10), 4, 32, 7, 3, 2),                # padding and shift, 2 programs of 2 heads
+    ((2, 14, 14), 3, 32, 7, 3, 2),                # 3 heads in programs of 2: the spare head stores nothing
+    ((1, 3, 5, 5), 3, 32, (2, 3, 3), (1, 1, 2), 4),  # 3-D, padding in every dim, more slots than heads
+    ((1, 13, 10), 3, 40, 7, 3, 3),                # head_dim 40: strides multiples of 8 (STRIDE_ALIGN 8)
+], ids=["pad-2of4", "3heads-by-2", "3d-pad-4of3", "D40-3of3"])
+def test_fused_forward_packs_heads(monkeypatch, shape, heads, hd, window, shift, per_program):
+    _force_heads_per_program(monkeypatch, per_program)
+    run_case(shape, heads, hd, window, shift)
+
+
+def test_cosine_fused_forward_packs_heads(monkeypatch):
+    _force_heads_per_program(monkeypatch, 2)
+    run_cosine((1, 9, 11), 3, 24, (4, 5), (0, 2), seed=1)  # 3 heads in programs of 2, padding
+
+
+def _window_run(heads, hd, shape=(2, 13, 10), window=7, shift=3):
+    g = torch.Generator().manual_seed(0)
+    C = heads * hd
+    leaves = [torch.randn(*shape, 3 * C, generator=g), torch.randn(169, heads, generator=g),
+              torch.randn(3 * C, generator=g)]
+    dout = torch.randn(*shape, C, generator=g).to(DEVICE)
+    ts = [t.to(DEVICE).requires_grad_() for t in leaves]
+    out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=window, shift_size=shift,
+                                      rel_pos_bias=ts[1], qkv_bias=ts[2], backend="triton")
+    out.backward(dout)
+    return [out] + [t.grad for t in ts]
+
+
+def test_packed_heads_change_no_bit_and_the_backward_stays_deterministic(monkeypatch):
+    """Packing heads only reorders whole window-heads: output and every gradient (the backward reads the
+    forward's lse) are the same bits at 1 and 3 heads per program (the interpreter; compiled, the programs
+    differ, so fp32 rounding), and two packed runs agree bitwise."""
+    same = torch.equal if INTERPRET else (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6))
+    _force_heads_per_program(monkeypatch, 1)
+    single = _window_run(3, 32)
+    _force_heads_per_program(monkeypatch, 3)
+    packed = [_window_run(3, 32) for _ in range(2)]
+    for a, b, c in zip(single, *packed):
+        assert same(a, b)
+        assert torch.equal(b, c)
+
+
+def test_heads_per_program_keeps_swin_t_on_a_full_gpu():
+    from vitkernels.ops.window_attention import triton_configs as configs
+    from vitkernels.ops.window_attention.triton import FILL_PROGRAMS, _heads_per_program
+
+    # Swin-T at batch 64: (batch x windows, heads) of stages 1..4
+    picks = [_heads_per_program(num_bw, heads) for num_bw, heads in ((4096, 3), (1024, 6), (256, 12), (64, 24))]
+    assert picks == [3, 2, 1, 1]
+    for num_bw in (1, 5, 64, 256, 1024, 4096, 100_000):
+        for heads in (1, 2, 3, 4, 6, 12, 24, 32):
+            per_program = _heads_per_program(num_bw, heads)
+            assert heads % per_program == 0
+            if per_program > 1:  # packed only while the most windows per program still leave enough programs
+                units = -(-num_bw // configs.FUSED_FWD_MAX_BLOCK_W)
+                assert units * (heads // per_program) >= FILL_PROGRAMS
+
+
+def test_stride_align_is_what_divides_every_stride():
+    from vitkernels.ops.window_attention.triton import _as_3d, _stride_align
+
+    def align(shape, heads, hd, width=None):
+        C = heads * hd
+        x = torch.empty(*shape, width or 3 * C, device="meta")[..., : 3 * C]
+        out = torch.empty(*shape, C, device="meta")
+        return _stride_align((_as_3d(x), _as_3d(out)), C)
+
+    assert align((2, 56, 56), 3, 40) == 8      # 3C = 360: a multiple of 8, not of 16
+    assert align((2, 56, 56), 3, 32) == 1      # all multiples of 16: Triton's own specialization says so
+    assert align((2, 13, 10), 2, 20) == 8      # C = 40
+    assert align((2, 13, 10), 3, 20, width=3 * 60 + 2) == 2  # a view of a wider buffer: row stride 182
+    assert align((2, 13, 10), 1, 18) == 2      # C = 18
+    assert align((2, 13, 11), 1, 17, width=3 * 17) == 1
+
+
+def test_dense_bias_takes_two_device_ops():
+    """One gather and one add per call (views and the cached layout aside)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vitkernels.ops.window_attention.checks import check_window_inputs
+    from vitkernels.ops.window_attention.triton import _dense_bias, _fused_layout, _Geometry
+
+    qkv = torch.randn(2, 14, 14, 3 * 3 * 32, device=DEVICE)
+    table = torch.randn(169, 3, device=DEVICE)
+    inputs = check_window_inputs(qkv, 3, 7, 3, rel_pos_bias=table)
+    g = _Geometry(inputs)
+    expected = _dense_bias(inputs, g)  # warms the cached layout
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as rec:
+        bias = _dense_bias(inputs, g)
+    views = {"detach", "t", "view", "permute", "transpose", "_unsafe_view", "alias"}
+    assert [op for op in rec.ops if op not in views] == ["index_select", "add"], rec.ops
+    assert bias.is_contiguous() and bias.shape == (8, 3, 64, 64) and torch.equal(bias, expected)
+    rows, masks = _fused_layout(g.window, g.table_window, g.padded, g.shift, table.dtype, str(qkv.device))
+    assert torch.equal(bias, masks + table[rows].t().reshape(1, 3, 64, 64))

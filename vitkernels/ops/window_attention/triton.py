@@ -10,7 +10,16 @@ is timm's ``[0, L-w) | [L-w, L-s) | [L-s, L)`` per dim; the table row of a pair 
 coordinates in the table's window (Video Swin's ``index[:N, :N]`` when a 3-D window is clipped).
 
 Windows of at most 64 tokens (Swin's 7x7 and 8x8; not Video Swin's 8x7x7) fit one tile and take the fused
-kernels: one program per (consecutive windows, head) loops over its windows. Only the map's last window
+kernels: one forward program per (consecutive windows, HEADS_PER_PROGRAM consecutive heads) loops over its
+windows and, per window, over its heads, with the window's geometry (shift, padding, partition, row offsets)
+computed once for all of them; the launcher packs heads while the grid keeps FILL_PROGRAMS programs
+(Swin-T at batch 64: 3, 2, 1, 1 heads per program in stages 1..4). The fused backward keeps one head per
+program (over a group of windows): its d(table) partial sum is a (64 x 64) fp32 tile carried across the
+group's windows (~70 of its ~250 registers per thread under ptxas, sm_90), and a second head would need a
+second one. Several 49-token windows are not packed into one tile: the rows stay 77% used (2 x 49 of 128
+as 49 of 64), while the block-diagonal mask wastes the off-diagonal blocks of every (N x N) tile (S,
+softmax, P V: 2 windows use 29% of a 128 x 128 tile against 59% of a 64 x 64 one), so every step that
+scales with N x N would do about twice the work. Only the map's last window
 along a shifted dim is cut by the shift mask, and all such windows are cut alike, so a window's mask is one
 of 8 patterns (last along T, H, W or not); the table bias plus each pattern's mask is built once per call
 as a small dense tensor (8, heads, 64, 64) that the kernels read as one contiguous tile per window,
@@ -26,6 +35,11 @@ reductions have no atomics: dS summed over a group's windows (d(table)) and padd
 (d(qkv_bias): only padding reads qkv_bias) go to one slot per program, summed on the host in a fixed
 order; the groups depend on the shape only, so every gradient is bitwise deterministic.
 
+A packed qkv's strides are multiples of 16 elements only when D is (D = 40: 3C = 360 with 3 heads);
+Triton's launch specialization then gives no divisibility hint and every q / k / v load of a row went
+16 bits at a time (0 cp.async). The fused kernels take STRIDE_ALIGN (the host's largest of 8 / 4 / 2
+dividing every stride and C) and round the strides to it in the kernel, which tells the compiler.
+
 Swin V2's scaled cosine attention (``cosine=True``) runs in the same kernels: the q and k rows of each tile
 are L2-normalised in fp32 where they are loaded (no normalised copy exists), the head's logit scale is
 folded into q_hat and the logits stay in natural units; in fp16 / bf16, q_hat and k_hat enter the dots as
@@ -34,7 +48,8 @@ normalisation's adjoint row by row (a program holds a token's whole head dim) an
 the other reductions: one slot per program, summed on the host in a fixed order. Each kernel body takes a
 COSINE flag; its ``*_kernel`` entry point keeps the plain signature (ptxas allocates registers by the
 parameter list too: the plain kernels compile as they did), its ``*_cosine_kernel`` one adds the logit
-scale (and the d(logit_scale) slots).
+scale (and the d(logit_scale) slots). The fused entry points' HEADS_PER_PROGRAM and STRIDE_ALIGN default
+to 1 (one head per program, strides as Triton specializes them), as the AOT tests compile them unless told.
 """
 from __future__ import annotations
 
@@ -61,6 +76,10 @@ from vitkernels.ops.window_attention import triton_configs as configs
 FUSED_MAX_TOKENS = 64
 # Grouped reductions (d(table), d(qkv_bias)) aim at about this many programs: several waves on any GPU.
 TARGET_PROGRAMS = 1024
+# The fused forward packs up to this many heads of a window per program while at least FILL_PROGRAMS
+# programs remain (two waves of a 132-SM H100: one-tile programs are short, several share an SM).
+MAX_HEADS_PER_PROGRAM = 4
+FILL_PROGRAMS = 264
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -686,22 +705,37 @@ def _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W):
 
 
 @triton.jit
-def _load_window(QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw,
-                 C, NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-                 HEAD_DIM, ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr):
-    """What both fused kernels read first for one window-head: its batch, mask pattern, the tokens' source
-    coordinates and whether they are real (not padding), and q, k, v of its tokens (one geometry for all
-    three)."""
+def _aligned(stride, ALIGN: tl.constexpr):
+    """``stride`` with its divisibility by ALIGN known to the compiler: ``stride // ALIGN * ALIGN`` is the same
+    value (the host checked that ALIGN divides it) as a product by a constant, which AxisInfo tracks; a
+    packed qkv at D = 40 has strides that are multiples of 8 elements, not the 16 Triton specializes, and
+    ``tl.multiple_of`` on an argument is ignored. ALIGN = 1: unchanged."""
+    if ALIGN > 1:
+        stride = stride // ALIGN * ALIGN
+    return stride
+
+
+@triton.jit
+def _window_geometry(pid_bw, offs, in_w, stride_xt, stride_xh, stride_xw,
+                     NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
+                     ROLL_FIRST: tl.constexpr):
+    """What the fused kernels compute once per window, for all its heads: its batch, mask pattern, the
+    tokens' source coordinates, whether they are real (not padding) and their row offsets in qkv."""
     b, win_t, win_h, win_w, pattern = _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W)
     st, sh, sw, real, region = _window_tokens(offs, win_t, win_h, win_w, WT, WH, WW, ST, SH, SW, PT, PH, PW,
                                               SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
     real = real & in_w
-    x_base = QKV + b.to(tl.int64) * stride_xb
-    x_rows = _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw)
+    return b, pattern, st, sh, sw, real, _token_offsets(st, sh, sw, stride_xt, stride_xh, stride_xw)
+
+
+@triton.jit
+def _load_head(x_base, QKVBias, x_rows, real, in_w, head, offs_d, mask_d, C, HEAD_DIM,
+               HAS_QKV_BIAS: tl.constexpr):
+    """q, k, v (tokens, D) of one head of a window whose geometry ``_window_geometry`` gave."""
     q = _load_tokens(x_base, QKVBias, x_rows, real, in_w, head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
     k = _load_tokens(x_base, QKVBias, x_rows, real, in_w, C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
     v = _load_tokens(x_base, QKVBias, x_rows, real, in_w, 2 * C + head * HEAD_DIM, offs_d, mask_d, HAS_QKV_BIAS)
-    return b, pattern, st, sh, sw, real, q, k, v
+    return q, k, v
 
 
 @triton.jit
@@ -715,50 +749,66 @@ def _window_attn_fwd_fused(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
-    """Forward of windows that fit one tile (N <= 64): one program per (BLOCK_W consecutive windows, head).
-    ``Bias`` (8 mask patterns, heads, BLOCK, BLOCK) holds table bias + shift mask + key mask (-inf) per
-    pattern: one contiguous tile load per window instead of an index computation and gather per pair."""
+    """Forward of windows that fit one tile (N <= 64): one program per (BLOCK_W consecutive windows,
+    HEADS_PER_PROGRAM consecutive heads); the window's geometry (shift, padding, partition, row offsets) is
+    computed once per window and serves all its heads. ``Bias`` (8 mask patterns, heads, BLOCK, BLOCK)
+    holds table bias + shift mask + key mask (-inf) per pattern: one contiguous tile load per window-head
+    instead of an index computation and gather per pair. STRIDE_ALIGN: what divides every qkv / out
+    stride and C (``_aligned``)."""
     pid = tl.program_id(0)
-    head = tl.program_id(1)
+    head0 = tl.program_id(1) * HEADS_PER_PROGRAM
+    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
+    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
+    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
+    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
+    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
+    C = _aligned(C, STRIDE_ALIGN)
     offs = tl.arange(0, BLOCK)
     in_w = offs < N_TOK
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
-    q_scale = 1.0
-    if COSINE:
-        q_scale = sm_scale * _logit_factor(LogitScale, head, stride_ls)
     qk_scale = sm_scale * 1.4426950408889634
-    bias_base = Bias + head * stride_bh + offs[:, None] * BLOCK + offs[None, :]
+    bias_tile = offs[:, None] * BLOCK + offs[None, :]
     for i in range(0, BLOCK_W):
         # the last program's spare steps redo the last window and store nothing
         valid = pid * BLOCK_W + i < NUM_BW
         pid_bw = tl.minimum(pid * BLOCK_W + i, NUM_BW - 1)
-        b, pattern, st, sh, sw, real, q, k, v = _load_window(
-            QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw, C,
-            NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-            HEAD_DIM, ROLL_FIRST, HAS_QKV_BIAS)
-        if COSINE:  # the scale in q_hat, logits in natural units
-            q, q_lo, q_norm = _l2_rows(q, q_scale, COSINE)
-            k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
-            qk = _qk_dot(q, q_lo, k, k_lo, COSINE, INPUT_PRECISION) \
-                + tl.load(bias_base + pattern * stride_bp).to(tl.float32)
-            m = tl.max(qk, 1)  # finite: every token sees itself
-            p = tl.math.exp2((qk - m[:, None]) * 1.4426950408889634)
-            l_i = tl.sum(p, 1)
-            lse = m + tl.math.log2(l_i) * 0.6931471805599453
-        else:
-            qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale \
-                + tl.load(bias_base + pattern * stride_bp).to(tl.float32) * 1.4426950408889634
-            m = tl.max(qk, 1)  # finite: every token sees itself
-            p = tl.math.exp2(qk - m[:, None])
-            l_i = tl.sum(p, 1)
-            lse = (m + tl.math.log2(l_i)) * 0.6931471805599453
-        acc = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_i[:, None]
-        tl.store(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs, lse, mask=in_w & valid)
+        b, pattern, st, sh, sw, real, x_rows = _window_geometry(
+            pid_bw, offs, in_w, stride_xt, stride_xh, stride_xw, NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW,
+            PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+        x_base = QKV + b.to(tl.int64) * stride_xb
         o_rows = b.to(tl.int64) * stride_ob + _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
-        tl.store(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
-                 mask=(real & valid)[:, None] & mask_d[None, :])  # padding is cropped
+        bias_win = Bias + pattern * stride_bp + bias_tile
+        for j in range(0, HEADS_PER_PROGRAM):
+            # heads past the last (HEADS_PER_PROGRAM not dividing the heads) redo the last head, store nothing
+            keep = valid & (head0 + j < NUM_HEADS)
+            head = tl.minimum(head0 + j, NUM_HEADS - 1)
+            q, k, v = _load_head(x_base, QKVBias, x_rows, real, in_w, head, offs_d, mask_d, C, HEAD_DIM,
+                                 HAS_QKV_BIAS)
+            bias = tl.load(bias_win + head * stride_bh).to(tl.float32)
+            if COSINE:  # the scale in q_hat, logits in natural units
+                q, q_lo, q_norm = _l2_rows(q, sm_scale * _logit_factor(LogitScale, head, stride_ls), COSINE)
+                k, k_lo, k_norm = _l2_rows(k, 1.0, COSINE)
+                qk = _qk_dot(q, q_lo, k, k_lo, COSINE, INPUT_PRECISION) + bias
+                m = tl.max(qk, 1)  # finite: every token sees itself
+                p = tl.math.exp2((qk - m[:, None]) * 1.4426950408889634)
+                l_i = tl.sum(p, 1)
+                lse = m + tl.math.log2(l_i) * 0.6931471805599453
+            else:
+                qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION) * qk_scale + bias * 1.4426950408889634
+                m = tl.max(qk, 1)  # finite: every token sees itself
+                p = tl.math.exp2(qk - m[:, None])
+                l_i = tl.sum(p, 1)
+                lse = (m + tl.math.log2(l_i)) * 0.6931471805599453
+            acc = tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION) / l_i[:, None]
+            tl.store(LSE + (pid_bw.to(tl.int64) * NUM_HEADS + head) * N_TOK + offs, lse, mask=in_w & keep)
+            tl.store(Out + o_rows[:, None] + head * HEAD_DIM + offs_d[None, :], acc.to(Out.dtype.element_ty),
+                     mask=(real & keep)[:, None] & mask_d[None, :])  # padding is cropped
 
 
 @triton.jit
@@ -772,13 +822,14 @@ def _window_attn_fwd_fused_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr = 1, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_fwd_fused`` without cosine."""
     _window_attn_fwd_fused(
         QKV, QKVBias, Bias, Out, LSE, LSE, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
         stride_oh, stride_ow, stride_bp, stride_bh, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WT,
         WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, sm_scale, HEAD_DIM, BLOCK, BLOCK_D, BLOCK_W,
-        ROLL_FIRST, HAS_QKV_BIAS, False, INPUT_PRECISION)
+        ROLL_FIRST, HAS_QKV_BIAS, False, INPUT_PRECISION, HEADS_PER_PROGRAM, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -792,13 +843,14 @@ def _window_attn_fwd_fused_cosine_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HEADS_PER_PROGRAM: tl.constexpr = 1, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_fwd_fused`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
     _window_attn_fwd_fused(
         QKV, QKVBias, Bias, Out, LSE, LogitScale, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
         stride_oh, stride_ow, stride_bp, stride_bh, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_T, NW_H, NW_W,
         NUM_BW, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, sm_scale, HEAD_DIM, BLOCK, BLOCK_D,
-        BLOCK_W, ROLL_FIRST, HAS_QKV_BIAS, True, INPUT_PRECISION)
+        BLOCK_W, ROLL_FIRST, HAS_QKV_BIAS, True, INPUT_PRECISION, HEADS_PER_PROGRAM, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -815,7 +867,7 @@ def _window_attn_bwd_fused(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr, COSINE: tl.constexpr,
-    SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """The whole backward of windows that fit one tile (N <= 64: 7x7, 8x8): one program per (group of
     consecutive windows, head) walks its windows in order and, per window, loads q, k, v, dO once, forms
@@ -829,6 +881,23 @@ def _window_attn_bwd_fused(
     rowsum(P * dP) then, as O's rounding times the logit scale would reach dQ."""
     group = tl.program_id(0)
     head = tl.program_id(1)
+    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
+    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
+    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
+    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
+    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
+    stride_db = _aligned(stride_db, STRIDE_ALIGN)
+    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
+    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
+    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
+    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
+    stride_gt = _aligned(stride_gt, STRIDE_ALIGN)
+    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
+    stride_gw = _aligned(stride_gw, STRIDE_ALIGN)
+    C = _aligned(C, STRIDE_ALIGN)
     offs = tl.arange(0, BLOCK)  # token number in the window: queries and keys are the same tokens
     in_w = offs < N_TOK
     offs_d = tl.arange(0, BLOCK_D)
@@ -847,10 +916,11 @@ def _window_attn_bwd_fused(
     last = tl.minimum(first + WINDOWS_PER_GROUP, NUM_BW)
     for i_bw in range(first, last):
         pid_bw = head * 0 + i_bw  # a tensor (the interpreter's loop variable may be a plain int)
-        b, pattern, st, sh, sw, real, q, k, v = _load_window(
-            QKV, QKVBias, pid_bw, head, offs, in_w, offs_d, mask_d, stride_xb, stride_xt, stride_xh, stride_xw, C,
-            NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
-            HEAD_DIM, ROLL_FIRST, HAS_QKV_BIAS)
+        b, pattern, st, sh, sw, real, x_rows = _window_geometry(
+            pid_bw, offs, in_w, stride_xt, stride_xh, stride_xw, NUM_WIN, NW_T, NW_H, NW_W, WT, WH, WW, ST, SH, SW,
+            PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, ROLL_FIRST)
+        q, k, v = _load_head(QKV + b.to(tl.int64) * stride_xb, QKVBias, x_rows, real, in_w, head, offs_d, mask_d, C,
+                             HEAD_DIM, HAS_QKV_BIAS)
         d_rows = b.to(tl.int64) * stride_db + _token_offsets(st, sh, sw, stride_dt, stride_dh, stride_dw)
         o_rows = b.to(tl.int64) * stride_ob + _token_offsets(st, sh, sw, stride_ot, stride_oh, stride_ow)
         # dO (and O) are 0 on padding queries: they are cropped from the output
@@ -892,23 +962,29 @@ def _window_attn_bwd_fused(
             dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=INPUT_PRECISION)
             dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
             ds = p * (dp - delta[:, None])
+        # Each gradient leaves as soon as it is formed (dV, then dK, then dQ): no fp32 (N, D) tile is carried
+        # through the next dots (ptxas -v, sm_90, fp16, 4 warps, 2 stages: D = 32 spilled 4-8 bytes, now
+        # none; D = 64, 188 -> 40 bytes; tests/ops/test_window_ptx.py).
+        g_rows = b.to(tl.int64) * stride_gb + _token_offsets(st, sh, sw, stride_gt, stride_gh, stride_gw)
+        g_ptrs = DQKV + g_rows[:, None] + head * HEAD_DIM + offs_d[None, :]
+        g_mask = real[:, None] & mask_d[None, :]
+        pad = (in_w & (real == 0))[:, None]
+        if WRITE_DQKV:
+            tl.store(g_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=g_mask)
+        if GRAD_PAD:
+            pad_dv += tl.sum(tl.where(pad, dv, 0.0), 0)
         if SUM_DS:
             ds_sum += ds
         dk = _l2_adjoint(tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=INPUT_PRECISION) * sm_scale,
                          k_raw, k_norm, COSINE)
         if WRITE_DQKV:
+            tl.store(g_ptrs + C, dk.to(DQKV.dtype.element_ty), mask=g_mask)
+        if GRAD_PAD:
+            pad_dk += tl.sum(tl.where(pad, dk, 0.0), 0)
+        if WRITE_DQKV:
             dq = _l2_adjoint(tl.dot(ds.to(k.dtype), k, input_precision=INPUT_PRECISION) * (sm_scale * q_scale),
                              q_raw, q_norm, COSINE)
-            g_rows = b.to(tl.int64) * stride_gb + _token_offsets(st, sh, sw, stride_gt, stride_gh, stride_gw)
-            g_ptrs = DQKV + g_rows[:, None] + head * HEAD_DIM + offs_d[None, :]
-            g_mask = real[:, None] & mask_d[None, :]
             tl.store(g_ptrs, dq.to(DQKV.dtype.element_ty), mask=g_mask)
-            tl.store(g_ptrs + C, dk.to(DQKV.dtype.element_ty), mask=g_mask)
-            tl.store(g_ptrs + 2 * C, dv.to(DQKV.dtype.element_ty), mask=g_mask)
-        if GRAD_PAD:
-            pad = (in_w & (real == 0))[:, None]
-            pad_dk += tl.sum(tl.where(pad, dk, 0.0), 0)
-            pad_dv += tl.sum(tl.where(pad, dv, 0.0), 0)
     slot = group.to(tl.int64) * NUM_HEADS + head
     if SUM_DS:
         # slot layout: N * N sums, then one 0 (the gather into table rows pads with it)
@@ -936,7 +1012,7 @@ def _window_attn_bwd_fused_kernel(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_fused`` without cosine."""
     _window_attn_bwd_fused(
@@ -945,7 +1021,7 @@ def _window_attn_bwd_fused_kernel(
         stride_gb, stride_gt, stride_gh, stride_gw, stride_bp, stride_bh, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_T,
         NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W,
         sm_scale, HEAD_DIM, BLOCK, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS, WRITE_DQKV, SUM_DS, GRAD_PAD, False, False,
-        INPUT_PRECISION)
+        INPUT_PRECISION, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -962,7 +1038,7 @@ def _window_attn_bwd_fused_cosine_kernel(
     HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     WRITE_DQKV: tl.constexpr, SUM_DS: tl.constexpr, GRAD_PAD: tl.constexpr,
-    SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_fused`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
     _window_attn_bwd_fused(
@@ -971,7 +1047,7 @@ def _window_attn_bwd_fused_cosine_kernel(
         stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_bp, stride_bh, stride_ls, C, NUM_HEADS, N_TOK,
         NUM_WIN, NW_T, NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H,
         SHIFT_W, sm_scale, HEAD_DIM, BLOCK, BLOCK_D, ROLL_FIRST, HAS_QKV_BIAS, WRITE_DQKV, SUM_DS, GRAD_PAD, True,
-        SUM_SCALE, INPUT_PRECISION)
+        SUM_SCALE, INPUT_PRECISION, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -1143,22 +1219,51 @@ def window_attention_fwd_triton(inputs, return_bias: bool = False):
         if g.n_tok <= FUSED_MAX_TOKENS:
             bias = _dense_bias(inputs, g)
             kernel = _window_attn_fwd_fused_cosine_kernel if cos else _window_attn_fwd_fused_kernel
+            per_program = _heads_per_program(num_bw, heads)
             tuning.launch(
                 configs.WINDOW_FWD_FUSED, kernel,
-                lambda meta: (triton.cdiv(num_bw, meta["BLOCK_W"]), heads),
+                lambda meta: (tuning.cdiv(num_bw, meta["BLOCK_W"]), tuning.cdiv(heads, per_program)),
                 (x3, qkv_bias, bias, o3, lse, *cos_ptrs, *x3.stride()[:4], *o3.stride()[:4], *_bias_strides(bias),
                  *cos_strides, C, heads, g.n_tok, g.num_windows, *g.grid, num_bw, *g.args()[:12], inputs.scale),
-                dict(BLOCK=_fused_block(g.n_tok), **flags), _tune_key(inputs, g), qkv.device)
+                dict(BLOCK=_fused_block(g.n_tok), HEADS_PER_PROGRAM=per_program,
+                     STRIDE_ALIGN=_stride_align((x3, o3), C), **flags),
+                _tune_key(inputs, g, **({"heads": per_program} if per_program > 1 else {})), qkv.device)
         else:
             tuning.launch(
                 configs.WINDOW_FWD, _window_attn_fwd_cosine_kernel if cos else _window_attn_fwd_kernel,
-                lambda meta: (num_bw, heads, triton.cdiv(g.n_tok, meta["BLOCK_M"])),
+                lambda meta: (num_bw, heads, tuning.cdiv(g.n_tok, meta["BLOCK_M"])),
                 (x3, qkv_bias, table if table is not None else x3, o3, lse, *cos_ptrs,
                  *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)), *cos_strides,
                  C, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(), inputs.scale),
                 dict(HAS_SHIFT=any(g.shift), HAS_TABLE=table is not None, **flags),
                 _tune_key(inputs, g), qkv.device)
     return (out, lse, bias) if return_bias else (out, lse)
+
+
+def _heads_per_program(num_bw: int, heads: int) -> int:
+    """Heads per fused-forward program: the largest divisor of ``heads`` up to MAX_HEADS_PER_PROGRAM that
+    still leaves FILL_PROGRAMS programs when each takes the most windows the heuristic offers (so every
+    heuristic candidate launches at least that many). Swin-T at batch 64, stages 1..4: 3, 2, 1, 1."""
+    units = tuning.cdiv(num_bw, configs.FUSED_FWD_MAX_BLOCK_W)
+    for per_program in range(min(heads, MAX_HEADS_PER_PROGRAM), 1, -1):
+        if heads % per_program == 0 and units * (heads // per_program) >= FILL_PROGRAMS:
+            return per_program
+    return 1
+
+
+def _stride_align(tensors, *ints: int) -> int:
+    """The kernels' STRIDE_ALIGN (``_aligned``): the largest of 8, 4, 2 dividing every stride but the last
+    (unit) one of ``tensors`` and ``ints`` (column offsets), else 1; and 1 when all are multiples of 16,
+    which Triton's launch specialization already tells the compiler (the rounding would only cost
+    registers: the fused backward at D = 32 spills 60 bytes with it, 8 without). 8 elements of 16 bits:
+    one 16-byte vector."""
+    values = [s for t in tensors for s in t.stride()[:-1]] + list(ints)
+    if all(v % 16 == 0 for v in values):
+        return 1
+    for align in (8, 4, 2):
+        if all(v % align == 0 for v in values):
+            return align
+    return 1
 
 
 def _bias_strides(bias: torch.Tensor) -> Tuple[int, int]:
@@ -1200,17 +1305,18 @@ def _fused_layout(window: Tuple[int, ...], table_window: Tuple[int, ...], padded
 
 
 def _dense_bias(inputs, g: "_Geometry") -> torch.Tensor:
-    """(8, heads or 1, BLOCK, BLOCK): table bias + mask of each pattern, in the table's (or qkv's) dtype;
-    one gather and one add per call, so the table's gradient flows through nothing but the kernels."""
+    """(8, heads or 1, BLOCK, BLOCK), contiguous: table bias + mask of each pattern, in the table's (or
+    qkv's) dtype. Two device ops per call (the table changes every step: nothing is cached): one gather of
+    the transposed table, whose output is already (heads, BLOCK * BLOCK), and one broadcast add of the
+    cached masks; the table's gradient flows through nothing but the kernels."""
     table = inputs.rel_pos_bias
     rows, masks = _fused_layout(g.window, g.table_window, g.padded, g.shift,
                                 table.dtype if table is not None else inputs.qkv.dtype, str(inputs.qkv.device))
     if table is None:
         return masks
     block = masks.shape[-1]
-    gathered = table.detach().index_select(0, rows).view(block, block, -1).permute(2, 0, 1)  # heads, B, B
-    bias = masks.new_empty((8, gathered.shape[0], block, block))  # contiguous: the kernels read rows of BLOCK
-    return torch.add(masks, gathered, out=bias)
+    gathered = table.detach().t().index_select(1, rows).view(1, table.shape[1], block, block)
+    return torch.add(masks, gathered)  # (8, 1, B, B) + (1, heads, B, B)
 
 
 def window_attention_bwd_triton(dout, inputs, out, lse, needs, bias=None):
@@ -1225,8 +1331,8 @@ def _windows_per_group(num_bw: int, programs_per_window: int) -> Tuple[int, int]
     """(windows per group, groups) of a grouped reduction: enough groups for about ``TARGET_PROGRAMS``
     programs, each walking its consecutive windows in order. Depends on the shape only (never on the
     launch config), so the order of every sum, and so every bit of the result, is fixed by the inputs."""
-    per_group = max(1, num_bw // triton.cdiv(TARGET_PROGRAMS, programs_per_window))  # rounded down: >= target
-    return per_group, triton.cdiv(num_bw, per_group)
+    per_group = max(1, num_bw // tuning.cdiv(TARGET_PROGRAMS, programs_per_window))  # rounded down: >= target
+    return per_group, tuning.cdiv(num_bw, per_group)
 
 
 def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
@@ -1276,14 +1382,15 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
              *((*cos_ptrs, dscale_part if need_scale else lse) if cos_ptrs else ()),
              *x3.stride()[:4], *o3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *_bias_strides(bias),
              *cos_strides, C, heads, n, g.num_windows, *g.grid, num_bw, per_group, *g.args()[:12], inputs.scale),
-            dict(BLOCK=_fused_block(n), WRITE_DQKV=need_qkv, SUM_DS=sum_ds, GRAD_PAD=grad_pad, **cos_flags, **flags),
+            dict(BLOCK=_fused_block(n), WRITE_DQKV=need_qkv, SUM_DS=sum_ds, GRAD_PAD=grad_pad,
+                 STRIDE_ALIGN=_stride_align((x3, o3, d3, g3), C), **cos_flags, **flags),
             _tune_key(inputs, g, **key), qkv.device)
         if need_scale:
             dscale_part = dscale_part.sum(dim=0)  # heads: groups in a fixed order
     else:
         num_tokens = B * math.prod(g.spatial)
         delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
-        tuning.launcher(_window_bwd_delta_kernel, qkv)[(triton.cdiv(num_tokens, 64), heads)](
+        tuning.launcher(_window_bwd_delta_kernel, qkv)[(tuning.cdiv(num_tokens, 64), heads)](
             o3, d3, delta, *o3.stride()[:4], *d3.stride()[:4], *g.spatial, heads, num_tokens,
             HEAD_DIM=hd, BLOCK=64, BLOCK_D=block_d,
         )
@@ -1293,11 +1400,11 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
         geo = (C, heads, n, g.num_windows, g.grid[1], g.grid[2])
         if need_qkv or need_bias:
             if grad_pad:
-                dpad = torch.zeros((num_bw, heads, triton.cdiv(n, 16), 2, hd), dtype=torch.float32,
+                dpad = torch.zeros((num_bw, heads, tuning.cdiv(n, 16), 2, hd), dtype=torch.float32,
                                    device=qkv.device)
             tuning.launch(
                 configs.WINDOW_BWD_DKDV, _window_attn_bwd_cosine_kernel if cos else _window_attn_bwd_kernel,
-                lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_N"])),
+                lambda meta: (num_bw, heads, tuning.cdiv(n, meta["BLOCK_N"])),
                 (x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse, *cos_ptrs,
                  *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *cos_strides, *geo, *g.args(),
                  inputs.scale),
@@ -1313,7 +1420,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
             dq_cos_ptrs = (*cos_ptrs, dscale_part if need_scale else lse) if cos_ptrs else ()  # factor computed once
             tuning.launch(
                 configs.WINDOW_BWD_DQ, _window_attn_bwd_dq_cosine_kernel if cos else _window_attn_bwd_dq_kernel,
-                lambda meta: (num_bw, heads, triton.cdiv(n, meta["BLOCK_M"])),
+                lambda meta: (num_bw, heads, tuning.cdiv(n, meta["BLOCK_M"])),
                 (x3, bias_arg, table_arg, d3, lse, delta, g3, *dq_cos_ptrs,
                  *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *cos_strides, *geo, *g.args(),
                  inputs.scale),
@@ -1321,13 +1428,13 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
             if need_scale:
                 dscale_part = dscale_part.sum(dim=(0, 2))  # heads
         if need_table:
-            tiles = triton.cdiv(n, FUSED_MAX_TOKENS) ** 2  # config-independent: the grouping fixes the sum order
+            tiles = tuning.cdiv(n, FUSED_MAX_TOKENS) ** 2  # config-independent: the grouping fixes the sum order
             per_group, groups = _windows_per_group(num_bw, heads * tiles)
             ds_part = torch.empty((groups, heads, n * n + 1), dtype=torch.float32, device=qkv.device)
             kernel = _window_attn_bwd_dtable_cosine_kernel if cos else _window_attn_bwd_dtable_kernel
             tuning.launch(
                 configs.WINDOW_BWD_DTABLE, kernel,
-                lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(n, meta["BLOCK_M"]), groups * heads),
+                lambda meta: (tuning.cdiv(n, meta["BLOCK_N"]), tuning.cdiv(n, meta["BLOCK_M"]), groups * heads),
                 (x3, bias_arg, table, d3, lse, delta, ds_part, *cos_ptrs,
                  *x3.stride()[:4], *d3.stride()[:4], *table_strides, *cos_strides, *geo, num_bw, per_group, *g.args(),
                  inputs.scale),

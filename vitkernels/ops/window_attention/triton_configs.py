@@ -45,8 +45,12 @@ def fused_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
     """The fused backward has one tile per window (its size is the window's, not a choice): only warps and
     whether the next window's loads are pipelined behind this window's math. Cosine attention's backward
     (normalisation, split dots, d logit_scale) takes ~245 registers at 8 warps unpipelined, all 255 when
-    pipelined, and spills at 4 warps: 8 warps, 1 stage first."""
+    pipelined, and spills at 4 warps: 8 warps, 1 stage first; so for head dims over 32 (ptxas -v, sm_90,
+    fp16). At D = 32 the plain backward fits 4 warps, 2 stages (254-255 registers, no spill)."""
     if key.get("cosine"):
+        return [Config.of(8, 1), Config.of(8, 2), Config.of(4, 2), Config.of(4, 1)]
+    if block_d(key["D"]) > 32:
+        # D = 40 / 64 (64-wide tiles): at 4 warps it spills 40-290 bytes; at 8 warps, 1 stage, 0-52
         return [Config.of(8, 1), Config.of(8, 2), Config.of(4, 2), Config.of(4, 1)]
     return [Config.of(4, 2), Config.of(8, 2), Config.of(8, 1), Config.of(4, 1)]
 
@@ -60,10 +64,16 @@ def fused_shared_memory(config: Config, key: Dict[str, Any]) -> int:
     return tiles * block * block_d(key["D"]) * elt * max(1, config.num_stages) + 2 * block * block * 4
 
 
+FUSED_FWD_PICKS = (Config.of(8, 2, BLOCK_W=4), Config.of(4, 2, BLOCK_W=4), Config.of(8, 2, BLOCK_W=8),
+                   Config.of(8, 1, BLOCK_W=2))
+# the most windows a heuristic pick gives a program: the launcher packs heads only while every pick fills the GPU
+FUSED_FWD_MAX_BLOCK_W = max(c.meta["BLOCK_W"] for c in FUSED_FWD_PICKS)
+
+
 def fused_fwd_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
-    """The fused forward: BLOCK_W windows per program (more amortise the program, fewer fill the GPU)."""
-    return [Config.of(8, 2, BLOCK_W=4), Config.of(4, 2, BLOCK_W=4), Config.of(8, 2, BLOCK_W=8),
-            Config.of(8, 1, BLOCK_W=2)]
+    """The fused forward: BLOCK_W windows per program (more amortise the program, fewer fill the GPU); the
+    launcher packs HEADS_PER_PROGRAM heads of each window on top, from the shape."""
+    return list(FUSED_FWD_PICKS)
 
 
 WINDOW_FWD_FUSED = TunedKernel("window_attn_fwd_fused", product_space((2, 4, 8), (1, 2), BLOCK_W=(1, 2, 4, 8, 16)),

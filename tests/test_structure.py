@@ -11,7 +11,7 @@ import vitkernels
 ROOT = pathlib.Path(vitkernels.__file__).resolve().parent
 OPS = ("vitkernels.ops.attention", "vitkernels.ops.window_attention", "vitkernels.ops.patch_embed")
 HELPERS = ("vitkernels.dispatch", "vitkernels._ext", "vitkernels.ops._checks", "vitkernels.ops._compile",
-           "vitkernels.ops.tuning", "vitkernels.ops.triton_limits")
+           "vitkernels.ops.tuning", "vitkernels.ops.triton_limits", "vitkernels._environ", "vitkernels.ops._autograd")
 
 
 def import_graph():
@@ -112,3 +112,20 @@ def test_top_level_attributes_are_lazy_and_import_no_timm():
 
 def test_py_typed_ships_with_the_package():
     assert (ROOT / "py.typed").exists()
+
+
+def _jit_decorated(fn: ast.AST) -> bool:
+    return any("jit" in ast.unparse(d) for d in getattr(fn, "decorator_list", ()))
+
+
+def test_host_code_never_calls_tritons_cdiv():
+    """``triton.cdiv`` is a constexpr_function (triton >= 3.4): on the host it costs about 4 us a call, more
+    than a whole memoised input check; launchers use ``tuning.cdiv``. Inside kernels it stays free."""
+    found = []
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        kernels = {id(node) for fn in ast.walk(tree) if _jit_decorated(fn) for node in ast.walk(fn)}
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "triton.cdiv" and id(node) not in kernels):
+                found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    assert not found, found

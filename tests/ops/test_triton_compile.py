@@ -122,7 +122,8 @@ WINDOW_FLAGS = dict(HEAD_DIM=128, BLOCK_M=64, BLOCK_N=64, BLOCK_D=128, ROLL_FIRS
                     HAS_QKV_BIAS=True)
 FUSED_FLAGS = dict(HEAD_DIM=32, BLOCK=64, BLOCK_D=32, ROLL_FIRST=True, HAS_QKV_BIAS=True)
 FUSED_BWD_FLAGS = dict(WRITE_DQKV=True, SUM_DS=True, GRAD_PAD=True, **FUSED_FLAGS)
-P16, P14 = dict(PT=1, PH=16, PW=16), dict(PT=1, PH=14, PW=14)  # the patch size is a constexpr
+# the patch size and channel count are constexprs; channels-last images have their own k-order
+P16, P14 = dict(PT=1, PH=16, PW=16, C_IN=3, CHANNELS_LAST=False), dict(PT=1, PH=14, PW=14, C_IN=3, CHANNELS_LAST=True)
 EXTRA = [
     (WIN, "_window_attn_fwd_kernel", "fp16", dict(HAS_TABLE=True, INPUT_PRECISION="tf32", **WINDOW_FLAGS), 90, 4, 2),
     (WIN, "_window_attn_fwd_kernel", "fp32", dict(HAS_TABLE=True, INPUT_PRECISION="ieee", **WINDOW_FLAGS), 90, 4, 2),
@@ -260,32 +261,57 @@ WINDOW_STRIDES = [f"stride_{t}{d}" for t in ("x", "o", "d", "g") for d in ("b", 
                                                                                                   "stride_bh", "C"]
 
 
+def launch_specializations(d, n=197, heads=12, batch=64):
+    """What a launch on timm's layout gives the attention kernels at (N, D): q, k, v strided views of a packed
+    qkv (B, N, 3, H, D), contiguous out / dq / dk / dv (the launchers allocate them), dO from
+    out.transpose(1, 2) downstream. Returns (the strides Triton sees as multiples of 16, the launcher's
+    STRIDE_ALIGN, the bias's: its strides as ``_bias4`` hands them over (a batch-shared bias with odd rows
+    from the 16-aligned copy) and BIAS_COLS): only what really is a multiple of 16 for this D and N (at
+    D = 40, 72: the head offsets and the output rows are multiples of 8 only)."""
+    from vitkernels.ops.attention import triton as attn_triton
+
+    q, k, v = torch.empty(batch, n, 3, heads, d, device="meta").permute(2, 0, 3, 1, 4).unbind(0)
+    out = torch.empty(batch, heads, n, d, device="meta")
+    dout = torch.empty(batch, n, heads, d, device="meta").transpose(1, 2)
+    tensors = dict(q=q, k=k, v=v, o=out, do=dout, dq=out, dk=out, dv=out)
+    div16 = [f"stride_{t}{c}" for t, x in tensors.items() for dims, st in zip(("b", "h", "mn"), x.stride()[:3])
+             if st % 16 == 0 for c in dims]
+    _, bias_b, bias_cols = attn_triton._bias4(torch.empty(1, heads, n, n, dtype=torch.bfloat16), q, n)
+    bias_div16 = [f"stride_bias{c}" for c, st in zip("bhmn", bias_b.stride()) if st % 16 == 0]
+    bias_div16 += ["BIAS_COLS"] if bias_cols % 16 == 0 else []
+    assert bias_b.stride(3) == 1
+    return div16, attn_triton._stride_align(*tensors.values()), bias_div16
+
+
 def ptx_cases():
-    """Hot kernels at ViT / Swin head dims, bf16, with the specializations a launch gets: unit channel strides
-    are constants; a packed qkv's strides are multiples of 16 elements when D is (D=40: the head offset is
-    a multiple of 8 only, which Triton cannot know)."""
+    """Hot kernels at ViT / Swin head dims, bf16, with the specializations a launch gets
+    (``launch_specializations``): unit channel strides are constants, the strides that are multiples of 16
+    carry the hint, STRIDE_ALIGN as the launcher sets it (8 for every D here: it makes the head offsets of
+    D = 40, 72 visible multiples of 8, which Triton cannot learn from the arguments). With a learnable bias
+    (1, H, N, N) shared by the batch at N = 49, 197, 577, read from the launcher's 16-aligned copy."""
     cases, ids = [], []
-    for d in (32, 40, 64, 80, 96, 128):
+    for d in (32, 40, 64, 72, 80, 96, 128):
         key = attention_key("bf16", d, 197)
-        div16 = [s for s in ATTN_STRIDES if d % 16 == 0 or s[-1] == "b"]
+        div16, align, _ = launch_specializations(d)
         for kernel, spec, flags in KERNELS[:3]:
             c = spec.candidates(key, H100)[0]
             consts = dict(**c.meta, HEAD_DIM=d, BLOCK_D=attn_configs.block_d(d), INPUT_PRECISION="tf32",
-                          **dict(flags, HAS_BIAS=False, HAS_DROPOUT=False))
+                          STRIDE_ALIGN=align, **dict(flags, HAS_BIAS=False, HAS_DROPOUT=False))
             cases.append(dict(module=ATTN, name=kernel, dtype="bf16", constexprs=consts, ones=ATTN_UNIT, div16=div16,
                               num_warps=c.num_warps, num_stages=c.num_stages))
             ids.append(f"{kernel.strip('_')}-D{d}")
-    for d in (64, 80):  # with a learnable bias read from rows aligned to 16 elements (the launcher's copy)
-        key = attention_key("bf16", d, 197)
+    # the bias row length matters (its copy's padding, BIAS_COLS): one head dim per extra N
+    for n, d in ((197, 64), (197, 80), (49, 64), (577, 40)):
+        key = attention_key("bf16", d, n)
+        div16, align, bias_div16 = launch_specializations(d, n)
         for kernel, spec, flags in KERNELS[:3]:
             c = spec.candidates(key, H100)[0]
             consts = dict(**c.meta, HEAD_DIM=d, BLOCK_D=attn_configs.block_d(d), INPUT_PRECISION="tf32",
-                          **dict(flags, HAS_BIAS=True, HAS_DROPOUT=False))
+                          STRIDE_ALIGN=align, **dict(flags, HAS_BIAS=True, HAS_DROPOUT=False))
             cases.append(dict(module=ATTN, name=kernel, dtype="bf16", constexprs=consts,
-                              ones=ATTN_UNIT + ["stride_biasn"],
-                              div16=ATTN_STRIDES + ["stride_biasb", "stride_biash", "stride_biasm", "BIAS_COLS"],
+                              ones=ATTN_UNIT + ["stride_biasn"], div16=div16 + bias_div16,
                               num_warps=c.num_warps, num_stages=c.num_stages))
-            ids.append(f"{kernel.strip('_')}-bias-D{d}")
+            ids.append(f"{kernel.strip('_')}-bias-N{n}-D{d}")
     for d in (32, 64):
         for kernel, extra in (("_window_attn_fwd_fused_kernel", dict(BLOCK_W=4)),
                               ("_window_attn_bwd_fused_kernel", dict(WRITE_DQKV=True, SUM_DS=True, GRAD_PAD=False))):
@@ -322,64 +348,70 @@ def ptx_stats():
 @pytest.mark.parametrize("index", range(len(PTX_CASES)), ids=PTX_IDS)
 def test_hot_loads_are_wide_and_pipelined(ptx_stats, index):
     """q/k/v/dO/qkv loads of the main loops: 16-byte cp.async (or vector) loads, never one 16-bit element
-    per instruction. The head dim is a constexpr, so its mask does not split a vector (D = 80, 96)."""
+    per instruction. The head dim is a constexpr, so its mask does not split a vector (D = 80, 96; at D = 40,
+    72 it is constant over groups of 8, a 16-byte vector), and STRIDE_ALIGN shows the strides that are
+    multiples of 8 elements only (D = 40, 72) as such."""
     stats = ptx_stats[index]
-    if PTX_IDS[index].endswith("-D40") and stats["scalar16"] > 0:
-        pytest.xfail("D=40: packed strides are multiples of 8 elements, not 16, and Triton only specializes "
-                     f"divisibility by 16; the loads stay scalar until strides are passed pre-divided ({stats})")
     assert stats["scalar16"] == 0, stats
     assert stats["cp_async"] + stats["vector"] > 0, stats
 
 
-PATCH_STRIDES = [f"stride_{t}{d}" for t, dims in (("x", "bcth"), ("w", "ecth"), ("d", "bne"), ("o", "bne"),
-                                                    ("pos_", ("n",)), ("pre_", ("p",))) for d in dims]
+@pytest.mark.slow
+def test_hot_loads_are_wide_with_the_gpu_machines_triton():
+    """The same PTX checks with triton 3.6 (the lent GPU machines' version); the patch-embed GEMMs' are in
+    test_patch_embed_ptx.py."""
+    if not SIDE_TRITON:
+        pytest.skip("VITKERNELS_AOT_TRITON_PATH is not set (make test-slow installs triton 3.6 and sets it)")
+    ids = PTX_IDS
+    version, results = run_ptx_suite(PTX_CASES, SIDE_TRITON)
+    assert version == os.path.basename(SIDE_TRITON.rstrip("/")).replace("triton-", ""), version
+    narrow = [(i, r) for i, r in zip(ids, results) if r["scalar16"] > 0 or r["cp_async"] + r["vector"] == 0]
+    assert not narrow, narrow
 
 
-def patch_ptx_cases():
-    """The patch-embed GEMMs at /16 on NCHW images, bf16, first heuristic candidate for ViT-B/16: the
-    image and weight loads go 16 patch columns at a time."""
-    from vitkernels.ops.patch_embed import triton_configs as patch_configs
+# ---- registers: the backward with a learnable bias does not spill ---------------------------------------------
 
-    key = patch_configs.tune_key(torch.bfloat16, 64 * 196, 768, 768, video=False, prefix=True)
+
+def bias_usage_cases():
+    """The dK/dV kernel (S^T = K Q^T formed transposed) with ViT's batch-shared bias, and the dQ kernel writing
+    dBias = dS for a per-sample bias (WRITE_DBIAS; read and written in place, rows of 197), with and without
+    dropout: bf16, N = 197, D = 64, the heuristic's first pick, specialized as the launch would be."""
+    div16, align, shared_div16 = launch_specializations(64)
     cases, ids = [], []
-    for kernel, spec, flags in (("_patch_embed_fwd_kernel", patch_configs.PATCH_FWD,
-                                 dict(HAS_BIAS=True, HAS_POS=True, POS_HAS_PREFIX=True)),
-                                ("_patch_embed_bwd_dw_kernel", patch_configs.PATCH_BWD_DW, {}),
-                                ("_patch_embed_bwd_dx_kernel", patch_configs.PATCH_BWD_DX, {})):
+    for kernel, spec, extra, tag in (
+            ("_flash_attn_bwd_dkdv_kernel", attn_configs.ATTN_BWD_DKDV, {}, "shared-bias"),
+            ("_flash_attn_bwd_dq_kernel", attn_configs.ATTN_BWD_DQ, dict(WRITE_DBIAS=True), "per-sample-bias"),
+            ("_flash_attn_bwd_dq_kernel", attn_configs.ATTN_BWD_DQ, dict(WRITE_DBIAS=True, HAS_DROPOUT=True),
+             "per-sample-bias-dropout")):
+        flags = dict(next(f for k, _, f in KERNELS if k == kernel))
+        flags.update(dict(dict(HAS_BIAS=True, HAS_DROPOUT=False), **extra))
+        per_sample = "WRITE_DBIAS" in extra
+        strides = (0, 1, 1, 1) if not per_sample else (1, 1, 1, 1)
+        key = attn_configs.tune_key(torch.bfloat16, 197, 197, 64, strides, flags["HAS_DROPOUT"],
+                                    **({"dbias": 1} if per_sample else {}))
         c = spec.candidates(key, H100)[0]
-        cases.append(dict(module=PATCH, name=kernel, dtype="bf16",
-                          constexprs=dict(**c.meta, INPUT_PRECISION="tf32", **P16, **flags),
-                          ones=["stride_xw", "stride_ww", "stride_de", "stride_oe", "stride_pos_e", "stride_pre_e"],
-                          div16=PATCH_STRIDES + ["K_DIM", "N_EMB"], num_warps=c.num_warps, num_stages=c.num_stages))
-        ids.append(f"{kernel.strip('_')}-p16")
+        consts = dict(**c.meta, HEAD_DIM=64, BLOCK_D=64, INPUT_PRECISION="tf32", STRIDE_ALIGN=align, **flags)
+        cases.append(dict(module=ATTN, name=kernel, dtype="bf16", constexprs=consts,
+                          ones=ATTN_UNIT + ["stride_biasn", "stride_dbn"],
+                          div16=div16 + ([] if per_sample else shared_div16), num_warps=c.num_warps,
+                          num_stages=c.num_stages))
+        ids.append(f"{kernel.strip('_')}-{tag}")
     return cases, ids
 
 
-PATCH_PTX_CASES, PATCH_PTX_IDS = patch_ptx_cases()
+BIAS_USAGE_CASES, BIAS_USAGE_IDS = bias_usage_cases()
 
 
 @pytest.fixture(scope="module")
-def patch_ptx_stats():
-    return run_ptx_suite(PATCH_PTX_CASES)[1]
+def bias_usage():
+    return run_usage_suite(BIAS_USAGE_CASES)
 
 
-@pytest.mark.parametrize("index", range(len(PATCH_PTX_CASES)), ids=PATCH_PTX_IDS)
-def test_patch_embed_loads_are_wide(patch_ptx_stats, index):
-    stats = patch_ptx_stats[index]
-    assert stats["cp_async"] + stats["vector"] > 0 and stats["scalar16"] == 0, stats
-
-
-@pytest.mark.slow
-def test_hot_loads_are_wide_with_the_gpu_machines_triton():
-    """The same PTX checks with triton 3.6 (the lent GPU machines' version), D=40 excepted (see above)."""
-    if not SIDE_TRITON:
-        pytest.skip("VITKERNELS_AOT_TRITON_PATH is not set (make test-slow installs triton 3.6 and sets it)")
-    ids = PTX_IDS + PATCH_PTX_IDS
-    version, results = run_ptx_suite(PTX_CASES + PATCH_PTX_CASES, SIDE_TRITON)
-    assert version == os.path.basename(SIDE_TRITON.rstrip("/")).replace("triton-", ""), version
-    narrow = [(i, r) for i, r in zip(ids, results)
-              if not i.endswith("-D40") and (r["scalar16"] > 0 or r["cp_async"] + r["vector"] == 0)]
-    assert not narrow, narrow
+@pytest.mark.parametrize("index", range(len(BIAS_USAGE_CASES)), ids=BIAS_USAGE_IDS)
+def test_bias_backward_first_configs_do_not_spill_registers(bias_usage, index):
+    """ptxas -v on sm_90: the dK/dV program's transposed tiles with the bias (it spilled 12 bytes while it formed
+    S and transposed it), and the dQ program's dBias stores, fit the registers."""
+    assert bias_usage[index]["spill_stores"] == 0, bias_usage[index]
 
 
 # ---- registers: the rel_pos configs the heuristic picks first do not spill ---------------------------------

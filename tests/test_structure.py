@@ -118,14 +118,27 @@ def _jit_decorated(fn: ast.AST) -> bool:
     return any("jit" in ast.unparse(d) for d in getattr(fn, "decorator_list", ()))
 
 
-def test_host_code_never_calls_tritons_cdiv():
-    """``triton.cdiv`` is a constexpr_function (triton >= 3.4): on the host it costs about 4 us a call, more
-    than a whole memoised input check; launchers use ``tuning.cdiv``. Inside kernels it stays free."""
+def test_host_code_never_calls_tritons_constexpr_functions():
+    """``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr_functions (triton >= 3.4): on the host
+    each costs about 4 us a call, more than a whole memoised input check; launchers use ``tuning.cdiv`` /
+    ``tuning.next_power_of_2``. Inside kernels they stay free."""
     found = []
     for path in ROOT.rglob("*.py"):
         tree = ast.parse(path.read_text())
         kernels = {id(node) for fn in ast.walk(tree) if _jit_decorated(fn) for node in ast.walk(fn)}
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Call) and ast.unparse(node.func) == "triton.cdiv" and id(node) not in kernels):
+            if (isinstance(node, ast.Call) and ast.unparse(node.func) in ("triton.cdiv", "triton.next_power_of_2")
+                    and id(node) not in kernels):
                 found.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
     assert not found, found
+
+
+def test_tunings_host_helpers_match_tritons():
+    import triton
+
+    from vitkernels.ops import tuning
+
+    for n in range(1, 300):
+        assert tuning.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 16, 64, 128):
+            assert tuning.cdiv(n, d) == triton.cdiv(n, d) and tuning.cdiv(n - 1, d) == triton.cdiv(n - 1, d)

@@ -423,7 +423,7 @@ REL_DIV16 = [f"stride_r{t}{d}" for t in "hwt" for d in "bhm"]
 
 def rel_usage_cases():
     """The forward and dQ kernels with SAM's 64 x 64 rel_pos grid, bf16 and fp32, the heuristic's first pick,
-    specialized as a launch with contiguous terms would be."""
+    specialized as a launch with contiguous terms would be (STRIDE_ALIGN 8: contiguous / packed strides)."""
     cases, ids = [], []
     for dtype in ("bf16", "fp32"):
         for case in rel_pos_cases(dtype):
@@ -431,7 +431,8 @@ def rel_usage_cases():
             name = f"{kernel.strip('_')}-{dtype}"
             if kernel not in ("_flash_attn_fwd_kernel", "_flash_attn_bwd_dq_kernel") or name in ids:
                 continue  # the first pick of each only
-            cases.append(dict(module=module, name=kernel, dtype=dtype, constexprs=consts, ones=ATTN_UNIT + REL_UNIT,
+            cases.append(dict(module=module, name=kernel, dtype=dtype, constexprs=dict(consts, STRIDE_ALIGN=8),
+                              ones=ATTN_UNIT + REL_UNIT,
                               div16=ATTN_STRIDES + REL_DIV16, arch=arch, num_warps=warps, num_stages=stages))
             ids.append(name)
     return cases, ids
@@ -474,7 +475,8 @@ def rope_usage_cases(combos, kernels=("_flash_attn_fwd_kernel", "_flash_attn_bwd
             module, kernel, dtype, consts, arch, warps, stages = case
             if kernel not in kernels:
                 continue
-            cases.append(dict(module=module, name=kernel, dtype=dtype, constexprs=consts, ones=ATTN_UNIT + ROPE_UNIT,
+            cases.append(dict(module=module, name=kernel, dtype=dtype, constexprs=dict(consts, STRIDE_ALIGN=8),
+                              ones=ATTN_UNIT + ROPE_UNIT,
                               div16=ATTN_STRIDES + ROPE_DIV16, arch=arch, num_warps=warps, num_stages=stages))
             ids.append(f"{kernel.strip('_')}-D{d}-{'half' if half else 'pairs'}")
     return cases, ids

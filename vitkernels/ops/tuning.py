@@ -81,6 +81,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1): ``triton.next_power_of_2`` is a constexpr_function
+    too, as costly as ``triton.cdiv`` on the host."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
 def interpreting() -> bool:
     return _environ.getenv("TRITON_INTERPRET", "0") == "1"
 

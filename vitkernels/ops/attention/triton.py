@@ -1002,18 +1002,35 @@ def flash_attention_fwd_triton(q, k, v, bias, scale: float, dropout_p: float, re
         _, bias_b, bias_cols = _bias4(bias, q, n_k)
         bias_strides = bias_b.stride() if bias_b is not None else None
         rel_terms, rel_strides, rel_sizes, rel_flags = _rel_args(rel_pos, q)
-        align = _stride_align(q, k, v, out)
+        q_strides = q.stride()
+        plan_key = None
+        if rel_pos is None and rope is None and not tuning.traced(q):
+            plan_key = (q.dtype, q.shape, q_strides, n_k, k.stride(), v.stride(), bias_strides, dropout_p > 0)
+        plan = _FWD_PLANS.get(plan_key) if plan_key is not None else None
+        if plan is None:
+            align = _stride_align(q, k, v, out)
+            plan = (dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
+                         INPUT_PRECISION=_precision(q.dtype), STRIDE_ALIGN=align, **rel_flags, **_rope_flags(rope)),
+                    configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos),
+                                     **_rope_key(rope), **_align_key(align)))
+            if plan_key is not None:
+                if len(_FWD_PLANS) >= 1024:
+                    _FWD_PLANS.clear()
+                _FWD_PLANS[plan_key] = plan
+        flags, key = plan
         tuning.launch(
             configs.ATTN_FWD, _flash_attn_fwd_kernel, lambda meta: (B * H * tuning.cdiv(n_q, meta["BLOCK_M"]),),
             (q, k, v, bias_b if bias_b is not None else q, *rel_terms, out, lse,
-             *q.stride(), *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides, *out.stride(),
+             *q_strides, *k.stride(), *v.stride(), *(bias_strides or (0, 0, 0, 0)), *rel_strides, *out.stride(),
              H, n_q, n_k, bias_cols, *rel_sizes, scale, dropout_p, _keep_scale(dropout_p), seed, *_rope_args(rope, q)),
-            dict(HEAD_DIM=d, BLOCK_D=_block_d(d), HAS_BIAS=bias is not None, HAS_DROPOUT=dropout_p > 0,
-                 INPUT_PRECISION=_precision(q.dtype), STRIDE_ALIGN=align, **rel_flags, **_rope_flags(rope)),
-            configs.tune_key(q.dtype, n_q, n_k, d, bias_strides, dropout_p > 0, **_rel_key(rel_pos), **_rope_key(rope),
-                             **_align_key(align)),
-            q.device)
+            flags, key, q.device)
     return out, lse, seed
+
+
+# The forward's flags and tune key per (dtype, q shape and strides, Nk, k / v strides, bias strides,
+# dropout): what they derive from, computed once (a ViT calls the same few shapes every layer, where the
+# host path is the bottleneck). Calls with rel_pos or rope, and traced ones, compute them each time.
+_FWD_PLANS: Dict[tuple, Tuple[Dict[str, Any], Dict[str, Any]]] = {}
 
 
 def flash_attention_bwd_triton(dout, q, k, v, bias, out, lse, seed: torch.Tensor, scale: float, dropout_p: float,

@@ -2,8 +2,8 @@
 ``can_run``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -29,6 +29,10 @@ class WindowInputs:
     scale: float  # 1.0 with cosine (the logit scale is per head)
     cosine: bool = False  # Swin V2: q and k L2-normalised per head, logits * exp(min(logit_scale, log 100))
     logit_scale: Optional[torch.Tensor] = None  # (num_heads,) or (num_heads, 1, ..., 1); cosine only
+    # What a backend derives from the checked metadata alone (geometry, launch flags, tune keys), by name:
+    # one dict shared by every copy of these inputs (``with_tensors``), so a memoised signature computes it
+    # once. Never anything that depends on tensor values.
+    derived: Dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def with_tensors(self, qkv, rel_pos_bias, qkv_bias, logit_scale) -> "WindowInputs":
         """A copy holding these tensors, the checked geometry kept (``dataclasses.replace`` without its

@@ -1201,7 +1201,10 @@ def window_attention_fwd_triton(inputs, return_bias: bool = False):
     """Forward: (out (B, *S, C) in qkv's dtype, lse (B * nW, heads, N) float32), plus, with
     ``return_bias``, the fused kernels' dense bias (None on the blocked path) for the backward to reuse."""
     qkv = inputs.qkv
-    g = _Geometry(inputs)
+    plan = inputs.derived.get("triton_fwd")
+    if plan is None:
+        plan = inputs.derived["triton_fwd"] = _fwd_plan(inputs)
+    g, flags, key, per_program = plan
     B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
     C = heads * hd
     table = inputs.rel_pos_bias
@@ -1211,23 +1214,18 @@ def window_attention_fwd_triton(inputs, return_bias: bool = False):
         lse = torch.empty((num_bw, heads, g.n_tok), dtype=torch.float32, device=qkv.device)
         x3, o3 = _as_3d(qkv), _as_3d(out)
         qkv_bias = inputs.qkv_bias if inputs.qkv_bias is not None else x3
-        flags = dict(HEAD_DIM=hd, BLOCK_D=max(16, triton.next_power_of_2(hd)), ROLL_FIRST=g.roll_first,
-                     HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype))
         cos_ptrs, cos_strides = _cosine_args(inputs)
         cos = inputs.cosine
         bias = None
         if g.n_tok <= FUSED_MAX_TOKENS:
             bias = _dense_bias(inputs, g)
             kernel = _window_attn_fwd_fused_cosine_kernel if cos else _window_attn_fwd_fused_kernel
-            per_program = _heads_per_program(num_bw, heads)
             tuning.launch(
                 configs.WINDOW_FWD_FUSED, kernel,
                 lambda meta: (tuning.cdiv(num_bw, meta["BLOCK_W"]), tuning.cdiv(heads, per_program)),
                 (x3, qkv_bias, bias, o3, lse, *cos_ptrs, *x3.stride()[:4], *o3.stride()[:4], *_bias_strides(bias),
                  *cos_strides, C, heads, g.n_tok, g.num_windows, *g.grid, num_bw, *g.args()[:12], inputs.scale),
-                dict(BLOCK=_fused_block(g.n_tok), HEADS_PER_PROGRAM=per_program,
-                     STRIDE_ALIGN=_stride_align((x3, o3), C), **flags),
-                _tune_key(inputs, g, **({"heads": per_program} if per_program > 1 else {})), qkv.device)
+                flags, key, qkv.device)
         else:
             tuning.launch(
                 configs.WINDOW_FWD, _window_attn_fwd_cosine_kernel if cos else _window_attn_fwd_kernel,
@@ -1235,9 +1233,38 @@ def window_attention_fwd_triton(inputs, return_bias: bool = False):
                 (x3, qkv_bias, table if table is not None else x3, o3, lse, *cos_ptrs,
                  *x3.stride()[:4], *o3.stride()[:4], *(table.stride() if table is not None else (0, 0)), *cos_strides,
                  C, heads, g.n_tok, g.num_windows, g.grid[1], g.grid[2], *g.args(), inputs.scale),
-                dict(HAS_SHIFT=any(g.shift), HAS_TABLE=table is not None, **flags),
-                _tune_key(inputs, g), qkv.device)
+                flags, key, qkv.device)
     return (out, lse, bias) if return_bias else (out, lse)
+
+
+def _fwd_plan(inputs):
+    """(geometry, launch flags, tune key, heads per program) of the forward: functions of the checked
+    metadata only, kept in ``inputs.derived`` (computed once per memoised call signature)."""
+    qkv = inputs.qkv
+    g = _Geometry(inputs)
+    B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
+    C = heads * hd
+    flags = dict(HEAD_DIM=hd, BLOCK_D=max(16, tuning.next_power_of_2(hd)), ROLL_FIRST=g.roll_first,
+                 HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype))
+    if g.n_tok <= FUSED_MAX_TOKENS:
+        num_bw = B * g.num_windows
+        per_program = _heads_per_program(num_bw, heads)
+        # the output's strides follow from qkv's shape (a new contiguous tensor): known before it exists
+        o3_strides = _contiguous_strides(_as_3d(qkv).shape[:-1] + (C,))
+        flags = dict(BLOCK=_fused_block(g.n_tok), HEADS_PER_PROGRAM=per_program,
+                     STRIDE_ALIGN=_stride_align_of(_as_3d(qkv).stride(), o3_strides, C), **flags)
+        key = _tune_key(inputs, g, **({"heads": per_program} if per_program > 1 else {}))
+        return g, flags, key, per_program
+    table = inputs.rel_pos_bias
+    return g, dict(HAS_SHIFT=any(g.shift), HAS_TABLE=table is not None, **flags), _tune_key(inputs, g), 1
+
+
+def _contiguous_strides(shape) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
 
 
 def _heads_per_program(num_bw: int, heads: int) -> int:
@@ -1257,7 +1284,12 @@ def _stride_align(tensors, *ints: int) -> int:
     which Triton's launch specialization already tells the compiler (the rounding would only cost
     registers: the fused backward at D = 32 spills 60 bytes with it, 8 without). 8 elements of 16 bits:
     one 16-byte vector."""
-    values = [s for t in tensors for s in t.stride()[:-1]] + list(ints)
+    return _stride_align_of(*(t.stride() for t in tensors), *ints)
+
+
+def _stride_align_of(*strides_and_ints) -> int:
+    """``_stride_align`` from stride tuples (every stride but the last) and ints."""
+    values = [v for x in strides_and_ints for v in (x[:-1] if isinstance(x, tuple) else (x,))]
     if all(v % 16 == 0 for v in values):
         return 1
     for align in (8, 4, 2):
@@ -1272,7 +1304,7 @@ def _bias_strides(bias: torch.Tensor) -> Tuple[int, int]:
 
 
 def _fused_block(n_tok: int) -> int:
-    return max(16, triton.next_power_of_2(n_tok))  # tl.dot needs 16 rows at least
+    return max(16, tuning.next_power_of_2(n_tok))  # tl.dot needs 16 rows at least
 
 
 @constant_tensors
@@ -1344,7 +1376,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
     C = heads * hd
     n = g.n_tok
     num_bw = B * g.num_windows
-    block_d = max(16, triton.next_power_of_2(hd))
+    block_d = max(16, tuning.next_power_of_2(hd))
     if dout.stride(-1) != 1:  # the kernels read channels with unit stride; autograd rarely hands us another
         dout = dout.contiguous()
     x3, d3, o3 = _as_3d(qkv), _as_3d(dout), _as_3d(out)

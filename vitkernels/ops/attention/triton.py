@@ -895,10 +895,11 @@ def _stride_align(*tensors: torch.Tensor) -> int:
     not rounded). 8 when they all are multiples of 8 elements: a packed qkv at D = 40, 56, 72, 88 and
     contiguous outputs at any N. One gcd over all the strides (the host path stays cheap)."""
     strides = [st for t in tensors for st in t.stride()[:3]]
-    try:
-        g = math.gcd(*strides)
-    except TypeError:  # symbolic strides (torch.compile, dynamic shapes): each tested
+    if any(isinstance(st, torch.SymInt) for st in strides):
+        # symbolic strides (torch.compile, dynamic shapes): each tested for divisibility (math.gcd would
+        # specialize them to their values: a recompile per shape)
         return next(a for a in (8, 4, 2, 1) if all(st % a == 0 for st in strides))
+    g = math.gcd(*strides)
     return min(8, g & -g) if g else 8
 
 

@@ -160,10 +160,11 @@ INTERPRETER_CONFIG = _c(32, 32, 1, 1)
 # the tiles each kernel rotates in its loop with a rope: key tiles (forward, dQ), query tiles (dK/dV), both (dBias)
 ATTN_FWD = TunedKernel("flash_attn_fwd", FWD_SPACE, heuristic_of("fwd"),
                        shared_memory_of(False, lambda m: m["BLOCK_N"]), _limits, INTERPRETER_CONFIG)
+# version 2: dK/dV forms S^T = K Q^T; dQ may write dBias (the H200-tuned configs were for the old code)
 ATTN_BWD_DKDV = TunedKernel("flash_attn_bwd_dkdv", BWD_SPACE, heuristic_of("dkdv"),
-                            shared_memory_of(True, lambda m: m["BLOCK_M"]), _limits, INTERPRETER_CONFIG)
+                            shared_memory_of(True, lambda m: m["BLOCK_M"]), _limits, INTERPRETER_CONFIG, version=2)
 ATTN_BWD_DQ = TunedKernel("flash_attn_bwd_dq", BWD_SPACE, heuristic_of("dq"),
-                          shared_memory_of(True, lambda m: m["BLOCK_N"]), _limits, INTERPRETER_CONFIG)
+                          shared_memory_of(True, lambda m: m["BLOCK_N"]), _limits, INTERPRETER_CONFIG, version=2)
 ATTN_BWD_DBIAS = TunedKernel("flash_attn_bwd_dbias", BWD_SPACE, heuristic_of("dbias"),
                              shared_memory_of(True, lambda m: m["BLOCK_M"] + m["BLOCK_N"]), _limits,
                              INTERPRETER_CONFIG)

@@ -52,9 +52,10 @@ def _limits(key: Dict[str, Any]) -> Dict[str, int]:
 SPACE = product_space((4, 8), (2, 3, 4), BLOCK_M=(32, 64, 128), BLOCK_N=(64, 128), BLOCK_K=(32, 64))
 INTERPRETER_CONFIG = _c(32, 32, 32, 1, 1)
 
-PATCH_FWD = TunedKernel("patch_embed_fwd", SPACE, heuristic, _shared, _limits, INTERPRETER_CONFIG)
-PATCH_BWD_DW = TunedKernel("patch_embed_bwd_dw", SPACE, heuristic, _shared, _limits, INTERPRETER_CONFIG)
-PATCH_BWD_DX = TunedKernel("patch_embed_bwd_dx", SPACE, heuristic, _shared, _limits, INTERPRETER_CONFIG)
+# version 2: the weight read as (E, K) rows in x's k-order, C and K constexprs
+PATCH_FWD = TunedKernel("patch_embed_fwd", SPACE, heuristic, _shared, _limits, INTERPRETER_CONFIG, version=2)
+PATCH_BWD_DW = TunedKernel("patch_embed_bwd_dw", SPACE, heuristic, _shared, _limits, INTERPRETER_CONFIG, version=2)
+PATCH_BWD_DX = TunedKernel("patch_embed_bwd_dx", SPACE, heuristic, _shared, _limits, INTERPRETER_CONFIG, version=2)
 KERNELS = (PATCH_FWD, PATCH_BWD_DW, PATCH_BWD_DX)
 
 

@@ -79,7 +79,8 @@ def fused_fwd_heuristic(key: Dict[str, Any], gpu: GPU) -> List[Config]:
 WINDOW_FWD_FUSED = TunedKernel("window_attn_fwd_fused", product_space((2, 4, 8), (1, 2), BLOCK_W=(1, 2, 4, 8, 16)),
                                fused_fwd_heuristic, fused_shared_memory, lambda key: {}, Config.of(1, 1, BLOCK_W=2))
 WINDOW_BWD_FUSED = TunedKernel("window_attn_bwd_fused", product_space((2, 4, 8), (1, 2)), fused_heuristic,
-                               fused_shared_memory, lambda key: {}, Config.of(1, 1))
+                               fused_shared_memory, lambda key: {}, Config.of(1, 1),
+                               version=2)  # 2: dV / dK / dQ stored as formed
 KERNELS = (WINDOW_FWD, WINDOW_BWD_DKDV, WINDOW_BWD_DQ, WINDOW_BWD_DTABLE, WINDOW_FWD_FUSED, WINDOW_BWD_FUSED)
 
 

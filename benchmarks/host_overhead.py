@@ -11,9 +11,10 @@ grad: through the autograd.Function) and, on a GPU, ``fwd+bwd``. ``--profile`` a
 
     python -m benchmarks.host_overhead [--calls 200] [--profile]
 
-Without a GPU it runs under the Triton interpreter with ``tuning.launch`` replaced by a no-op: ``total``
-is then vitkernels' host path alone, but it includes the CPU doing the small tensor ops a GPU would queue
-(e.g. the padded bias copy), so read ``to launch`` of a case without such ops for the pure host cost.
+Without a GPU it runs under the Triton interpreter with ``tuning.launch`` replaced by a no-op: what it times
+is vitkernels' host path, except in the cases with small tensor ops a GPU would queue (the ``+bias`` case's
+padded bias copy, the window table's dense bias), which the CPU then computes; the cases without them
+(``attention``, ``window ... no table``, ``patch embed``) are the pure host cost.
 """
 from __future__ import annotations
 
@@ -50,10 +51,14 @@ def cases(device, dtype):
         return vitkernels.window_attention(qkv, num_heads=24, window_size=7, rel_pos_bias=table, qkv_bias=qkv_bias,
                                            backend="triton")
 
+    def window_plain():
+        return vitkernels.window_attention(qkv, num_heads=24, window_size=7, qkv_bias=qkv_bias, backend="triton")
+
     def patch():
         return vitkernels.patch_embed(img, weight, pbias, backend="triton")
 
     return {"attention B=2 N=197": (attention, (q, k, v)), "attention B=2 N=197 +bias": (attention_bias, (q, k, v, bias)), "window Swin stage 4 B=2": (window, (qkv, table, qkv_bias)),
+            "window stage 4 B=2, no table": (window_plain, (qkv, qkv_bias)),
             "patch embed B=2 /16": (patch, (img, weight, pbias))}
 
 

@@ -129,6 +129,9 @@ def constant_tensors(fn: Callable) -> Callable:
 
 
 def _fake_mode_active() -> bool:
+    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    if stack_len is not None and stack_len() == 0:  # no mode at all: the eager hot path, one C call
+        return False
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 

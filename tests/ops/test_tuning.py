@@ -482,15 +482,22 @@ def test_gpu_every_window_candidate_is_correct(dtype, shape, heads, win, shift):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw-p16", "channels_last-p14"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_gpu_every_patch_embed_candidate_is_correct(dtype):
+def test_gpu_every_patch_embed_candidate_is_correct(dtype, layout):
+    """Every heuristic candidate of the three GEMMs, ViT-B/16 on NCHW images and ViT-L/14-like on
+    channels-last ones (the (dt, dh, dw, c) k-order, K = 588 padded to 592)."""
     from tests.utils import assert_close_2x
 
-    B, E, P = 8, 768, 1
+    channels_last = layout.startswith("channels_last")
+    B, E, P, p = 8, 768, 1, (14 if channels_last else 16)
+    n = (224 // p) ** 2
     x = torch.randn(B, 3, 224, 224, device="cuda")
-    w = torch.randn(E, 3, 16, 16, device="cuda") * 0.02
-    b, pos, cls = torch.randn(E, device="cuda"), torch.randn(1, P + 196, E, device="cuda"), torch.randn(1, P, E, device="cuda")
-    g = torch.randn(B, P + 196, E, device="cuda")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.randn(E, 3, p, p, device="cuda") * 0.02
+    b, pos, cls = torch.randn(E, device="cuda"), torch.randn(1, P + n, E, device="cuda"), torch.randn(1, P, E, device="cuda")
+    g = torch.randn(B, P + n, E, device="cuda")
 
     def run(cast, backend):
         ts = [t.to(cast).requires_grad_() for t in (x, w, b, pos, cls)]
@@ -498,7 +505,9 @@ def test_gpu_every_patch_embed_candidate_is_correct(dtype):
         out.backward(g.to(cast))
         return [out] + [t.grad for t in ts]
     ref, pt = run(torch.float64, "reference"), run(dtype, "reference")
-    key = patch.tune_key(dtype, B * 196, E, 768, HAS_BIAS=True, HAS_POS=True, POS_HAS_PREFIX=True)
+    extra = dict(channels_last=True) if channels_last else {}
+    key = patch.tune_key(dtype, B * n, E, 3 * p * p, video=False, prefix=True, **extra, HAS_BIAS=True, HAS_POS=True,
+                         POS_HAS_PREFIX=True)
     for forced in each_candidate(patch.KERNELS, key):
         with tuning.forced_configs(forced):
             got = run(dtype, "triton")

@@ -319,10 +319,32 @@ def test_gpu_cosine_swin_v2_shapes(dtype, shape, heads, window, shift):
 # ---- several heads of a window per fused-forward program (HEADS_PER_PROGRAM) ------------------------------
 
 
-def _force_heads_per_program(monkeypatch, per_program):
+@pytest.fixture
+def force_heads(monkeypatch):
+    """``force_heads(n)`` makes the fused forward take n heads per program and returns the list of the
+    HEADS_PER_PROGRAM values launched from then on. Call memos are cleared around it: a memoised signature
+    carries its forward plan (``inputs.derived``), which would keep an earlier choice."""
+    from vitkernels import dispatch
+    from vitkernels.ops import tuning
     from vitkernels.ops.window_attention import triton as window_triton
 
-    monkeypatch.setattr(window_triton, "_heads_per_program", lambda num_bw, heads: per_program)
+    launched, real_launch = [], tuning.launch
+
+    def spy(*args, **kwargs):
+        constexprs = args[4]
+        if "HEADS_PER_PROGRAM" in constexprs:
+            launched.append(constexprs["HEADS_PER_PROGRAM"])
+        return real_launch(*args, **kwargs)
+
+    def force(per_program):
+        monkeypatch.setattr(window_triton, "_heads_per_program", lambda num_bw, heads: per_program)
+        dispatch.clear_call_memos()
+        launched.clear()
+        return launched
+
+    monkeypatch.setattr(tuning, "launch", spy)
+    yield force
+    dispatch.clear_call_memos()
 
 
 @pytest.mark.parametrize("shape,heads,hd,window,shift,per_program", [
@@ -331,14 +353,16 @@ def _force_heads_per_program(monkeypatch, per_program):
     ((1, 3, 5, 5), 3, 32, (2, 3, 3), (1, 1, 2), 4),  # 3-D, padding in every dim, more slots than heads
     ((1, 13, 10), 3, 40, 7, 3, 3),                # head_dim 40: strides multiples of 8 (STRIDE_ALIGN 8)
 ], ids=["pad-2of4", "3heads-by-2", "3d-pad-4of3", "D40-3of3"])
-def test_fused_forward_packs_heads(monkeypatch, shape, heads, hd, window, shift, per_program):
-    _force_heads_per_program(monkeypatch, per_program)
+def test_fused_forward_packs_heads(force_heads, shape, heads, hd, window, shift, per_program):
+    launched = force_heads(per_program)
     run_case(shape, heads, hd, window, shift)
+    assert launched and set(launched) == {per_program}, launched
 
 
-def test_cosine_fused_forward_packs_heads(monkeypatch):
-    _force_heads_per_program(monkeypatch, 2)
+def test_cosine_fused_forward_packs_heads(force_heads):
+    launched = force_heads(2)
     run_cosine((1, 9, 11), 3, 24, (4, 5), (0, 2), seed=1)  # 3 heads in programs of 2, padding
+    assert launched and set(launched) == {2}, launched
 
 
 def _window_run(heads, hd, shape=(2, 13, 10), window=7, shift=3):
@@ -354,15 +378,17 @@ def _window_run(heads, hd, shape=(2, 13, 10), window=7, shift=3):
     return [out] + [t.grad for t in ts]
 
 
-def test_packed_heads_change_no_bit_and_the_backward_stays_deterministic(monkeypatch):
+def test_packed_heads_change_no_bit_and_the_backward_stays_deterministic(force_heads):
     """Packing heads only reorders whole window-heads: output and every gradient (the backward reads the
     forward's lse) are the same bits at 1 and 3 heads per program (the interpreter; compiled, the programs
     differ, so fp32 rounding), and two packed runs agree bitwise."""
     same = torch.equal if INTERPRET else (lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6))
-    _force_heads_per_program(monkeypatch, 1)
+    launched = force_heads(1)
     single = _window_run(3, 32)
-    _force_heads_per_program(monkeypatch, 3)
+    assert launched == [1], launched
+    launched = force_heads(3)
     packed = [_window_run(3, 32) for _ in range(2)]
+    assert launched == [3, 3], launched
     for a, b, c in zip(single, *packed):
         assert same(a, b)
         assert torch.equal(b, c)
@@ -430,3 +456,112 @@ def test_dense_bias_takes_two_device_ops():
     assert bias.is_contiguous() and bias.shape == (8, 3, 64, 64) and torch.equal(bias, expected)
     rows, masks = _fused_layout(g.window, g.table_window, g.padded, g.shift, table.dtype, str(qkv.device))
     assert torch.equal(bias, masks + table[rows].t().reshape(1, 3, 64, 64))
+
+
+# ---- the blocked kernels (windows over 64 tokens) at head_dim 40: STRIDE_ALIGN ----------------------------
+# 3 heads of 40: 3C = 360, every qkv stride a multiple of 8 elements, not of 16: the launches take
+# STRIDE_ALIGN = 8 (the strides rounded to it in the kernels; the same values, which a wrong host align would
+# change). Under the interpreter this checks the plumbing and the values; the PTX (16-byte loads) is checked
+# in tests/ops/test_window_ptx.py.
+
+BLOCKED_KERNELS = ("_window_attn_fwd_kernel", "_window_bwd_delta_kernel", "_window_attn_bwd_kernel",
+                   "_window_attn_bwd_dq_kernel", "_window_attn_bwd_dtable_kernel")
+
+
+def _record_stride_align(monkeypatch):
+    """{kernel name: STRIDE_ALIGN} of every launch of the window kernels (tuned ones and the rowsum), which
+    still run."""
+    from vitkernels.ops import tuning
+
+    seen = {}
+    launch, launcher = tuning.launch, tuning.launcher
+
+    def recording_launch(spec, kernel, grid, args, constexprs, key, device):
+        seen[kernel.fn.__name__] = constexprs.get("STRIDE_ALIGN")
+        return launch(spec, kernel, grid, args, constexprs, key, device)
+
+    class _Recording:
+        def __init__(self, kernel, tensor):
+            self.kernel, self.launch = kernel, launcher(kernel, tensor)
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen[self.kernel.fn.__name__] = kwargs.get("STRIDE_ALIGN")
+                return self.launch[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(tuning, "launch", recording_launch)
+    monkeypatch.setattr(tuning, "launcher", _Recording)
+    return seen
+
+
+BLOCKED_D40 = [
+    # (B, *map), window, shift
+    ((1, 13, 12), 12, 6),                    # 12x12 = 144 tokens (Swin-B 384), shifted, padded
+    ((1, 3, 7, 8), (2, 6, 6), (1, 3, 3)),    # 3-D, 72 tokens, shifted, padded in every dim
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("shape,window,shift", BLOCKED_D40, ids=["w12-13x12", "3d-w2x6x6-3x7x8"])
+def test_blocked_d40_matches_reference(monkeypatch, shape, window, shift, dtype):
+    """Output and the gradients of qkv, the table and qkv_bias against the float64 reference (2x PyTorch's
+    error in the same dtype), with every blocked kernel launched at STRIDE_ALIGN 8 (one head of 40: 3C = 120,
+    a multiple of 8, not 16; one head keeps the interpreter's time down)."""
+    seen = _record_stride_align(monkeypatch)
+    run_case(shape, 1, 40, window, shift, dtype=dtype)
+    assert seen == {name: 8 for name in BLOCKED_KERNELS}, seen
+
+
+def test_blocked_d40_strided_qkv_takes_a_smaller_align(monkeypatch):
+    """qkv a view of a wider NaN-filled buffer whose rows are 3C + 4 = 124 elements: the qkv-reading kernels
+    take STRIDE_ALIGN 4 (the output, dout and the rowsum stay at 8) and never read the NaN columns."""
+    seen = _record_stride_align(monkeypatch)
+    heads, hd = 1, 40
+    C = heads * hd
+    buf = torch.full((1, 13, 12, 3 * C + 4), float("nan"), device=DEVICE)
+    buf[..., : 3 * C] = torch.randn(1, 13, 12, 3 * C, device=DEVICE)
+    run_case((1, 13, 12), heads, hd, 12, 6, qkv=buf[..., : 3 * C])
+    assert seen == dict({name: 4 for name in BLOCKED_KERNELS}, _window_bwd_delta_kernel=8), seen
+
+
+def test_blocked_d40_backward_is_deterministic_bitwise(monkeypatch):
+    """Two runs of the blocked kernels at STRIDE_ALIGN 8 (12x12 window, shifted, padded): the same output and
+    gradients of qkv, the table and qkv_bias, bit for bit."""
+    seen = _record_stride_align(monkeypatch)
+    heads, hd, shape = 1, 40, (1, 13, 12)
+    g = torch.Generator().manual_seed(0)
+    leaves = [torch.randn(*shape, 3 * heads * hd, generator=g), torch.randn(23 * 23, heads, generator=g),
+              torch.randn(3 * heads * hd, generator=g)]
+    dout = torch.randn(*shape, heads * hd, generator=g).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        ts = [t.to(DEVICE).requires_grad_() for t in leaves]
+        out = vitkernels.window_attention(ts[0], num_heads=heads, window_size=12, shift_size=6, rel_pos_bias=ts[1],
+                                          qkv_bias=ts[2], backend="triton")
+        out.backward(dout)
+        runs.append([out] + [t.grad for t in ts])
+    assert seen == {name: 8 for name in BLOCKED_KERNELS}, seen
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cosine_blocked_d40_matches_reference(monkeypatch):
+    """The cosine entry points of the blocked kernels share the bodies: at STRIDE_ALIGN 8 too (81 tokens)."""
+    seen = _record_stride_align(monkeypatch)
+    run_cosine((1, 10, 9), 3, 40, 9, 4)
+    assert seen == {name.replace("_kernel", "_cosine_kernel") if name != "_window_bwd_delta_kernel" else name: 8
+                    for name in BLOCKED_KERNELS}, seen
+
+
+def test_forward_plan_stride_align_from_metadata():
+    """The forward's flags (cached in ``inputs.derived``) carry STRIDE_ALIGN from the strides alone, on the
+    fused and the blocked path alike: 8 at 3 heads of 40, 1 when every stride is a multiple of 16."""
+    from vitkernels.ops.window_attention.checks import check_window_inputs
+    from vitkernels.ops.window_attention.triton import _fwd_plan
+
+    for heads, hd, window, expected in ((3, 40, 7, 8), (3, 40, 12, 8), (2, 40, 12, 1), (3, 32, 12, 1)):
+        qkv = torch.empty(2, 14, 13, 3 * heads * hd, device="meta")
+        g, flags, key, per_program = _fwd_plan(check_window_inputs(qkv, heads, window, window // 2))
+        assert flags["STRIDE_ALIGN"] == expected, (heads, hd, window, flags)
+        assert ("BLOCK" in flags) == (window == 7)  # fused / blocked

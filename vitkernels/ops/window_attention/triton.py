@@ -37,8 +37,9 @@ order; the groups depend on the shape only, so every gradient is bitwise determi
 
 A packed qkv's strides are multiples of 16 elements only when D is (D = 40: 3C = 360 with 3 heads);
 Triton's launch specialization then gives no divisibility hint and every q / k / v load of a row went
-16 bits at a time (0 cp.async). The fused kernels take STRIDE_ALIGN (the host's largest of 8 / 4 / 2
-dividing every stride and C) and round the strides to it in the kernel, which tells the compiler.
+16 bits at a time (0 cp.async). Every kernel (fused and blocked, and the blocked backward's rowsum) takes
+STRIDE_ALIGN (the host's largest of 8 / 4 / 2 dividing every stride of the tensors it reads or writes, and
+C; 1 when all are multiples of 16) and rounds the strides to it in the kernel, which tells the compiler.
 
 Swin V2's scaled cosine attention (``cosine=True``) runs in the same kernels: the q and k rows of each tile
 are L2-normalised in fp32 where they are loaded (no normalised copy exists), the head's logit scale is
@@ -48,8 +49,9 @@ normalisation's adjoint row by row (a program holds a token's whole head dim) an
 the other reductions: one slot per program, summed on the host in a fixed order. Each kernel body takes a
 COSINE flag; its ``*_kernel`` entry point keeps the plain signature (ptxas allocates registers by the
 parameter list too: the plain kernels compile as they did), its ``*_cosine_kernel`` one adds the logit
-scale (and the d(logit_scale) slots). The fused entry points' HEADS_PER_PROGRAM and STRIDE_ALIGN default
-to 1 (one head per program, strides as Triton specializes them), as the AOT tests compile them unless told.
+scale (and the d(logit_scale) slots). The entry points' STRIDE_ALIGN (and the fused forward's
+HEADS_PER_PROGRAM) default to 1 (strides as Triton specializes them, one head per program), as the AOT tests
+compile them unless told.
 """
 from __future__ import annotations
 
@@ -114,6 +116,17 @@ def _window_tokens(n, win_t, win_h, win_w,
         real = (src_t < ST) & (src_h < SH) & (src_w < SW)
     region = (_region(pt, PT, WT, SHIFT_T) * 3 + _region(ph, PH, WH, SHIFT_H)) * 3 + _region(pw, PW, WW, SHIFT_W)
     return src_t, src_h, src_w, real, region
+
+
+@triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    """``stride`` with its divisibility by ALIGN known to the compiler: ``stride // ALIGN * ALIGN`` is the same
+    value (the host checked that ALIGN divides it) as a product by a constant, which AxisInfo tracks; a
+    packed qkv at D = 40 has strides that are multiples of 8 elements, not the 16 Triton specializes, and
+    ``tl.multiple_of`` on an argument is ignored. ALIGN = 1: unchanged."""
+    if ALIGN > 1:
+        stride = stride // ALIGN * ALIGN
+    return stride
 
 
 @triton.jit
@@ -288,11 +301,23 @@ def _window_attn_fwd(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
+    """One program per (batch-window, head, query block) of a window bigger than one tile: loops over the
+    window's key blocks with the online softmax. STRIDE_ALIGN: what divides every qkv / out stride and C
+    (``_aligned``)."""
     pid_bw = tl.program_id(0)  # b * NUM_WIN + window (axis 0: no 65535 grid limit)
     head = tl.program_id(1)
     pid_m = tl.program_id(2)
+    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
+    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
+    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
+    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
+    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
+    C = _aligned(C, STRIDE_ALIGN)
     b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
 
     offs_d = tl.arange(0, BLOCK_D)
@@ -354,14 +379,14 @@ def _window_attn_fwd_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_fwd`` without cosine."""
     _window_attn_fwd(
         QKV, QKVBias, Table, Out, LSE, LSE, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
         stride_oh, stride_ow, stride_tr, stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH,
         SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
-        ROLL_FIRST, HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, False, INPUT_PRECISION)
+        ROLL_FIRST, HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, False, INPUT_PRECISION, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -375,14 +400,14 @@ def _window_attn_fwd_cosine_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_fwd`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
     _window_attn_fwd(
         QKV, QKVBias, Table, Out, LSE, LogitScale, stride_xb, stride_xt, stride_xh, stride_xw, stride_ob, stride_ot,
         stride_oh, stride_ow, stride_tr, stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW,
         ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N,
-        BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, True, INPUT_PRECISION)
+        BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, True, INPUT_PRECISION, STRIDE_ALIGN)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,11 +420,20 @@ def _window_bwd_delta_kernel(
     stride_ob, stride_ot, stride_oh, stride_ow,
     stride_db, stride_dt, stride_dh, stride_dw,
     ST, SH, SW, NUM_HEADS, NUM_TOKENS,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
-    """delta = rowsum(O * dO) per (token, head) of the map, (B, T, H, W, heads) float32."""
+    """delta = rowsum(O * dO) per (token, head) of the map, (B, T, H, W, heads) float32. STRIDE_ALIGN: what
+    divides every out / dout stride (``_aligned``)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # token number in (b, t, h, w) order
     head = tl.program_id(1)
+    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
+    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
+    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
+    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
+    stride_db = _aligned(stride_db, STRIDE_ALIGN)
+    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
+    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
+    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
     ok = offs < NUM_TOKENS
     b = offs // (ST * SH * SW)
     t = (offs // (SH * SW)) % ST
@@ -477,15 +511,29 @@ def _window_attn_bwd_dkdv(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    GRAD_PAD: tl.constexpr, COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRAD_PAD: tl.constexpr, COSINE: tl.constexpr, INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """One program per (batch-window, head, key block): dK, dV of its keys (looping over the window's
     queries); real tokens' gradients go to their source positions in dQKV, padding tokens' sums to DPad
     (B*nW, heads, key blocks, 2, D) for d(qkv_bias). Query gradients: ``_window_attn_bwd_dq_kernel``.
-    COSINE: dK_hat = dS^T Q_hat * scale, then the normalisation's adjoint row by row (full head dim here)."""
+    COSINE: dK_hat = dS^T Q_hat * scale, then the normalisation's adjoint row by row (full head dim here).
+    STRIDE_ALIGN: what divides every qkv / dout / dqkv stride and C (``_aligned``)."""
     pid_bw = tl.program_id(0)
     head = tl.program_id(1)
     pid_n = tl.program_id(2)
+    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
+    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
+    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
+    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
+    stride_db = _aligned(stride_db, STRIDE_ALIGN)
+    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
+    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
+    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
+    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
+    stride_gt = _aligned(stride_gt, STRIDE_ALIGN)
+    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
+    stride_gw = _aligned(stride_gw, STRIDE_ALIGN)
+    C = _aligned(C, STRIDE_ALIGN)
     b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -553,7 +601,7 @@ def _window_attn_bwd_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_dkdv`` without cosine."""
     _window_attn_bwd_dkdv(
@@ -561,7 +609,7 @@ def _window_attn_bwd_kernel(
         stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_tr,
         stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T,
         SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT,
-        HAS_TABLE, HAS_QKV_BIAS, GRAD_PAD, False, INPUT_PRECISION)
+        HAS_TABLE, HAS_QKV_BIAS, GRAD_PAD, False, INPUT_PRECISION, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -576,7 +624,7 @@ def _window_attn_bwd_cosine_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRAD_PAD: tl.constexpr, INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_dkdv`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
     _window_attn_bwd_dkdv(
@@ -584,7 +632,7 @@ def _window_attn_bwd_cosine_kernel(
         stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_tr,
         stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T,
         SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT,
-        HAS_TABLE, HAS_QKV_BIAS, GRAD_PAD, True, INPUT_PRECISION)
+        HAS_TABLE, HAS_QKV_BIAS, GRAD_PAD, True, INPUT_PRECISION, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -600,14 +648,29 @@ def _window_attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     COSINE: tl.constexpr, WRITE_DQ: tl.constexpr, SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr,
 ):
     """One program per (query block, head, batch-window): dQ = dS K * scale of its real queries (padding
     queries are cropped from the output, so their dQ is 0 and never stored). COSINE: the normalisation's
     adjoint on dQ_hat; SUM_SCALE: each query row's sum of dS * (q_hat * scale) . k_hat (its share of
-    d logit_scale) to its slot of DScalePart (B*nW, heads, N), written by this program alone."""
+    d logit_scale) to its slot of DScalePart (B*nW, heads, N), written by this program alone. STRIDE_ALIGN:
+    what divides every qkv / dout / dqkv stride and C (``_aligned``)."""
     pid_bw = tl.program_id(0)
     head = tl.program_id(1)
     pid_m = tl.program_id(2)
+    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
+    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
+    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
+    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
+    stride_db = _aligned(stride_db, STRIDE_ALIGN)
+    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
+    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
+    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
+    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
+    stride_gt = _aligned(stride_gt, STRIDE_ALIGN)
+    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
+    stride_gw = _aligned(stride_gw, STRIDE_ALIGN)
+    C = _aligned(C, STRIDE_ALIGN)
     b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -660,7 +723,7 @@ def _window_attn_bwd_dq_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_dq`` without cosine."""
     _window_attn_bwd_dq(
@@ -668,7 +731,7 @@ def _window_attn_bwd_dq_kernel(
         stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw, stride_tr,
         stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T,
         SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT,
-        HAS_TABLE, HAS_QKV_BIAS, False, True, False, INPUT_PRECISION)
+        HAS_TABLE, HAS_QKV_BIAS, False, True, False, INPUT_PRECISION, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -684,6 +747,7 @@ def _window_attn_bwd_dq_cosine_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_TABLE: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
     WRITE_DQ: tl.constexpr, SUM_SCALE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_dq`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
     _window_attn_bwd_dq(
@@ -691,7 +755,7 @@ def _window_attn_bwd_dq_cosine_kernel(
         stride_xw, stride_db, stride_dt, stride_dh, stride_dw, stride_gb, stride_gt, stride_gh, stride_gw,
         stride_tr, stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, WT, WH, WW, ST, SH, SW, PT, PH,
         PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST,
-        HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, True, WRITE_DQ, SUM_SCALE, INPUT_PRECISION)
+        HAS_SHIFT, HAS_TABLE, HAS_QKV_BIAS, True, WRITE_DQ, SUM_SCALE, INPUT_PRECISION, STRIDE_ALIGN)
 
 
 @triton.jit
@@ -702,17 +766,6 @@ def _window_of_group(pid_bw, NUM_WIN, NW_T, NW_H, NW_W):
     pattern = (win_t == NW_T - 1).to(tl.int32) * 4 + (win_h == NW_H - 1).to(tl.int32) * 2 \
         + (win_w == NW_W - 1).to(tl.int32)
     return b, win_t, win_h, win_w, pattern
-
-
-@triton.jit
-def _aligned(stride, ALIGN: tl.constexpr):
-    """``stride`` with its divisibility by ALIGN known to the compiler: ``stride // ALIGN * ALIGN`` is the same
-    value (the host checked that ALIGN divides it) as a product by a constant, which AxisInfo tracks; a
-    packed qkv at D = 40 has strides that are multiples of 8 elements, not the 16 Triton specializes, and
-    ``tl.multiple_of`` on an argument is ignored. ALIGN = 1: unchanged."""
-    if ALIGN > 1:
-        stride = stride // ALIGN * ALIGN
-    return stride
 
 
 @triton.jit
@@ -1061,15 +1114,25 @@ def _window_attn_bwd_dtable(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr, COSINE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
 ):
     """dS summed over a group of consecutive windows, per (query block x key block) tile: one program per
     (key block, query block, group * heads + head) walks its group's windows in a fixed order and writes
     its slot of DSPart (groups, heads, N * N + 1), which the host sums over groups in a fixed order (the
-    d(table) reduction of windows bigger than one tile, without atomics)."""
+    d(table) reduction of windows bigger than one tile, without atomics). STRIDE_ALIGN: what divides every
+    qkv / dout stride and C (``_aligned``)."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.program_id(2)  # group * NUM_HEADS + head
+    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
+    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
+    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
+    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
+    stride_db = _aligned(stride_db, STRIDE_ALIGN)
+    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
+    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
+    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
+    C = _aligned(C, STRIDE_ALIGN)
     group = slot // NUM_HEADS
     head = slot % NUM_HEADS
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -1119,14 +1182,15 @@ def _window_attn_bwd_dtable_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_dtable`` without cosine."""
     _window_attn_bwd_dtable(
         QKV, QKVBias, Table, DOut, LSE, Delta, DSPart, LSE, stride_xb, stride_xt, stride_xh, stride_xw, stride_db,
         stride_dt, stride_dh, stride_dw, stride_tr, stride_th, 0, C, NUM_HEADS, N_TOK, NUM_WIN, NW_H, NW_W, NUM_BW,
         WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT, TH, TW, sm_scale,
-        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_QKV_BIAS, False, INPUT_PRECISION)
+        HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_QKV_BIAS, False, INPUT_PRECISION,
+        STRIDE_ALIGN)
 
 
 @triton.jit
@@ -1140,7 +1204,7 @@ def _window_attn_bwd_dtable_cosine_kernel(
     sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ROLL_FIRST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, STRIDE_ALIGN: tl.constexpr = 1,
 ):
     """``_window_attn_bwd_dtable`` with Swin V2's cosine attention (``LogitScale``: the per-head log scale)."""
     _window_attn_bwd_dtable(
@@ -1148,7 +1212,7 @@ def _window_attn_bwd_dtable_cosine_kernel(
         stride_db, stride_dt, stride_dh, stride_dw, stride_tr, stride_th, stride_ls, C, NUM_HEADS, N_TOK, NUM_WIN,
         NW_H, NW_W, NUM_BW, WINDOWS_PER_GROUP, WT, WH, WW, ST, SH, SW, PT, PH, PW, SHIFT_T, SHIFT_H, SHIFT_W, TT,
         TH, TW, sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, ROLL_FIRST, HAS_SHIFT, HAS_QKV_BIAS, True,
-        INPUT_PRECISION)
+        INPUT_PRECISION, STRIDE_ALIGN)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1244,15 +1308,15 @@ def _fwd_plan(inputs):
     g = _Geometry(inputs)
     B, heads, hd = qkv.shape[0], inputs.num_heads, inputs.head_dim
     C = heads * hd
+    # the output's strides follow from qkv's shape (a new contiguous tensor): known before it exists
+    o3_strides = _contiguous_strides(_as_3d(qkv).shape[:-1] + (C,))
     flags = dict(HEAD_DIM=hd, BLOCK_D=max(16, tuning.next_power_of_2(hd)), ROLL_FIRST=g.roll_first,
-                 HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype))
+                 HAS_QKV_BIAS=inputs.qkv_bias is not None, INPUT_PRECISION=_precision(qkv.dtype),
+                 STRIDE_ALIGN=_stride_align_of(_as_3d(qkv).stride(), o3_strides, C))
     if g.n_tok <= FUSED_MAX_TOKENS:
         num_bw = B * g.num_windows
         per_program = _heads_per_program(num_bw, heads)
-        # the output's strides follow from qkv's shape (a new contiguous tensor): known before it exists
-        o3_strides = _contiguous_strides(_as_3d(qkv).shape[:-1] + (C,))
-        flags = dict(BLOCK=_fused_block(g.n_tok), HEADS_PER_PROGRAM=per_program,
-                     STRIDE_ALIGN=_stride_align_of(_as_3d(qkv).stride(), o3_strides, C), **flags)
+        flags = dict(BLOCK=_fused_block(g.n_tok), HEADS_PER_PROGRAM=per_program, **flags)
         key = _tune_key(inputs, g, **({"heads": per_program} if per_program > 1 else {}))
         return g, flags, key, per_program
     table = inputs.rel_pos_bias
@@ -1260,11 +1324,13 @@ def _fwd_plan(inputs):
 
 
 def _contiguous_strides(shape) -> Tuple[int, ...]:
+    """A new contiguous tensor's strides; the batch size (dim 0) is never read (traced with a symbolic
+    batch, reading it would specialize the graph to one batch size)."""
     strides, step = [], 1
-    for size in reversed(shape):
+    for size in reversed(shape[1:]):
         strides.append(step)
         step *= max(int(size), 1)
-    return tuple(reversed(strides))
+    return (step,) + tuple(reversed(strides))
 
 
 def _heads_per_program(num_bw: int, heads: int) -> int:
@@ -1424,9 +1490,11 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
         delta = torch.empty((num_tokens, heads), dtype=torch.float32, device=qkv.device)
         tuning.launcher(_window_bwd_delta_kernel, qkv)[(tuning.cdiv(num_tokens, 64), heads)](
             o3, d3, delta, *o3.stride()[:4], *d3.stride()[:4], *g.spatial, heads, num_tokens,
-            HEAD_DIM=hd, BLOCK=64, BLOCK_D=block_d,
+            HEAD_DIM=hd, BLOCK=64, BLOCK_D=block_d, STRIDE_ALIGN=_stride_align((o3, d3)),
         )
         flags["HAS_SHIFT"] = any(g.shift)
+        # each kernel's own tensors: one whose strides are all multiples of 16 keeps STRIDE_ALIGN = 1
+        grad_align = _stride_align((x3, d3, g3), C)  # dK/dV, dQ (g3 is x3 when nothing is written)
         table_arg = table if table is not None else x3
         table_strides = table.stride() if table is not None else (0, 0)
         geo = (C, heads, n, g.num_windows, g.grid[1], g.grid[2])
@@ -1440,7 +1508,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
                 (x3, bias_arg, table_arg, d3, lse, delta, g3, dpad if dpad is not None else lse, *cos_ptrs,
                  *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *cos_strides, *geo, *g.args(),
                  inputs.scale),
-                dict(HAS_TABLE=table is not None, GRAD_PAD=grad_pad, **flags),
+                dict(HAS_TABLE=table is not None, GRAD_PAD=grad_pad, STRIDE_ALIGN=grad_align, **flags),
                 _tune_key(inputs, g, grad_pad=int(grad_pad)), qkv.device)
             if dpad is not None:
                 dpad = dpad.sum(dim=2)  # B*nW, heads, 2, hd: granules in a fixed order
@@ -1456,7 +1524,8 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
                 (x3, bias_arg, table_arg, d3, lse, delta, g3, *dq_cos_ptrs,
                  *x3.stride()[:4], *d3.stride()[:4], *g3.stride()[:4], *table_strides, *cos_strides, *geo, *g.args(),
                  inputs.scale),
-                dict(HAS_TABLE=table is not None, **cos_flags, **flags), _tune_key(inputs, g, **key), qkv.device)
+                dict(HAS_TABLE=table is not None, STRIDE_ALIGN=grad_align, **cos_flags, **flags),
+                _tune_key(inputs, g, **key), qkv.device)
             if need_scale:
                 dscale_part = dscale_part.sum(dim=(0, 2))  # heads
         if need_table:
@@ -1470,7 +1539,7 @@ def _window_attention_bwd(dout, inputs, out, lse, needs, bias):
                 (x3, bias_arg, table, d3, lse, delta, ds_part, *cos_ptrs,
                  *x3.stride()[:4], *d3.stride()[:4], *table_strides, *cos_strides, *geo, num_bw, per_group, *g.args(),
                  inputs.scale),
-                flags, _tune_key(inputs, g), qkv.device)
+                dict(STRIDE_ALIGN=_stride_align((x3, d3), C), **flags), _tune_key(inputs, g), qkv.device)
 
     dbias = dtable = None
     if need_bias:

@@ -4,10 +4,7 @@ specializations of a real launch (tests/triton_aot.py): the cases are recorded f
 its constexprs (HEADS_PER_PROGRAM, STRIDE_ALIGN, ...), the integers equal to 1 and those divisible by 16
 are exactly what a GPU launch of that shape would compile; the config is the heuristic's first pick on an
 H100. Compiled in subprocesses without the interpreter (~10-60 s per kernel on a small machine)."""
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,7 +19,7 @@ if torch.cuda.is_available():
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("records the launches by driving the launchers under the interpreter", allow_module_level=True)
 
-from tests.ops.test_triton_compile import H100, run_ptx_suite  # noqa: E402
+from tests.ops.test_triton_compile import H100, run_ptx_suite, run_usage_suite as usage  # noqa: E402
 
 WIN = "vitkernels.ops.window_attention.triton"
 
@@ -177,15 +174,6 @@ def test_blocked_window_loads_are_wide(blocked):
     narrow = [(i, r) for c, i, r in zip(cases, ids, results)
               if r["scalar16"] > table_gathers(c) or r["cp_async"] + r["vector"] == 0]
     assert not narrow, narrow
-
-
-def usage(cases):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-m", "tests.triton_aot", "--usage", json.dumps(cases)],
-                            capture_output=True, text=True, env=env, cwd=root, timeout=1800)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])["results"]
 
 
 def test_packed_forward_registers_do_not_grow_with_heads():

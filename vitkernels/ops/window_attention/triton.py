@@ -130,6 +130,13 @@ def _aligned(stride, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def _aligned4(stride_b, stride_t, stride_h, stride_w, ALIGN: tl.constexpr):
+    """``_aligned`` of one tensor's (batch, t, h, w) strides."""
+    return (_aligned(stride_b, ALIGN), _aligned(stride_t, ALIGN), _aligned(stride_h, ALIGN),
+            _aligned(stride_w, ALIGN))
+
+
+@triton.jit
 def _token_offsets(src_t, src_h, src_w, stride_t, stride_h, stride_w):
     return src_t.to(tl.int64) * stride_t + src_h.to(tl.int64) * stride_h + src_w.to(tl.int64) * stride_w
 
@@ -309,14 +316,8 @@ def _window_attn_fwd(
     pid_bw = tl.program_id(0)  # b * NUM_WIN + window (axis 0: no 65535 grid limit)
     head = tl.program_id(1)
     pid_m = tl.program_id(2)
-    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
-    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
-    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
-    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
-    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
-    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
-    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
-    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
+    stride_xb, stride_xt, stride_xh, stride_xw = _aligned4(stride_xb, stride_xt, stride_xh, stride_xw, STRIDE_ALIGN)
+    stride_ob, stride_ot, stride_oh, stride_ow = _aligned4(stride_ob, stride_ot, stride_oh, stride_ow, STRIDE_ALIGN)
     C = _aligned(C, STRIDE_ALIGN)
     b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
 
@@ -426,14 +427,8 @@ def _window_bwd_delta_kernel(
     divides every out / dout stride (``_aligned``)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # token number in (b, t, h, w) order
     head = tl.program_id(1)
-    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
-    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
-    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
-    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
-    stride_db = _aligned(stride_db, STRIDE_ALIGN)
-    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
-    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
-    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
+    stride_ob, stride_ot, stride_oh, stride_ow = _aligned4(stride_ob, stride_ot, stride_oh, stride_ow, STRIDE_ALIGN)
+    stride_db, stride_dt, stride_dh, stride_dw = _aligned4(stride_db, stride_dt, stride_dh, stride_dw, STRIDE_ALIGN)
     ok = offs < NUM_TOKENS
     b = offs // (ST * SH * SW)
     t = (offs // (SH * SW)) % ST
@@ -521,18 +516,9 @@ def _window_attn_bwd_dkdv(
     pid_bw = tl.program_id(0)
     head = tl.program_id(1)
     pid_n = tl.program_id(2)
-    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
-    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
-    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
-    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
-    stride_db = _aligned(stride_db, STRIDE_ALIGN)
-    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
-    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
-    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
-    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
-    stride_gt = _aligned(stride_gt, STRIDE_ALIGN)
-    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
-    stride_gw = _aligned(stride_gw, STRIDE_ALIGN)
+    stride_xb, stride_xt, stride_xh, stride_xw = _aligned4(stride_xb, stride_xt, stride_xh, stride_xw, STRIDE_ALIGN)
+    stride_db, stride_dt, stride_dh, stride_dw = _aligned4(stride_db, stride_dt, stride_dh, stride_dw, STRIDE_ALIGN)
+    stride_gb, stride_gt, stride_gh, stride_gw = _aligned4(stride_gb, stride_gt, stride_gh, stride_gw, STRIDE_ALIGN)
     C = _aligned(C, STRIDE_ALIGN)
     b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
     offs_d = tl.arange(0, BLOCK_D)
@@ -658,18 +644,9 @@ def _window_attn_bwd_dq(
     pid_bw = tl.program_id(0)
     head = tl.program_id(1)
     pid_m = tl.program_id(2)
-    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
-    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
-    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
-    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
-    stride_db = _aligned(stride_db, STRIDE_ALIGN)
-    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
-    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
-    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
-    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
-    stride_gt = _aligned(stride_gt, STRIDE_ALIGN)
-    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
-    stride_gw = _aligned(stride_gw, STRIDE_ALIGN)
+    stride_xb, stride_xt, stride_xh, stride_xw = _aligned4(stride_xb, stride_xt, stride_xh, stride_xw, STRIDE_ALIGN)
+    stride_db, stride_dt, stride_dh, stride_dw = _aligned4(stride_db, stride_dt, stride_dh, stride_dw, STRIDE_ALIGN)
+    stride_gb, stride_gt, stride_gh, stride_gw = _aligned4(stride_gb, stride_gt, stride_gh, stride_gw, STRIDE_ALIGN)
     C = _aligned(C, STRIDE_ALIGN)
     b, win_t, win_h, win_w = _window_of(pid_bw, NUM_WIN, NW_H, NW_W)
     offs_d = tl.arange(0, BLOCK_D)
@@ -812,14 +789,8 @@ def _window_attn_fwd_fused(
     stride and C (``_aligned``)."""
     pid = tl.program_id(0)
     head0 = tl.program_id(1) * HEADS_PER_PROGRAM
-    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
-    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
-    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
-    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
-    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
-    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
-    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
-    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
+    stride_xb, stride_xt, stride_xh, stride_xw = _aligned4(stride_xb, stride_xt, stride_xh, stride_xw, STRIDE_ALIGN)
+    stride_ob, stride_ot, stride_oh, stride_ow = _aligned4(stride_ob, stride_ot, stride_oh, stride_ow, STRIDE_ALIGN)
     C = _aligned(C, STRIDE_ALIGN)
     offs = tl.arange(0, BLOCK)
     in_w = offs < N_TOK
@@ -934,22 +905,10 @@ def _window_attn_bwd_fused(
     rowsum(P * dP) then, as O's rounding times the logit scale would reach dQ."""
     group = tl.program_id(0)
     head = tl.program_id(1)
-    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
-    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
-    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
-    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
-    stride_ob = _aligned(stride_ob, STRIDE_ALIGN)
-    stride_ot = _aligned(stride_ot, STRIDE_ALIGN)
-    stride_oh = _aligned(stride_oh, STRIDE_ALIGN)
-    stride_ow = _aligned(stride_ow, STRIDE_ALIGN)
-    stride_db = _aligned(stride_db, STRIDE_ALIGN)
-    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
-    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
-    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
-    stride_gb = _aligned(stride_gb, STRIDE_ALIGN)
-    stride_gt = _aligned(stride_gt, STRIDE_ALIGN)
-    stride_gh = _aligned(stride_gh, STRIDE_ALIGN)
-    stride_gw = _aligned(stride_gw, STRIDE_ALIGN)
+    stride_xb, stride_xt, stride_xh, stride_xw = _aligned4(stride_xb, stride_xt, stride_xh, stride_xw, STRIDE_ALIGN)
+    stride_ob, stride_ot, stride_oh, stride_ow = _aligned4(stride_ob, stride_ot, stride_oh, stride_ow, STRIDE_ALIGN)
+    stride_db, stride_dt, stride_dh, stride_dw = _aligned4(stride_db, stride_dt, stride_dh, stride_dw, STRIDE_ALIGN)
+    stride_gb, stride_gt, stride_gh, stride_gw = _aligned4(stride_gb, stride_gt, stride_gh, stride_gw, STRIDE_ALIGN)
     C = _aligned(C, STRIDE_ALIGN)
     offs = tl.arange(0, BLOCK)  # token number in the window: queries and keys are the same tokens
     in_w = offs < N_TOK
@@ -1124,14 +1083,8 @@ def _window_attn_bwd_dtable(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     slot = tl.program_id(2)  # group * NUM_HEADS + head
-    stride_xb = _aligned(stride_xb, STRIDE_ALIGN)
-    stride_xt = _aligned(stride_xt, STRIDE_ALIGN)
-    stride_xh = _aligned(stride_xh, STRIDE_ALIGN)
-    stride_xw = _aligned(stride_xw, STRIDE_ALIGN)
-    stride_db = _aligned(stride_db, STRIDE_ALIGN)
-    stride_dt = _aligned(stride_dt, STRIDE_ALIGN)
-    stride_dh = _aligned(stride_dh, STRIDE_ALIGN)
-    stride_dw = _aligned(stride_dw, STRIDE_ALIGN)
+    stride_xb, stride_xt, stride_xh, stride_xw = _aligned4(stride_xb, stride_xt, stride_xh, stride_xw, STRIDE_ALIGN)
+    stride_db, stride_dt, stride_dh, stride_dw = _aligned4(stride_db, stride_dt, stride_dh, stride_dw, STRIDE_ALIGN)
     C = _aligned(C, STRIDE_ALIGN)
     group = slot // NUM_HEADS
     head = slot % NUM_HEADS
